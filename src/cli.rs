@@ -1,0 +1,230 @@
+//! Command line: the surface scripts, the NixOS module and the tests call. Every failure ends as
+//! one `error: ...` line on stderr and an exit code from [`code`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+
+/// Exit codes. `status` adds its own verdict codes; `exec` returns the command's status.
+pub mod code {
+    pub const OK: i32 = 0;
+    /// A run-time failure; whatever was already built has been removed again.
+    pub const FAILURE: i32 = 1;
+    /// Bad config or usage; nothing on the system was touched.
+    pub const USAGE: i32 = 2;
+    /// `status`: the namespace works but something needs attention.
+    pub const DEGRADED: i32 = 3;
+    /// `status`: the namespace cannot carry traffic (or is not up).
+    pub const DOWN: i32 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wg-namespace",
+    version,
+    about = "Confine processes to a network namespace whose only way out is a WireGuard peer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file and exit: 0 when valid, 2 with one line naming the field otherwise.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Write resolv.conf, nsswitch.conf and <namespace>.nft for a config into a directory.
+    Render {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Build the namespace, its firewall and its WireGuard interface.
+    Up {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Remove everything `up` made. Succeeds when nothing is up.
+    Down {
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "namespace",
+            required_unless_present = "namespace"
+        )]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "NAME")]
+        namespace: Option<String>,
+    },
+    /// Run a command inside the namespace with its resolv.conf and nsswitch.conf and without the
+    /// host's nscd or resolver sockets.
+    Exec {
+        #[arg(long, value_name = "NAME")]
+        namespace: String,
+        /// Run the command as this user (name or numeric uid).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Show namespaces, interfaces, peers and a health verdict. Exit 0 healthy, 3 degraded, 4 down.
+    Status {
+        #[arg(long, value_name = "NAME")]
+        namespace: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep peers' endpoint host names resolved: re-resolve every dynamicEndpointRefreshSeconds
+    /// and at once when a handshake is overdue, updating the peer in place.
+    Refresh {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Resolve and update once, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Probe a live namespace for leaks (DNS, IPv6, mDNS, stray interfaces) and print a verdict
+    /// per probe. Exit 0 when every probe passes.
+    CheckLeaks {
+        #[arg(long, value_name = "NAME")]
+        namespace: String,
+    },
+    /// Build a throwaway peer and a confined namespace, show traffic going only through the
+    /// tunnel, and tear everything down again.
+    Demo,
+    /// Relay published ports into a namespace (started by `up`; not for direct use).
+    #[command(hide = true)]
+    Publish {
+        #[arg(long, value_name = "NAME")]
+        namespace: String,
+        /// An inherited listening socket and the namespace port it relays to.
+        #[arg(long = "relay", value_name = "FD=PROTO:PORT")]
+        relays: Vec<String>,
+    },
+    /// Report what a process inside sees (run through `exec` by `check-leaks`).
+    #[command(hide = true)]
+    ProbeInside,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let is_error = e.use_stderr();
+            let _ = e.print();
+            return if is_error { code::USAGE } else { code::OK };
+        }
+    };
+    match run(cli.command) {
+        Ok(status) => status,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
+/// An error on its way to the user: the one line to print and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure {
+            code: code::USAGE,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure {
+            code: code::FAILURE,
+            // `{:#}` joins the context chain on one line.
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: code::USAGE,
+        message: message.into(),
+    }
+}
+
+fn namespace_arg(name: &str) -> Result<String, Failure> {
+    crate::config::check_name(name).map_err(|p| usage(format!("--namespace: {p}")))?;
+    Ok(name.to_string())
+}
+
+fn run(command: Command) -> Result<i32, Failure> {
+    match command {
+        Command::Check { config } => {
+            Config::load(&config)?;
+            Ok(code::OK)
+        }
+        Command::Render { config, out } => {
+            let config = Config::load(&config)?;
+            crate::render::write_all(&config, &out)?;
+            Ok(code::OK)
+        }
+        Command::Up { config } => {
+            let path = config;
+            let config = Config::load(&path)?;
+            crate::setup::up(&config, Some(&path))?;
+            Ok(code::OK)
+        }
+        Command::Down { config, namespace } => {
+            let namespace = match (config, namespace) {
+                (Some(path), _) => Config::load(&path)?.namespace,
+                (None, Some(name)) => namespace_arg(&name)?,
+                (None, None) => return Err(usage("down needs --config or --namespace")),
+            };
+            crate::setup::down(&namespace)?;
+            Ok(code::OK)
+        }
+        Command::Exec {
+            namespace,
+            user,
+            command,
+        } => {
+            let namespace = namespace_arg(&namespace)?;
+            Ok(crate::exec::run(&namespace, user.as_deref(), &command)?)
+        }
+        Command::Status { namespace, json } => {
+            let namespace = namespace.as_deref().map(namespace_arg).transpose()?;
+            Ok(crate::status::run(namespace.as_deref(), json)?)
+        }
+        Command::Refresh { config, once } => {
+            let config = Config::load(&config)?;
+            crate::refresh::run(&config, once)?;
+            Ok(code::OK)
+        }
+        Command::CheckLeaks { namespace } => {
+            let namespace = namespace_arg(&namespace)?;
+            Ok(crate::leaks::run(&namespace)?)
+        }
+        Command::Demo => {
+            crate::demo::run()?;
+            Ok(code::OK)
+        }
+        Command::Publish { namespace, relays } => {
+            let namespace = namespace_arg(&namespace)?;
+            crate::publish::serve(&namespace, &relays)?;
+            Ok(code::OK)
+        }
+        Command::ProbeInside => Ok(crate::leaks::probe_inside()),
+    }
+}

@@ -1,0 +1,965 @@
+//! The helper's input: the module's options as JSON, parsed and validated into [`Config`].
+//!
+//! Parsing walks a `serde_json::Value` by hand instead of deriving `Deserialize`, so that every
+//! error names the exact field (`peers[1].allowedIPs[0]`) and unknown keys get a suggestion.
+//! Nothing here touches the system: a config that passes [`Config::parse`] is statically sound;
+//! key files and host names are looked at only by `up`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+/// Top-level keys, in the order the README documents them.
+pub const NAMESPACE_KEYS: &[&str] = &[
+    "namespace_name",
+    "dns_server",
+    "extraFirewallRules",
+    "ips",
+    "privateKeyFile",
+    "peers",
+    "backend",
+    "userspaceCommand",
+    "strictDns",
+    "publishPorts",
+];
+
+/// Keys of one entry of `peers`.
+pub const PEER_KEYS: &[&str] = &[
+    "publicKey",
+    "presharedKey",
+    "presharedKeyFile",
+    "allowedIPs",
+    "endpoint",
+    "dynamicEndpointRefreshSeconds",
+    "persistentKeepalive",
+];
+
+/// Keys of one entry of `publishPorts`.
+pub const PUBLISH_KEYS: &[&str] = &["protocol", "hostAddress", "hostPort", "namespacePort"];
+
+pub const DEFAULT_NAMESPACE: &str = "vpn";
+pub const DEFAULT_USERSPACE_COMMAND: &str = "wireguard-go";
+/// Linux interface names hold at most 15 bytes, and the interface is named after the namespace.
+pub const MAX_NAME_LEN: usize = 15;
+
+/// A validation failure: the field path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Kernel WireGuard when the kernel offers it, the userspace daemon otherwise.
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl BackendChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Kernel => "kernel",
+            BackendChoice::Userspace => "userspace",
+        }
+    }
+}
+
+/// An address with a prefix length, as in `10.0.0.2/24`. Host bits may be set (the seed's own
+/// example has `10.192.124.1/24`); [`Cidr::network`] clears them where the kernel wants that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn max_prefix(addr: IpAddr) -> u8 {
+        if addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    /// The same prefix with the host bits cleared.
+    pub fn network(&self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
+    }
+
+    /// True for `0.0.0.0/0` and `::/0`, which become default routes.
+    pub fn is_default(&self) -> bool {
+        self.prefix == 0
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = ();
+
+    /// Accepts `addr/prefix` and a bare address (a full-length prefix), as `ip` and `wg` do.
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| ())?;
+        let max = Cidr::max_prefix(addr);
+        let prefix = match prefix {
+            None => max,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 => {
+                p.parse::<u8>().map_err(|_| ())?
+            }
+            Some(_) => return Err(()),
+        };
+        if prefix > max {
+            return Err(());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A peer's endpoint: an IP address or a host name (resolved by `up`, in the host namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: EndpointHost,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointHost {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> std::result::Result<Endpoint, &'static str> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or("an IPv6 endpoint is written [address]:port")?;
+            let ip: Ipv6Addr = h
+                .parse()
+                .map_err(|_| "is not an IPv6 address in brackets")?;
+            (EndpointHost::Ip(IpAddr::V6(ip)), p)
+        } else {
+            let (h, p) = s
+                .rsplit_once(':')
+                .ok_or("needs a port: write host:port or [IPv6]:port")?;
+            if h.contains(':') {
+                return Err("an IPv6 endpoint is written [address]:port");
+            }
+            let host = match h.parse::<Ipv4Addr>() {
+                Ok(ip) => EndpointHost::Ip(IpAddr::V4(ip)),
+                Err(_) if is_host_name(h) => EndpointHost::Name(h.to_string()),
+                Err(_) => return Err("is not an IP address or a host name"),
+            };
+            (host, p)
+        };
+        let port = match port.parse::<u16>() {
+            Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
+            _ => return Err("needs a port between 1 and 65535"),
+        };
+        Ok(Endpoint { host, port })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            EndpointHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            EndpointHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            EndpointHost::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        // An all-numeric name like 10.0.0.300 is a typo for an address, not a host.
+        && !s.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A WireGuard key as 32 raw bytes. `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// Decodes standard base64 (with padding) of exactly 32 bytes, as `wg genkey` writes it.
+    pub fn from_base64(s: &str) -> Option<Key> {
+        let s = s.trim();
+        if s.len() != 44 || !s.ends_with('=') || s.ends_with("==") {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        let mut acc: u32 = 0;
+        let mut bits = 0;
+        let mut n = 0;
+        for &c in &s.as_bytes()[..43] {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' => 62,
+                b'/' => 63,
+                _ => return None,
+            };
+            acc = (acc << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                if n < 32 {
+                    out[n] = (acc >> bits) as u8;
+                }
+                n += 1;
+                acc &= (1 << bits) - 1;
+            }
+        }
+        // 43 symbols carry 258 bits: 256 of key and 2 that must be zero.
+        (n == 32 && acc == 0).then_some(Key(out))
+    }
+
+    pub fn to_base64(&self) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::with_capacity(44);
+        for chunk in self.0.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        while !out.len().is_multiple_of(4) {
+            out.push('=');
+        }
+        out
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresharedKey {
+    /// Given inline in the config (and therefore in the Nix store when set through the module).
+    Inline(Key),
+    /// Read by `up` at run time.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub public_key: Key,
+    /// The key as written, for display and for matching against the device.
+    pub public_key_text: String,
+    pub preshared_key: Option<PresharedKey>,
+    pub allowed_ips: Vec<Cidr>,
+    pub endpoint: Option<Endpoint>,
+    pub dynamic_endpoint_refresh_seconds: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A port inside the namespace made reachable on a host address, by a relay process: no
+/// forwarding, no NAT and no route between the namespace and the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublishPort {
+    pub protocol: Protocol,
+    pub host_address: IpAddr,
+    pub host_port: u16,
+    pub namespace_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub namespace: String,
+    pub dns_server: IpAddr,
+    pub extra_firewall_rules: String,
+    pub ips: Vec<Cidr>,
+    pub private_key_file: PathBuf,
+    pub peers: Vec<Peer>,
+    pub backend: BackendChoice,
+    /// Program and arguments; the helper appends `-f <interface>`.
+    pub userspace_command: Vec<String>,
+    pub strict_dns: bool,
+    pub publish_ports: Vec<PublishPort>,
+}
+
+impl Config {
+    /// Reads and validates a config file. A file that cannot be read is reported against the
+    /// file's path, like malformed JSON.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        Config::parse(&text).map_err(|e| {
+            if e.field.is_empty() {
+                ConfigError::new(path.display().to_string(), e.problem)
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Parses and validates the JSON text. Errors with an empty field are about the document
+    /// as a whole (malformed JSON).
+    pub fn parse(text: &str) -> Result<Config> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
+        let root = Object::new("config", &value)?;
+        root.reject_unknown(NAMESPACE_KEYS)?;
+
+        let namespace = match root.opt_str("namespace_name")? {
+            Some(name) => name.to_string(),
+            None => DEFAULT_NAMESPACE.to_string(),
+        };
+        check_name(&namespace).map_err(|p| ConfigError::new("namespace_name", p))?;
+
+        let dns_server = root.req_str("dns_server")?.parse::<IpAddr>().map_err(|_| {
+            ConfigError::new(
+                "dns_server",
+                format!("{} is not an IP address", quoted(root.get("dns_server"))),
+            )
+        })?;
+
+        let extra_firewall_rules = root
+            .opt_str("extraFirewallRules")?
+            .unwrap_or_default()
+            .to_string();
+
+        let ips = root
+            .opt_list("ips")?
+            .iter()
+            .map(|item| item.cidr())
+            .collect::<Result<Vec<_>>>()?;
+
+        let private_key_file = root.req_str("privateKeyFile")?;
+        let private_key_file = absolute_path("privateKeyFile", private_key_file)?;
+
+        let peers = root
+            .opt_list("peers")?
+            .iter()
+            .map(parse_peer)
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = HashSet::new();
+        for (i, peer) in peers.iter().enumerate() {
+            if !seen.insert(peer.public_key.0) {
+                return Err(ConfigError::new(
+                    format!("peers[{i}].publicKey"),
+                    "the same key appears in an earlier peer",
+                ));
+            }
+        }
+
+        let backend = match root.opt_str("backend")? {
+            None | Some("auto") => BackendChoice::Auto,
+            Some("kernel") => BackendChoice::Kernel,
+            Some("userspace") => BackendChoice::Userspace,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "backend",
+                    format!("{other:?} is not one of \"auto\", \"kernel\", \"userspace\""),
+                ));
+            }
+        };
+
+        let userspace_command = match root.opt_str("userspaceCommand")? {
+            None => vec![DEFAULT_USERSPACE_COMMAND.to_string()],
+            Some(cmd) => {
+                let words: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+                if words.is_empty() {
+                    return Err(ConfigError::new(
+                        "userspaceCommand",
+                        "is empty; leave it null for wireguard-go from PATH",
+                    ));
+                }
+                words
+            }
+        };
+
+        let strict_dns = root.opt_bool("strictDns")?.unwrap_or(true);
+
+        let publish_ports = root
+            .opt_list("publishPorts")?
+            .iter()
+            .map(parse_publish_port)
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = HashSet::new();
+        for (i, p) in publish_ports.iter().enumerate() {
+            if !seen.insert((p.protocol, p.host_address, p.host_port)) {
+                return Err(ConfigError::new(
+                    format!("publishPorts[{i}]"),
+                    format!(
+                        "{} {}:{} is already published by an earlier entry",
+                        p.protocol.as_str(),
+                        p.host_address,
+                        p.host_port
+                    ),
+                ));
+            }
+        }
+
+        let config = Config {
+            namespace,
+            dns_server,
+            extra_firewall_rules,
+            ips,
+            private_key_file,
+            peers,
+            backend,
+            userspace_command,
+            strict_dns,
+            publish_ports,
+        };
+        if config.dns_server.is_ipv6() && !config.ipv6_enabled() {
+            return Err(ConfigError::new(
+                "dns_server",
+                format!(
+                    "{} is IPv6, but IPv6 is dropped because ips has no IPv6 address",
+                    config.dns_server
+                ),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// IPv6 leaves the namespace only when the interface has an IPv6 address of its own.
+    pub fn ipv6_enabled(&self) -> bool {
+        self.ips.iter().any(Cidr::is_ipv6)
+    }
+
+    /// The WireGuard interface carries the namespace's name, as in the seed.
+    pub fn interface(&self) -> &str {
+        &self.namespace
+    }
+}
+
+/// Checks a namespace name, which is also the interface name, a path component and part of a
+/// systemd unit name. The module asserts the same rule.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{name:?} is {} bytes; the interface is named after the namespace and Linux allows at most {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    let first_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !first_ok
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        return Err(format!(
+            "{name:?} may only hold letters, digits, '_', '.' and '-', and must start with a letter, digit or '_'"
+        ));
+    }
+    Ok(())
+}
+
+fn absolute_path(field: &str, text: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(text);
+    if text.is_empty() || !path.is_absolute() {
+        return Err(ConfigError::new(
+            field,
+            format!("{text:?} is not an absolute path"),
+        ));
+    }
+    Ok(path)
+}
+
+fn parse_peer(item: &Item) -> Result<Peer> {
+    let peer = item.object()?;
+    peer.reject_unknown(PEER_KEYS)?;
+
+    let public_key_text = peer.req_str("publicKey")?.trim().to_string();
+    let public_key = Key::from_base64(&public_key_text).ok_or_else(|| {
+        peer.error(
+            "publicKey",
+            format!("{public_key_text:?} is not a base64 WireGuard key (44 characters, as `wg pubkey` prints)"),
+        )
+    })?;
+
+    let inline_psk = match peer.opt_str("presharedKey")? {
+        // Never echo a secret, even a malformed one.
+        Some(text) => Some(Key::from_base64(text).ok_or_else(|| {
+            peer.error(
+                "presharedKey",
+                "is not a base64 WireGuard key (44 characters, as `wg genpsk` prints)",
+            )
+        })?),
+        None => None,
+    };
+    let psk_file = match peer.opt_str("presharedKeyFile")? {
+        Some(text) => Some(absolute_path(&peer.field("presharedKeyFile"), text)?),
+        None => None,
+    };
+    let preshared_key = match (inline_psk, psk_file) {
+        (Some(_), Some(_)) => {
+            return Err(peer.error(
+                "presharedKeyFile",
+                "conflicts with presharedKey: set only one of them",
+            ));
+        }
+        (Some(k), None) => Some(PresharedKey::Inline(k)),
+        (None, Some(f)) => Some(PresharedKey::File(f)),
+        (None, None) => None,
+    };
+
+    let allowed_ips = peer
+        .req_list("allowedIPs")?
+        .iter()
+        .map(|i| i.cidr())
+        .collect::<Result<Vec<_>>>()?;
+    if allowed_ips.is_empty() {
+        return Err(peer.error(
+            "allowedIPs",
+            "is empty, so no traffic would ever go to this peer; use [\"0.0.0.0/0\"] to send everything",
+        ));
+    }
+
+    let endpoint = match peer.opt_str("endpoint")? {
+        Some(text) => Some(
+            Endpoint::parse(text).map_err(|p| peer.error("endpoint", format!("{text:?} {p}")))?,
+        ),
+        None => None,
+    };
+
+    let dynamic_endpoint_refresh_seconds = peer
+        .opt_int("dynamicEndpointRefreshSeconds", 0, u64::from(u32::MAX))?
+        .unwrap_or(0);
+    let persistent_keepalive = peer
+        .opt_int("persistentKeepalive", 0, 65535)?
+        .map(|v| v as u16)
+        .filter(|&v| v != 0);
+
+    Ok(Peer {
+        public_key,
+        public_key_text,
+        preshared_key,
+        allowed_ips,
+        endpoint,
+        dynamic_endpoint_refresh_seconds,
+        persistent_keepalive,
+    })
+}
+
+fn parse_publish_port(item: &Item) -> Result<PublishPort> {
+    let entry = item.object()?;
+    entry.reject_unknown(PUBLISH_KEYS)?;
+    let protocol = match entry.opt_str("protocol")? {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(other) => {
+            return Err(entry.error("protocol", format!("{other:?} is not \"tcp\" or \"udp\"")));
+        }
+    };
+    let host_address = match entry.opt_str("hostAddress")? {
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(text) => text
+            .parse()
+            .map_err(|_| entry.error("hostAddress", format!("{text:?} is not an IP address")))?,
+    };
+    let host_port = entry.req_int("hostPort", 1, 65535)? as u16;
+    let namespace_port = entry
+        .opt_int("namespacePort", 1, 65535)?
+        .map_or(host_port, |p| p as u16);
+    Ok(PublishPort {
+        protocol,
+        host_address,
+        host_port,
+        namespace_port,
+    })
+}
+
+fn quoted(value: Option<&Value>) -> String {
+    value.map(Value::to_string).unwrap_or_default()
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON object together with its field path, so every accessor can report precisely.
+struct Object<'a> {
+    path: String,
+    map: &'a Map<String, Value>,
+}
+
+/// A list element with its path.
+struct Item<'a> {
+    path: String,
+    value: &'a Value,
+}
+
+impl<'a> Object<'a> {
+    fn new(path: &str, value: &'a Value) -> Result<Object<'a>> {
+        match value {
+            Value::Object(map) => Ok(Object {
+                path: path.to_string(),
+                map,
+            }),
+            other => Err(ConfigError::new(
+                path,
+                format!("expected an object, got {}", kind_of(other)),
+            )),
+        }
+    }
+
+    /// The path of a key: bare at the top level, `peers[0].key` below it.
+    fn field(&self, key: &str) -> String {
+        if self.path == "config" {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn error(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.field(key), problem)
+    }
+
+    fn reject_unknown(&self, known: &[&str]) -> Result<()> {
+        for key in self.map.keys() {
+            if !known.contains(&key.as_str()) {
+                let hint = nearest(key, known)
+                    .map(|k| format!(" (did you mean {k:?}?)"))
+                    .unwrap_or_default();
+                return Err(self.error(key, format!("unknown key{hint}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => {
+                Err(self.error(key, format!("expected a string, got {}", kind_of(other))))
+            }
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<&'a str> {
+        self.opt_str(key)?
+            .ok_or_else(|| self.error(key, "is required"))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected true or false, got {}", kind_of(other)),
+            )),
+        }
+    }
+
+    fn opt_int(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
+                _ => Err(self.error(
+                    key,
+                    format!("{n} is not a whole number between {min} and {max}"),
+                )),
+            },
+            Some(other) => Err(self.error(
+                key,
+                format!("expected a whole number, got {}", kind_of(other)),
+            )),
+        }
+    }
+
+    fn req_int(&self, key: &str, min: u64, max: u64) -> Result<u64> {
+        self.opt_int(key, min, max)?
+            .ok_or_else(|| self.error(key, "is required"))
+    }
+
+    fn opt_list(&self, key: &str) -> Result<Vec<Item<'a>>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(items
+                .iter()
+                .enumerate()
+                .map(|(i, value)| Item {
+                    path: format!("{}[{i}]", self.field(key)),
+                    value,
+                })
+                .collect()),
+            Some(other) => Err(self.error(key, format!("expected a list, got {}", kind_of(other)))),
+        }
+    }
+
+    fn req_list(&self, key: &str) -> Result<Vec<Item<'a>>> {
+        if self.get(key).is_none() {
+            return Err(self.error(key, "is required"));
+        }
+        self.opt_list(key)
+    }
+}
+
+impl<'a> Item<'a> {
+    fn object(&self) -> Result<Object<'a>> {
+        Object::new(&self.path, self.value)
+    }
+
+    fn cidr(&self) -> Result<Cidr> {
+        match self.value {
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::new(&self.path, format!("{s:?} is not a CIDR"))),
+            other => Err(ConfigError::new(
+                &self.path,
+                format!(
+                    "expected a string like \"10.0.0.2/24\", got {}",
+                    kind_of(other)
+                ),
+            )),
+        }
+    }
+}
+
+/// The known key closest to `key` (case-insensitive edit distance), when it is close enough to
+/// be a plausible typo.
+fn nearest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let key = key.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (edit_distance(&key, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn minimal() -> Value {
+        serde_json::json!({
+            "dns_server": "10.2.0.1",
+            "privateKeyFile": "/run/keys/wg",
+            "peers": [{ "publicKey": KEY, "allowedIPs": ["0.0.0.0/0"], "endpoint": "vpn.example.com:51820" }]
+        })
+    }
+
+    fn error_of(value: Value) -> String {
+        Config::parse(&value.to_string()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let config = Config::parse(&minimal().to_string()).unwrap();
+        assert_eq!(config.namespace, "vpn");
+        assert_eq!(config.extra_firewall_rules, "");
+        assert!(config.ips.is_empty());
+        assert_eq!(config.backend, BackendChoice::Auto);
+        assert_eq!(config.userspace_command, vec!["wireguard-go"]);
+        assert!(config.strict_dns);
+        assert_eq!(config.peers[0].dynamic_endpoint_refresh_seconds, 0);
+        assert_eq!(config.peers[0].persistent_keepalive, None);
+    }
+
+    #[test]
+    fn nulls_mean_defaults_as_nix_writes_them() {
+        let mut v = minimal();
+        v["userspaceCommand"] = Value::Null;
+        v["peers"][0]["presharedKey"] = Value::Null;
+        v["peers"][0]["persistentKeepalive"] = Value::Null;
+        assert!(Config::parse(&v.to_string()).is_ok());
+    }
+
+    #[test]
+    fn key_round_trip() {
+        let key = Key::from_base64(KEY).unwrap();
+        assert_eq!(key.to_base64(), KEY);
+        assert!(Key::from_base64("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dh=").is_none());
+        assert!(Key::from_base64("short=").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut v = minimal();
+        v["peers"][0]["allowedIPs"][0] = "10.0.0.0/33".into();
+        assert_eq!(
+            error_of(v),
+            "peers[0].allowedIPs[0]: \"10.0.0.0/33\" is not a CIDR"
+        );
+
+        let mut v = minimal();
+        v["peers"][0]["allowedIps"] = serde_json::json!([]);
+        assert_eq!(
+            error_of(v),
+            "peers[0].allowedIps: unknown key (did you mean \"allowedIPs\"?)"
+        );
+
+        let mut v = minimal();
+        v.as_object_mut().unwrap().remove("dns_server");
+        assert_eq!(error_of(v), "dns_server: is required");
+    }
+
+    #[test]
+    fn inline_preshared_key_is_never_echoed() {
+        let mut v = minimal();
+        v["peers"][0]["presharedKey"] = "secret-but-malformed".into();
+        let e = error_of(v);
+        assert!(e.starts_with("peers[0].presharedKey:"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn endpoints() {
+        for ok in ["1.2.3.4:51820", "[fd77::1]:51820", "vpn.example.com:1"] {
+            assert!(Endpoint::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "1.2.3.4",
+            "fd77::1:51820",
+            "host:0",
+            "host:65536",
+            "a b:1",
+            "10.0.0.300:1",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_clears_host_bits() {
+        let c: Cidr = "10.192.124.1/24".parse().unwrap();
+        assert_eq!(c.network().to_string(), "10.192.124.0/24");
+        let c: Cidr = "fd77::1/0".parse().unwrap();
+        assert_eq!(c.network().to_string(), "::/0");
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("vpn").is_ok());
+        assert!(check_name("wg.se-1_a").is_ok());
+        assert!(check_name("sixteen-chars-xx").is_err());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name("-x").is_err());
+        assert!(check_name("..").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! `check-leaks`: probes a live namespace the way a leak would happen, and prints a verdict
+//! per probe. Probe packets are sent from inside the namespace to documentation addresses
+//! (RFC 5737 / RFC 3849); a protected namespace drops them before they leave (the kernel then
+//! answers the sender with EPERM), and even an unprotected one could only send them into the
+//! tunnel.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cli::code;
+use crate::state::{Phase, State};
+use crate::{dns, firewall, netns};
+
+/// A resolver that is not `dns_server` (TEST-NET-2).
+const OTHER_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+const MDNS: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+const LLMNR: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 252);
+const V6_DOC: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53);
+
+struct Probe {
+    name: &'static str,
+    passed: bool,
+    detail: String,
+}
+
+/// What a packet sent from inside met.
+fn outcome(result: io::Result<()>) -> (bool, String) {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => (true, "dropped by the firewall".into()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
+            ) =>
+        {
+            (true, "no route out".into())
+        }
+        Err(e) => (false, format!("not dropped: {e}")),
+        Ok(()) => (false, "the packet left the namespace".into()),
+    }
+}
+
+fn udp_probe(to: SocketAddr) -> io::Result<()> {
+    let bind: SocketAddr = if to.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.send_to(b"wg-namespace leak probe", to).map(|_| ())
+}
+
+fn tcp_probe(to: SocketAddr) -> io::Result<()> {
+    TcpStream::connect_timeout(&to, Duration::from_secs(2)).map(|_| ())
+}
+
+/// The hidden `probe-inside` command, run through `exec`: reports what a process inside sees.
+pub fn probe_inside() -> i32 {
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let nameservers: Vec<&str> = resolv
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .collect();
+    println!("nameservers {}", nameservers.join(","));
+    let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    let hosts = nsswitch
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hosts:"))
+        .map(|h| h.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!("hosts {hosts}");
+    for path in [
+        "/run/nscd/socket",
+        dns::HOST_RESOLVER_PATHS[1],
+        dns::HOST_RESOLVER_PATHS[2],
+    ] {
+        if UnixStream::connect(path).is_ok() {
+            println!("reachable {path}");
+        }
+    }
+    code::OK
+}
+
+fn resolver_probes(namespace: &str, dns_server: &str) -> Result<Vec<Probe>> {
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let output = Command::new(&exe)
+        .args(["exec", "--namespace", namespace, "--"])
+        .arg(&exe)
+        .arg("probe-inside")
+        .output()
+        .context("running a probe through exec")?;
+    if !output.status.success() {
+        bail!(
+            "the probe inside failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let nameservers = field("nameservers ");
+    let hosts = field("hosts ");
+    let reachable: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("reachable "))
+        .collect();
+    Ok(vec![
+        Probe {
+            name: "resolv-conf",
+            passed: nameservers == dns_server,
+            detail: format!("processes inside use nameserver {nameservers:?} (want {dns_server})"),
+        },
+        Probe {
+            name: "nsswitch-hosts",
+            passed: hosts == "dns",
+            detail: format!("hosts: {hosts:?} (want \"dns\": no resolved, mDNS or nscd module)"),
+        },
+        Probe {
+            name: "host-resolver-sockets",
+            passed: reachable.is_empty(),
+            detail: if reachable.is_empty() {
+                "nscd, systemd-resolved and D-Bus sockets are hidden".into()
+            } else {
+                format!("reachable from inside: {}", reachable.join(", "))
+            },
+        },
+    ])
+}
+
+pub fn run(namespace: &str) -> Result<i32> {
+    let Some(state) = State::load(namespace)?.filter(|s| s.phase == Phase::Up) else {
+        bail!("check-leaks: namespace {namespace:?} is not up");
+    };
+    let fd = netns::open(namespace)?;
+    let mut probes = Vec::new();
+
+    let links = crate::link::Netlink::inside(&fd)?.links()?;
+    let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+    probes.push(Probe {
+        name: "interfaces",
+        passed: links.iter().all(|l| l.name == "lo" || l.name == namespace),
+        detail: format!("links inside: {}", names.join(", ")),
+    });
+    probes.push(Probe {
+        name: "ruleset",
+        passed: firewall::has_table(&fd, firewall::GUARD_TABLE)?,
+        detail: format!("leak guard table inet {}", firewall::GUARD_TABLE),
+    });
+
+    let mut packet = |name: &'static str,
+                      what: String,
+                      expect_drop: bool,
+                      send: &dyn Fn() -> io::Result<()>|
+     -> Result<()> {
+        let result = netns::within(&fd, send)?;
+        let (dropped, how) = outcome(result);
+        probes.push(Probe {
+            name,
+            passed: dropped == expect_drop,
+            detail: format!("{what}: {how}"),
+        });
+        Ok(())
+    };
+    if state.strict_dns {
+        let udp = SocketAddr::new(OTHER_RESOLVER.into(), 53);
+        packet(
+            "dns-udp-elsewhere",
+            format!("UDP DNS to {OTHER_RESOLVER}"),
+            true,
+            &|| udp_probe(udp),
+        )?;
+        packet(
+            "dns-tcp-elsewhere",
+            format!("TCP DNS to {OTHER_RESOLVER}"),
+            true,
+            &|| tcp_probe(udp),
+        )?;
+        let dot = SocketAddr::new(OTHER_RESOLVER.into(), 853);
+        packet(
+            "dot-elsewhere",
+            format!("DNS over TLS to {OTHER_RESOLVER}"),
+            true,
+            &|| tcp_probe(dot),
+        )?;
+    }
+    let mdns = SocketAddr::new(MDNS.into(), 5353);
+    packet("mdns", "mDNS query".into(), true, &|| udp_probe(mdns))?;
+    let llmnr = SocketAddr::new(LLMNR.into(), 5355);
+    packet("llmnr", "LLMNR query".into(), true, &|| udp_probe(llmnr))?;
+    if !state.ipv6 {
+        let v6 = SocketAddr::new(IpAddr::V6(V6_DOC), 443);
+        packet(
+            "ipv6",
+            "IPv6 packet with no IPv6 address configured".into(),
+            true,
+            &|| udp_probe(v6),
+        )?;
+    }
+    probes.extend(resolver_probes(namespace, &state.dns_server)?);
+
+    for probe in &probes {
+        println!(
+            "{} {}: {}",
+            if probe.passed { "PASS" } else { "FAIL" },
+            probe.name,
+            probe.detail
+        );
+    }
+    let failed = probes.iter().filter(|p| !p.passed).count();
+    if failed == 0 {
+        println!("verdict: no leak found ({} probes)", probes.len());
+        Ok(code::OK)
+    } else {
+        println!("verdict: {failed} of {} probes found a leak", probes.len());
+        Ok(code::FAILURE)
+    }
+}

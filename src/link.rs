@@ -1,0 +1,316 @@
+//! Links, addresses and routes over rtnetlink.
+//!
+//! A [`Netlink`] handle is bound to the network namespace its socket was opened in, so one
+//! handle in the host namespace and one inside the confined namespace are enough for `up`.
+//! The API is synchronous; each handle drives its own single-threaded runtime, which keeps
+//! everything on the calling thread (namespace switches are per thread).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
+
+use crate::config::Cidr;
+use crate::netns;
+
+/// How many requests are in flight at once when adding many routes or addresses.
+const PIPELINE: usize = 64;
+
+pub struct Netlink {
+    runtime: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub destination: Cidr,
+    pub interface: u32,
+}
+
+/// The kernel's error as an `io::Error`, so callers can look at the errno.
+pub fn to_io(e: rtnetlink::Error) -> io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl Netlink {
+    /// A handle for the namespace the calling thread is in.
+    pub fn here() -> Result<Netlink> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .context("starting the netlink runtime")?;
+        let (connection, handle, _) = {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection().context("opening a netlink socket")?
+        };
+        runtime.spawn(connection);
+        Ok(Netlink { runtime, handle })
+    }
+
+    /// A handle for the namespace `fd`: the socket is opened there, then the thread returns.
+    pub fn inside(fd: impl AsFd) -> Result<Netlink> {
+        netns::within(fd, Netlink::here)?
+    }
+
+    pub fn links(&self) -> Result<Vec<Link>> {
+        self.runtime
+            .block_on(async {
+                let mut stream = self.handle.link().get().execute();
+                let mut links = Vec::new();
+                while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                    let name = message.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    });
+                    links.push(Link {
+                        index: message.header.index,
+                        name: name.unwrap_or_default(),
+                        up: message.header.flags.contains(LinkFlags::Up),
+                    });
+                }
+                Ok::<_, io::Error>(links)
+            })
+            .context("listing links")
+    }
+
+    pub fn index_of(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self
+            .links()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .map(|l| l.index))
+    }
+
+    /// Creates a kernel WireGuard link. The raw error is kept: `EOPNOTSUPP` means the kernel
+    /// has no WireGuard.
+    pub fn add_wireguard(&self, name: &str) -> io::Result<u32> {
+        self.runtime.block_on(async {
+            self.handle
+                .link()
+                .add(LinkWireguard::new(name).build())
+                .execute()
+                .await
+                .map_err(to_io)
+        })?;
+        self.index_of(name)
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::other(format!("link {name} vanished right after creation")))
+    }
+
+    pub fn delete(&self, index: u32) -> Result<()> {
+        self.runtime
+            .block_on(self.handle.link().del(index).execute())
+            .map_err(to_io)
+            .with_context(|| format!("deleting link {index}"))
+    }
+
+    /// Moves a link into the namespace `fd`. Its index may change there; look it up again.
+    pub fn move_to(&self, index: u32, fd: impl AsFd) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index)
+            .setns_by_fd(fd.as_fd().as_raw_fd())
+            .build();
+        self.runtime
+            .block_on(self.handle.link().set(message).execute())
+            .map_err(to_io)
+            .context("moving the link into the namespace")
+    }
+
+    pub fn set_up(&self, index: u32) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index).up().build();
+        self.runtime
+            .block_on(self.handle.link().set(message).execute())
+            .map_err(to_io)
+            .with_context(|| format!("bringing link {index} up"))
+    }
+
+    pub fn add_addresses(&self, index: u32, addresses: &[Cidr]) -> Result<()> {
+        for chunk in addresses.chunks(PIPELINE) {
+            let requests = chunk.iter().map(|a| {
+                let request = self.handle.address().add(index, a.addr, a.prefix);
+                async move {
+                    request
+                        .execute()
+                        .await
+                        .map_err(to_io)
+                        .with_context(|| format!("adding address {a}"))
+                }
+            });
+            self.runtime
+                .block_on(futures::future::try_join_all(requests))?;
+        }
+        Ok(())
+    }
+
+    /// Adds a device route for each prefix (host bits cleared), pipelined: a thousand routes
+    /// cost a few round trips, not a thousand.
+    pub fn add_routes(&self, index: u32, prefixes: &[Cidr]) -> Result<()> {
+        for chunk in prefixes.chunks(PIPELINE) {
+            let requests = chunk.iter().map(|prefix| {
+                let net = prefix.network();
+                let message = RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(net.addr, net.prefix)
+                    .map(|b| b.output_interface(index).scope(RouteScope::Link).build());
+                let handle = self.handle.clone();
+                async move {
+                    let message = message.with_context(|| format!("route to {net}"))?;
+                    match handle.route().add(message).execute().await.map_err(to_io) {
+                        Ok(()) => Ok(()),
+                        // Two peers may share a prefix; one route serves them.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                        Err(e) => Err(e).with_context(|| format!("adding route to {net}")),
+                    }
+                }
+            });
+            self.runtime
+                .block_on(futures::future::try_join_all(requests))?;
+        }
+        Ok(())
+    }
+
+    /// An `unreachable` route: packets for `prefix` fail at once instead of following the
+    /// default route off the machine.
+    pub fn add_unreachable(&self, prefix: Cidr) -> Result<()> {
+        let message = unreachable_route(prefix)?;
+        self.runtime
+            .block_on(self.handle.route().add(message).execute())
+            .map_err(to_io)
+            .with_context(|| format!("adding unreachable route {prefix}"))
+    }
+
+    pub fn delete_unreachable(&self, prefix: Cidr) -> Result<()> {
+        let message = unreachable_route(prefix)?;
+        match self
+            .runtime
+            .block_on(self.handle.route().del(message).execute())
+            .map_err(to_io)
+        {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                Err(e).with_context(|| format!("deleting unreachable route {prefix}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn addresses(&self, index: u32) -> Result<Vec<Cidr>> {
+        self.runtime
+            .block_on(async {
+                let mut stream = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute();
+                let mut found = Vec::new();
+                while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                    let prefix = message.header.prefix_len;
+                    let addr = message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let addr = addr.or_else(|| {
+                        message.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    });
+                    if let Some(addr) = addr {
+                        found.push(Cidr { addr, prefix });
+                    }
+                }
+                Ok::<_, io::Error>(found)
+            })
+            .context("listing addresses")
+    }
+
+    /// Unicast routes of the main table, both families.
+    pub fn routes(&self) -> Result<Vec<Route>> {
+        let mut routes = Vec::new();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let family_v6 =
+                query.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+            let found = self
+                .runtime
+                .block_on(
+                    self.handle
+                        .route()
+                        .get(query)
+                        .execute()
+                        .map(|r| r.map_err(to_io))
+                        .try_collect::<Vec<_>>(),
+                )
+                .context("listing routes")?;
+            for message in found {
+                let table = message
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(message.header.table));
+                if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                    || message.header.kind != RouteType::Unicast
+                {
+                    continue;
+                }
+                let mut destination = None;
+                let mut interface = 0;
+                for attribute in &message.attributes {
+                    match attribute {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                            destination = Some(IpAddr::V4(*a))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                            destination = Some(IpAddr::V6(*a))
+                        }
+                        RouteAttribute::Oif(i) => interface = *i,
+                        _ => {}
+                    }
+                }
+                let addr = destination.unwrap_or(if family_v6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                });
+                routes.push(Route {
+                    destination: Cidr {
+                        addr,
+                        prefix: message.header.destination_prefix_length,
+                    },
+                    interface,
+                });
+            }
+        }
+        Ok(routes)
+    }
+}
+
+fn unreachable_route(prefix: Cidr) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    let net = prefix.network();
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(net.addr, net.prefix)
+        .with_context(|| format!("route to {net}"))?
+        .kind(RouteType::Unreachable)
+        .build())
+}

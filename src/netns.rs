@@ -1,0 +1,169 @@
+//! Named network namespaces, kept the way `ip netns` keeps them: a bind mount of the namespace
+//! at `/run/netns/<name>`, so `ip netns list`, `ip netns exec` and systemd's
+//! `NetworkNamespacePath=` all see ours.
+//!
+//! Entering a namespace is per thread ([`Entered`] switches the calling thread and switches it
+//! back on drop); sockets keep the namespace they were created in.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+
+pub const RUN_DIR: &str = "/run/netns";
+
+/// `statfs` magic of the nsfs file system that namespace files live on.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+pub fn path(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(name)
+}
+
+/// True when `/run/netns/<name>` is a live namespace (not just a leftover empty file).
+pub fn exists(name: &str) -> bool {
+    File::open(path(name))
+        .ok()
+        .and_then(|f| nix::sys::statfs::fstatfs(&f).ok())
+        .is_some_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+}
+
+pub fn open(name: &str) -> Result<OwnedFd> {
+    let file =
+        File::open(path(name)).with_context(|| format!("opening network namespace {name:?}"))?;
+    let magic = nix::sys::statfs::fstatfs(&file)
+        .with_context(|| format!("inspecting {}", path(name).display()))?
+        .filesystem_type()
+        .0;
+    if magic != NSFS_MAGIC {
+        bail!("{} is not a network namespace", path(name).display());
+    }
+    Ok(file.into())
+}
+
+/// Makes `/run/netns` a shared mount point, as iproute2 does, so that namespaces mounted later
+/// propagate into mount namespaces made from this one (services with private mounts).
+fn prepare_run_dir() -> Result<()> {
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    let shared = || {
+        mount(
+            None::<&str>,
+            RUN_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // Not yet a mount point: bind it onto itself first.
+        Err(Errno::EINVAL) => {
+            mount(
+                Some(RUN_DIR),
+                RUN_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mounting {RUN_DIR} onto itself"))?;
+            shared().with_context(|| format!("making {RUN_DIR} a shared mount"))
+        }
+        Err(e) => Err(e).with_context(|| format!("making {RUN_DIR} a shared mount")),
+    }
+}
+
+/// Creates a new, empty network namespace named `name`. Fails when the name is taken.
+pub fn create(name: &str) -> Result<()> {
+    prepare_run_dir()?;
+    let target = path(name);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o000)
+        .open(&target)
+        .with_context(|| format!("creating {}", target.display()))?;
+
+    // unshare() moves only the calling thread, so do it on a thread of its own, which then pins
+    // the new namespace by bind-mounting its handle and ends.
+    let bind_target = target.clone();
+    let made = std::thread::spawn(move || -> Result<()> {
+        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &bind_target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting the namespace onto {}", bind_target.display()))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread creating the namespace panicked"))?;
+    if made.is_err() {
+        let _ = std::fs::remove_file(&target);
+    }
+    made
+}
+
+/// Removes the name. The namespace itself ends once no process and no socket holds it.
+/// Succeeds when there is nothing to remove.
+pub fn delete(name: &str) -> Result<()> {
+    let target = path(name);
+    match umount2(&target, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e).with_context(|| format!("unmounting {}", target.display())),
+    }
+    match std::fs::remove_file(&target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", target.display())),
+    }
+}
+
+/// Names under `/run/netns`, as `ip netns list` shows them.
+pub fn list() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(RUN_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The calling thread's stay in another network namespace; it returns on drop.
+pub struct Entered {
+    original: OwnedFd,
+}
+
+impl Entered {
+    pub fn new(target: impl AsFd) -> Result<Entered> {
+        let original = File::open("/proc/thread-self/ns/net")
+            .context("opening the current network namespace")?
+            .into();
+        setns(target, CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
+        Ok(Entered { original })
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        // A thread stuck in the wrong namespace would make later sockets land there: better
+        // to stop than to leak.
+        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
+            eprintln!("error: cannot return to the original network namespace: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+/// Runs `f` on this thread inside the namespace `fd`, then returns to where the thread was.
+pub fn within<T>(fd: impl AsFd, f: impl FnOnce() -> T) -> Result<T> {
+    let _entered = Entered::new(fd)?;
+    Ok(f())
+}

@@ -1,0 +1,271 @@
+//! `up` and `down`: the order of the steps, and rollback.
+//!
+//! Everything `up` can check without touching the system (config, key files, endpoint names,
+//! templates, name clashes) is checked first. Then each step records its resource in the state
+//! journal before making it; a failure anywhere drops the [`Build`], which undoes the journal
+//! in reverse. The namespace and its firewall exist before the interface is moved in, so no
+//! process inside ever sees the namespace without its ruleset.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::config::Config;
+use crate::link::Netlink;
+use crate::state::{Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State};
+use crate::wireguard::{self, Backend};
+use crate::{dns, firewall, netns, publish, render};
+
+/// The steps of `up`, in order. Their names appear in error messages and in the test-only
+/// pause switch.
+pub const STEPS: [&str; 7] = [
+    "namespace",
+    "dns",
+    "firewall",
+    "interface",
+    "network",
+    "publish",
+    "record",
+];
+
+/// Test-only: `up` stops itself (SIGSTOP) right after the named step, so fault tests can kill
+/// it at a precise point.
+const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_AFTER";
+
+/// How long `down` waits for an `up` of the same namespace to finish.
+const DOWN_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The journal of an `up` in progress; undoes everything recorded unless committed.
+struct Build {
+    state: State,
+    committed: bool,
+}
+
+impl Build {
+    fn start(state: State) -> Result<Build> {
+        state.save()?;
+        Ok(Build {
+            state,
+            committed: false,
+        })
+    }
+
+    /// Records a resource that is about to be created.
+    fn record(&mut self, resource: Resource) -> Result<()> {
+        self.state.resources.push(resource);
+        self.state.save()
+    }
+
+    fn commit(mut self) -> Result<()> {
+        self.state.phase = Phase::Up;
+        self.state.save()?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Build {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Err(e) = self.state.teardown()
+        {
+            eprintln!("warning: rollback left something behind: {e:#}");
+        }
+    }
+}
+
+fn run_step<T>(index: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let name = STEPS[index];
+    let value = f().map_err(|e| anyhow!("step {}/{} ({name}): {e:#}", index + 1, STEPS.len()))?;
+    if std::env::var(PAUSE_ENV).as_deref() == Ok(name) {
+        eprintln!("wg-namespace: paused after step {name}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+    Ok(value)
+}
+
+/// Builds the namespace described by `config`.
+pub fn up(config: &Config, config_path: Option<&Path>) -> Result<()> {
+    up_inner(config, config_path).map_err(|e| anyhow!("up: {e:#}"))
+}
+
+fn up_inner(config: &Config, config_path: Option<&Path>) -> Result<()> {
+    let ns = config.namespace.as_str();
+    let prepared = wireguard::prepare(config)?;
+    let rendered = render::render(config)?;
+    for warning in &prepared.warnings {
+        eprintln!("warning: {warning}");
+    }
+
+    let lock = match Lock::try_acquire(ns) {
+        Ok(lock) => lock,
+        Err(LockError::Busy) => {
+            bail!("another wg-namespace is working on namespace {ns:?} right now")
+        }
+        Err(LockError::Other(e)) => return Err(e),
+    };
+    let result = build(config, config_path, &prepared, &rendered);
+    if result.is_err() && State::load(ns).ok().flatten().is_none() {
+        lock.remove();
+    }
+    result
+}
+
+fn build(
+    config: &Config,
+    config_path: Option<&Path>,
+    prepared: &wireguard::Prepared,
+    rendered: &render::Rendered,
+) -> Result<()> {
+    let ns = config.namespace.as_str();
+    let interface = config.interface();
+
+    if let Some(previous) = State::load(ns)? {
+        if previous.phase == Phase::Up && netns::exists(ns) {
+            bail!("namespace {ns:?} is already up; run `wg-namespace down --namespace {ns}` first");
+        }
+        // An `up` that was killed, or a namespace removed behind our back: clear the rest.
+        previous
+            .teardown()
+            .context("clearing what an interrupted earlier run left behind")?;
+    }
+    if netns::path(ns).exists() {
+        bail!(
+            "a network namespace named {ns:?} exists and was not made by wg-namespace; choose another namespace_name or remove it"
+        );
+    }
+    let host = Netlink::here()?;
+    if host.index_of(interface)?.is_some() {
+        bail!(
+            "a link named {interface:?} already exists in the host namespace; choose another namespace_name"
+        );
+    }
+
+    let mut state = State::new(ns);
+    state.config_path =
+        config_path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    state.dns_server = config.dns_server.to_string();
+    state.strict_dns = config.strict_dns;
+    state.ipv6 = config.ipv6_enabled();
+    state.peers = config
+        .peers
+        .iter()
+        .map(|p| PeerRecord {
+            public_key: p.public_key_text.clone(),
+            endpoint: p.endpoint.as_ref().map(ToString::to_string),
+        })
+        .collect();
+    state.publish_ports = config
+        .publish_ports
+        .iter()
+        .map(|p| PublishRecord {
+            protocol: p.protocol.as_str().into(),
+            host_address: p.host_address.to_string(),
+            host_port: p.host_port,
+            namespace_port: p.namespace_port,
+        })
+        .collect();
+    let mut build = Build::start(state)?;
+
+    let (ns_fd, inner) = run_step(0, || {
+        build.record(Resource::Namespace { name: ns.into() })?;
+        netns::create(ns)?;
+        let fd = netns::open(ns)?;
+        let inner = Netlink::inside(&fd)?;
+        let lo = inner
+            .index_of("lo")?
+            .context("the new namespace has no loopback link")?;
+        inner.set_up(lo)?;
+        Ok((fd, inner))
+    })?;
+
+    run_step(1, || {
+        build.record(Resource::EtcDir {
+            path: dns::dir(ns),
+            created_parent: dns::parent_missing(),
+        })?;
+        dns::install(ns, rendered)
+    })?;
+
+    run_step(2, || firewall::load(&ns_fd, &rendered.ruleset))?;
+
+    let backend = run_step(3, || {
+        build.record(Resource::Link {
+            name: interface.into(),
+            namespace: ns.into(),
+        })?;
+        let backend = create_interface(config, &host, &mut build)?;
+        wireguard::configure(interface, backend, prepared)?;
+        Ok(backend)
+    })?;
+
+    run_step(4, || {
+        let index = host
+            .index_of(interface)?
+            .context("the WireGuard link disappeared")?;
+        host.move_to(index, &ns_fd)?;
+        let index = inner
+            .index_of(interface)?
+            .context("the WireGuard link did not arrive in the namespace")?;
+        inner.add_addresses(index, &config.ips)?;
+        inner.set_up(index)?;
+        let prefixes: Vec<_> = config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        inner.add_routes(index, &prefixes)
+    })?;
+
+    run_step(5, || {
+        if config.publish_ports.is_empty() {
+            return Ok(());
+        }
+        let listeners = publish::bind(&config.publish_ports)?;
+        // The relay's PID exists only once it runs; it is recorded right after.
+        let process = publish::spawn(ns, &listeners)?;
+        build.record(Resource::Publisher { process })
+    })?;
+
+    run_step(6, || {
+        build.state.backend = Some(backend.as_str().into());
+        build.commit()
+    })
+}
+
+/// Step 4: the WireGuard link in the host namespace, so its UDP socket stays there.
+fn create_interface(config: &Config, host: &Netlink, build: &mut Build) -> Result<Backend> {
+    use crate::config::BackendChoice;
+    let interface = config.interface();
+    if config.backend != BackendChoice::Userspace {
+        match host.add_wireguard(interface) {
+            Ok(_) => return Ok(Backend::Kernel),
+            Err(e) if wireguard::is_unsupported(&e) && config.backend == BackendChoice::Auto => {}
+            Err(e) if wireguard::is_unsupported(&e) => {
+                bail!("the kernel has no WireGuard support (backend \"kernel\" was asked for): {e}")
+            }
+            Err(e) => return Err(e).context("creating the WireGuard link"),
+        }
+    }
+    wireguard::remove_stale_socket(interface);
+    let process = wireguard::spawn_daemon(&config.userspace_command, interface)?;
+    build.record(Resource::Daemon {
+        process,
+        interface: interface.into(),
+    })?;
+    wireguard::wait_for_daemon(process, &config.userspace_command[0], interface, host)?;
+    Ok(Backend::Userspace)
+}
+
+/// Removes everything `up` recorded for `namespace`. Nothing recorded is success.
+pub fn down(namespace: &str) -> Result<()> {
+    let lock = Lock::acquire(namespace, DOWN_LOCK_TIMEOUT).map_err(|e| anyhow!("down: {e:#}"))?;
+    let Some(state) = State::load(namespace)? else {
+        lock.remove();
+        return Ok(());
+    };
+    state.teardown().map_err(|e| anyhow!("down: {e:#}"))?;
+    lock.remove();
+    Ok(())
+}

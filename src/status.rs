@@ -1,0 +1,436 @@
+//! `status`: what is up, and a verdict per namespace.
+//!
+//! `down` means the namespace cannot safely carry traffic (a part is missing); `degraded`
+//! means it is whole but a peer looks unhealthy. The JSON form is a stable interface; see the
+//! README for its shape.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::cli::code;
+use crate::config::{Endpoint, Key};
+use crate::firewall;
+use crate::link::Netlink;
+use crate::state::{Phase, Resource, State};
+use crate::wireguard::{self, Backend};
+
+/// A peer without a handshake for this long makes the namespace degraded.
+pub const HANDSHAKE_STALE: Duration = Duration::from_secs(180);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Verdict {
+    Healthy,
+    Degraded,
+    Down,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Degraded => "degraded",
+            Verdict::Down => "down",
+        }
+    }
+
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Healthy => code::OK,
+            Verdict::Degraded => code::DEGRADED,
+            Verdict::Down => code::DOWN,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub present: bool,
+    pub up: bool,
+    pub addresses: Vec<String>,
+    pub routes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub public_key: String,
+    /// The address WireGuard uses now.
+    pub endpoint: Option<String>,
+    /// As configured (a host name stays a host name).
+    pub configured_endpoint: Option<String>,
+    pub latest_handshake_seconds_ago: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    #[serde(rename = "allowedIPs")]
+    pub allowed_ips: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceStatus {
+    pub namespace: String,
+    pub verdict: Verdict,
+    pub reasons: Vec<String>,
+    pub backend: Option<String>,
+    pub daemon_pid: Option<u32>,
+    pub interface: InterfaceStatus,
+    pub firewall: FirewallStatus,
+    pub dns: DnsStatus,
+    pub peers: Vec<PeerStatus>,
+    pub publish_ports: Vec<crate::state::PublishRecord>,
+    pub up_since: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallStatus {
+    pub loaded: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    pub server: Option<String>,
+    pub resolv_conf: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// Collects the status of one namespace. Never fails: whatever cannot be read is a reason.
+pub fn inspect(namespace: &str) -> NamespaceStatus {
+    let mut status = NamespaceStatus {
+        namespace: namespace.to_string(),
+        verdict: Verdict::Healthy,
+        reasons: Vec::new(),
+        backend: None,
+        daemon_pid: None,
+        interface: InterfaceStatus {
+            name: namespace.to_string(),
+            ..Default::default()
+        },
+        firewall: FirewallStatus::default(),
+        dns: DnsStatus::default(),
+        peers: Vec::new(),
+        publish_ports: Vec::new(),
+        up_since: None,
+    };
+    let down = |status: &mut NamespaceStatus, reason: String| {
+        status.verdict = Verdict::Down;
+        status.reasons.push(reason);
+    };
+    let state = match State::load(namespace) {
+        Ok(Some(state)) if state.phase == Phase::Up => state,
+        Ok(Some(_)) => {
+            down(
+                &mut status,
+                "being built, or an interrupted `up` left it half-built".into(),
+            );
+            return status;
+        }
+        Ok(None) => {
+            down(&mut status, "not up".into());
+            return status;
+        }
+        Err(e) => {
+            down(&mut status, format!("{e:#}"));
+            return status;
+        }
+    };
+    status.backend = state.backend.clone();
+    status.up_since = Some(state.started_at);
+    status.dns.server = Some(state.dns_server.clone());
+    status.publish_ports = state.publish_ports.clone();
+
+    let resolv = crate::dns::dir(namespace).join("resolv.conf");
+    status.dns.resolv_conf = std::fs::read_to_string(&resolv).is_ok_and(|text| {
+        text.lines()
+            .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
+    });
+    if !status.dns.resolv_conf {
+        down(
+            &mut status,
+            format!(
+                "{} is missing or does not name {}",
+                resolv.display(),
+                state.dns_server
+            ),
+        );
+    }
+
+    for resource in &state.resources {
+        match resource {
+            Resource::Daemon { process, .. } => {
+                status.daemon_pid = Some(process.pid);
+                if !process.is_alive() {
+                    down(
+                        &mut status,
+                        format!(
+                            "the userspace WireGuard daemon (pid {}) is gone",
+                            process.pid
+                        ),
+                    );
+                }
+            }
+            Resource::Publisher { process } if !process.is_alive() => {
+                status.verdict = status.verdict.max(Verdict::Degraded);
+                status
+                    .reasons
+                    .push(format!("the port relay (pid {}) is gone", process.pid));
+            }
+            _ => {}
+        }
+    }
+
+    let fd = match crate::netns::open(namespace) {
+        Ok(fd) => fd,
+        Err(_) => {
+            down(&mut status, "the network namespace is gone".into());
+            return status;
+        }
+    };
+    status.firewall.loaded = firewall::has_table(&fd, firewall::GUARD_TABLE).unwrap_or(false)
+        && firewall::has_table(&fd, firewall::POLICY_TABLE).unwrap_or(false);
+    if !status.firewall.loaded {
+        down(&mut status, "the firewall ruleset is not loaded".into());
+    }
+
+    match Netlink::inside(&fd).and_then(|nl| interface_status(&nl, namespace)) {
+        Ok(Some(interface)) => {
+            if !interface.up {
+                down(&mut status, "the WireGuard interface is down".into());
+            }
+            status.interface = interface;
+        }
+        Ok(None) => down(&mut status, "the WireGuard interface is gone".into()),
+        Err(e) => down(&mut status, format!("reading the interface: {e:#}")),
+    }
+
+    let backend = state.backend.as_deref().and_then(Backend::parse);
+    if let (Some(backend), true) = (backend, status.interface.present) {
+        match wireguard::show(namespace, backend, &fd) {
+            Ok(device) => peer_status(&mut status, &state, &device),
+            Err(e) => down(&mut status, format!("{e:#}")),
+        }
+    }
+    status
+}
+
+fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>> {
+    let Some(link) = nl.links()?.into_iter().find(|l| l.name == name) else {
+        return Ok(None);
+    };
+    let addresses = nl
+        .addresses(link.index)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let routes = nl
+        .routes()?
+        .into_iter()
+        .filter(|r| r.interface == link.index)
+        .map(|r| {
+            if r.destination.is_default() {
+                if r.destination.is_ipv6() {
+                    "default (IPv6)".into()
+                } else {
+                    "default".into()
+                }
+            } else {
+                r.destination.to_string()
+            }
+        })
+        .collect();
+    Ok(Some(InterfaceStatus {
+        name: name.to_string(),
+        present: true,
+        up: link.up,
+        addresses,
+        routes,
+    }))
+}
+
+fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard_control::Device) {
+    let now = SystemTime::now();
+    let up_for = now
+        .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(state.started_at))
+        .unwrap_or_default();
+    for record in &state.peers {
+        let Some(key) = Key::from_base64(&record.public_key) else {
+            continue;
+        };
+        let Some(info) = device.peers.iter().find(|p| p.config.public_key.0 == key.0) else {
+            status.verdict = Verdict::Down;
+            status.reasons.push(format!(
+                "peer {} is missing from the device",
+                record.public_key
+            ));
+            continue;
+        };
+        let handshake_age = info
+            .stats
+            .last_handshake_time
+            .and_then(|t| now.duration_since(t).ok());
+        let stale = match handshake_age {
+            Some(age) => age > HANDSHAKE_STALE,
+            None => up_for > HANDSHAKE_STALE,
+        };
+        if stale {
+            status.verdict = status.verdict.max(Verdict::Degraded);
+            status.reasons.push(match handshake_age {
+                Some(age) => format!(
+                    "peer {}: no handshake for {}s",
+                    record.public_key,
+                    age.as_secs()
+                ),
+                None => format!(
+                    "peer {}: no handshake in {}s since up",
+                    record.public_key,
+                    up_for.as_secs()
+                ),
+            });
+        }
+        if let Some(configured) = &record.endpoint {
+            let unresolvable = Endpoint::parse(configured)
+                .map(|e| wireguard::resolve(&e).is_err())
+                .unwrap_or(true);
+            if unresolvable {
+                status.verdict = status.verdict.max(Verdict::Degraded);
+                status.reasons.push(format!(
+                    "peer {}: endpoint {configured} does not resolve",
+                    record.public_key
+                ));
+            }
+        }
+        status.peers.push(PeerStatus {
+            public_key: record.public_key.clone(),
+            endpoint: info.config.endpoint.map(|e| e.to_string()),
+            configured_endpoint: record.endpoint.clone(),
+            latest_handshake_seconds_ago: handshake_age.map(|a| a.as_secs()),
+            rx_bytes: info.stats.rx_bytes,
+            tx_bytes: info.stats.tx_bytes,
+            allowed_ips: info
+                .config
+                .allowed_ips
+                .iter()
+                .map(|a| format!("{}/{}", a.address, a.cidr))
+                .collect(),
+        });
+    }
+}
+
+fn print_text(status: &NamespaceStatus) {
+    println!(
+        "namespace {}: {}",
+        status.namespace,
+        status.verdict.as_str()
+    );
+    if let Some(backend) = &status.backend {
+        match status.daemon_pid {
+            Some(pid) => println!("  backend:   {backend} (daemon pid {pid})"),
+            None => println!("  backend:   {backend}"),
+        }
+    }
+    let i = &status.interface;
+    if i.present {
+        println!(
+            "  interface: {} {}, addresses {}",
+            i.name,
+            if i.up { "up" } else { "down" },
+            if i.addresses.is_empty() {
+                "none".into()
+            } else {
+                i.addresses.join(", ")
+            }
+        );
+        println!(
+            "  routes:    {}",
+            if i.routes.is_empty() {
+                "none".into()
+            } else {
+                i.routes.join(", ")
+            }
+        );
+    }
+    if status.backend.is_some() {
+        println!(
+            "  firewall:  {}",
+            if status.firewall.loaded {
+                "loaded"
+            } else {
+                "MISSING"
+            }
+        );
+        if let Some(server) = &status.dns.server {
+            println!(
+                "  dns:       {server}{}",
+                if status.dns.resolv_conf {
+                    ""
+                } else {
+                    " (resolv.conf MISSING)"
+                }
+            );
+        }
+    }
+    for p in &status.publish_ports {
+        println!(
+            "  publish:   {} {}:{} -> namespace port {}",
+            p.protocol, p.host_address, p.host_port, p.namespace_port
+        );
+    }
+    for peer in &status.peers {
+        println!("  peer {}", peer.public_key);
+        let endpoint = match (&peer.endpoint, &peer.configured_endpoint) {
+            (Some(now), Some(conf)) if now != conf => format!("{now} ({conf})"),
+            (Some(now), _) => now.clone(),
+            (None, Some(conf)) => format!("none yet ({conf})"),
+            (None, None) => "none".into(),
+        };
+        println!("    endpoint:    {endpoint}");
+        match peer.latest_handshake_seconds_ago {
+            Some(s) => println!("    handshake:   {s}s ago"),
+            None => println!("    handshake:   none"),
+        }
+        println!(
+            "    transfer:    {} B received, {} B sent",
+            peer.rx_bytes, peer.tx_bytes
+        );
+        println!("    allowed IPs: {}", peer.allowed_ips.join(", "));
+    }
+    for reason in &status.reasons {
+        println!("  reason:    {reason}");
+    }
+}
+
+pub fn run(namespace: Option<&str>, json: bool) -> Result<i32> {
+    let names = match namespace {
+        Some(name) => vec![name.to_string()],
+        None => crate::state::recorded_namespaces(),
+    };
+    let report = Report {
+        namespaces: names.iter().map(|n| inspect(n)).collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.namespaces.is_empty() {
+        println!("no namespace is up");
+    } else {
+        for status in &report.namespaces {
+            print_text(status);
+        }
+    }
+    Ok(report
+        .namespaces
+        .iter()
+        .map(|s| s.verdict)
+        .max()
+        .unwrap_or(Verdict::Healthy)
+        .exit_code())
+}

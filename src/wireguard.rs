@@ -1,0 +1,312 @@
+//! The WireGuard device: backends (kernel module or a userspace daemon), key files, endpoint
+//! resolution and the device configuration applied through wireguard-control.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use wireguard_control::{
+    Backend as WgBackend, Device, DeviceUpdate, InterfaceName, PeerConfigBuilder,
+};
+
+use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::link::Netlink;
+use crate::process::ProcessId;
+
+/// Where wireguard-go and boringtun put their configuration sockets.
+const UAPI_DIR: &str = "/var/run/wireguard";
+/// How long a userspace daemon may take to create its interface and socket.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Kernel,
+    Userspace,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Kernel => "kernel",
+            Backend::Userspace => "userspace",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Backend> {
+        match text {
+            "kernel" => Some(Backend::Kernel),
+            "userspace" => Some(Backend::Userspace),
+            _ => None,
+        }
+    }
+
+    fn control(self) -> WgBackend {
+        match self {
+            Backend::Kernel => WgBackend::Kernel,
+            Backend::Userspace => WgBackend::Userspace,
+        }
+    }
+}
+
+pub fn uapi_socket(interface: &str) -> PathBuf {
+    Path::new(UAPI_DIR).join(format!("{interface}.sock"))
+}
+
+fn interface_name(interface: &str) -> Result<InterfaceName> {
+    interface
+        .parse()
+        .map_err(|e| anyhow!("{interface:?} is not a valid interface name: {e:?}"))
+}
+
+/// Whether the kernel link could not be made because the kernel has no WireGuard.
+pub fn is_unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+/// Starts `command -f <interface>` in a session of its own, so it outlives `up`. Follow with
+/// [`wait_for_daemon`] once the process is on record.
+pub fn spawn_daemon(command: &[String], interface: &str) -> Result<ProcessId> {
+    let mut argv = command.to_vec();
+    argv.push("-f".into());
+    argv.push(interface.into());
+    // wireguard-go wants this to stay in the foreground; WG_SUDO keeps boringtun from
+    // switching to a user that could no longer answer on the configuration socket.
+    crate::process::spawn_detached(&argv, &[("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "1")])
+        .with_context(|| {
+            format!(
+                "starting the userspace WireGuard daemon ({})",
+                command.join(" ")
+            )
+        })
+}
+
+/// Waits until the daemon's interface and configuration socket exist.
+pub fn wait_for_daemon(
+    process: ProcessId,
+    program: &str,
+    interface: &str,
+    host: &Netlink,
+) -> Result<()> {
+    let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+    loop {
+        if UnixStream::connect(uapi_socket(interface)).is_ok()
+            && host.index_of(interface)?.is_some()
+        {
+            return Ok(());
+        }
+        if !process.is_alive() {
+            let how = process
+                .exit_status()
+                .unwrap_or_else(|| "exited".to_string());
+            bail!("the userspace WireGuard daemon {program} {how} before its interface appeared");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the userspace WireGuard daemon {program} made no interface {interface} within {}s",
+                DAEMON_START_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Removes a daemon's configuration socket when nothing answers on it any more.
+pub fn remove_stale_socket(interface: &str) {
+    let socket = uapi_socket(interface);
+    if socket.exists() && UnixStream::connect(&socket).is_err() {
+        let _ = std::fs::remove_file(socket);
+    }
+}
+
+/// Deletes the WireGuard link `name`: inside `namespace` when it has been moved there, in the
+/// calling thread's namespace otherwise. Nothing to delete is not an error.
+pub fn delete_link(name: &str, namespace: &str) -> Result<()> {
+    if crate::netns::exists(namespace) {
+        let nl = Netlink::inside(crate::netns::open(namespace)?)?;
+        if let Some(index) = nl.index_of(name)? {
+            return nl.delete(index);
+        }
+    }
+    let nl = Netlink::here()?;
+    match nl.index_of(name)? {
+        Some(index) => nl.delete(index),
+        None => Ok(()),
+    }
+}
+
+/// Reads a key file at run time, refusing files others can tamper with. Returns the key and,
+/// when the file is readable by everyone, a warning for the user.
+pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> {
+    let fail = |problem: String| anyhow!("{field}: {}: {problem}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if meta.is_dir() {
+        return Err(fail("is a directory, not a key file".into()));
+    }
+    if !meta.is_file() {
+        return Err(fail("is not a regular file".into()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(fail(format!(
+            "is owned by uid {}, not by uid {euid} who runs wg-namespace; another user could swap the key",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(fail(format!(
+            "is writable by other users (mode {:o}); chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    let warning = (mode & 0o004 != 0).then(|| {
+        format!(
+            "{field}: {} is readable by every user (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )
+    });
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    // The content is secret: never quote it.
+    let key = Key::from_base64(&text).ok_or_else(|| {
+        fail("does not hold a base64 WireGuard key (as `wg genkey` writes)".into())
+    })?;
+    Ok((key, warning))
+}
+
+/// Resolves an endpoint in the calling thread's namespace (the host's: DNS works there).
+pub fn resolve(endpoint: &Endpoint) -> io::Result<SocketAddr> {
+    match &endpoint.host {
+        EndpointHost::Ip(ip) => Ok(SocketAddr::new(*ip, endpoint.port)),
+        EndpointHost::Name(name) => (name.as_str(), endpoint.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+    }
+}
+
+/// A peer with its secrets and endpoint resolved, ready to apply.
+pub struct PreparedPeer {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub peer: Peer,
+}
+
+/// Everything `up` must read or resolve before it touches the system.
+pub struct Prepared {
+    pub private_key: Key,
+    pub peers: Vec<PreparedPeer>,
+    pub warnings: Vec<String>,
+}
+
+pub fn prepare(config: &Config) -> Result<Prepared> {
+    let mut warnings = Vec::new();
+    let (private_key, warning) = read_key_file("privateKeyFile", &config.private_key_file)?;
+    warnings.extend(warning);
+    let mut peers = Vec::with_capacity(config.peers.len());
+    for (i, peer) in config.peers.iter().enumerate() {
+        let preshared_key = match &peer.preshared_key {
+            None => None,
+            Some(PresharedKey::Inline(key)) => Some(key.clone()),
+            Some(PresharedKey::File(path)) => {
+                let (key, warning) = read_key_file(&format!("peers[{i}].presharedKeyFile"), path)?;
+                warnings.extend(warning);
+                Some(key)
+            }
+        };
+        let endpoint = match &peer.endpoint {
+            None => None,
+            Some(endpoint) => Some(
+                resolve(endpoint)
+                    .map_err(|e| anyhow!("peers[{i}].endpoint: cannot resolve {endpoint}: {e}"))?,
+            ),
+        };
+        peers.push(PreparedPeer {
+            public_key: peer.public_key.clone(),
+            preshared_key,
+            endpoint,
+            peer: peer.clone(),
+        });
+    }
+    Ok(Prepared {
+        private_key,
+        peers,
+        warnings,
+    })
+}
+
+fn control_key(key: &Key) -> wireguard_control::Key {
+    wireguard_control::Key(key.0)
+}
+
+/// Sets the private key and replaces all peers in one request.
+pub fn configure(interface: &str, backend: Backend, prepared: &Prepared) -> Result<()> {
+    let peers: Vec<PeerConfigBuilder> = prepared
+        .peers
+        .iter()
+        .map(|p| {
+            let mut builder =
+                PeerConfigBuilder::new(&control_key(&p.public_key)).replace_allowed_ips();
+            for ip in &p.peer.allowed_ips {
+                builder = builder.add_allowed_ip(ip.addr, ip.prefix);
+            }
+            if let Some(psk) = &p.preshared_key {
+                builder = builder.set_preshared_key(control_key(psk));
+            }
+            if let Some(endpoint) = p.endpoint {
+                builder = builder.set_endpoint(endpoint);
+            }
+            if let Some(keepalive) = p.peer.persistent_keepalive {
+                builder = builder.set_persistent_keepalive_interval(keepalive);
+            }
+            builder
+        })
+        .collect();
+    DeviceUpdate::new()
+        .set_private_key(control_key(&prepared.private_key))
+        .replace_peers()
+        .add_peers(&peers)
+        .apply(&interface_name(interface)?, backend.control())
+        .context("configuring the WireGuard device")
+}
+
+/// Reads the device. The kernel device is asked inside the namespace it now lives in; a
+/// userspace daemon is asked over its socket, from anywhere.
+pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<Device> {
+    let name = interface_name(interface)?;
+    match backend {
+        Backend::Kernel => {
+            crate::netns::within(namespace, || Device::get(&name, WgBackend::Kernel))?
+        }
+        Backend::Userspace => Device::get(&name, WgBackend::Userspace),
+    }
+    .context("reading the WireGuard device")
+}
+
+/// Points one peer at a new endpoint, leaving everything else as it is.
+pub fn set_endpoint(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    public_key: &Key,
+    endpoint: SocketAddr,
+) -> Result<()> {
+    let name = interface_name(interface)?;
+    let update = DeviceUpdate::new()
+        .add_peer(PeerConfigBuilder::new(&control_key(public_key)).set_endpoint(endpoint));
+    match backend {
+        // The kernel backend would create a missing device: make sure it is there.
+        Backend::Kernel => crate::netns::within(namespace, || {
+            Device::get(&name, WgBackend::Kernel)?;
+            update.apply(&name, WgBackend::Kernel)
+        })?,
+        Backend::Userspace => update.apply(&name, WgBackend::Userspace),
+    }
+    .context("updating the peer's endpoint")
+}
