@@ -1,0 +1,924 @@
+//! The test rig: real namespaces, a real WireGuard peer, and a packet counter.
+//!
+//! Layout for test number `id` (1..=250), all names and addresses unique to it:
+//!
+//! ```text
+//!   wgt<id>h  "host": the helper runs here, as it would in the root namespace
+//!     wgt<id>a 10.200.<id>.1/29  ── veth (the underlay) ──  wgt<id>b 10.200.<id>.2/29 (+ .3)
+//!                                                            wgt<id>p  "peer": wireguard-go
+//!                                                              wgt<id>w 10.200.<id>.129/25, fd77:<id>::1/64
+//!   wgt<id>c  the confined namespace `up` builds; its tunnel address is 10.200.<id>.130
+//! ```
+//!
+//! The root namespace only gets `unreachable` routes for 10.200.<id>.0/24 and fd77:<id>::/32,
+//! so even a broken test cannot send a packet off the machine. Dropping the rig removes
+//! everything it made, on failure too.
+
+#![allow(dead_code)] // each test binary uses a different part of the rig
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::{Value, json};
+use wg_namespace::netns;
+use wireguard_control::{Backend, DeviceUpdate, Key, PeerConfigBuilder};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_wg-namespace");
+pub const WG_PORT: u16 = 51820;
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// One integration test: run when root, reported as ignored (and said so) otherwise.
+pub fn trial(name: &str, test: fn() -> Result<()>) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(name, move || test().map_err(|e| format!("{e:#}").into()))
+        .with_ignored_flag(!is_root())
+}
+
+/// Runs the trials; explains loudly when they cannot run.
+pub fn run(trials: Vec<libtest_mimic::Trial>) -> ! {
+    if !is_root() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: these {} integration tests build network namespaces and need root; run them as root (CI does)",
+            trials.len()
+        );
+    }
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), trials).exit()
+}
+
+/// Runs a command, returning its output whatever the exit status.
+pub fn run_cmd(argv: &[&str]) -> Result<Output> {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .with_context(|| format!("running {}", argv.join(" ")))
+}
+
+/// Runs a command that must succeed.
+pub fn sh(argv: &[&str]) -> Result<String> {
+    let out = run_cmd(argv)?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}{}",
+        argv.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {}s waiting for {what}", timeout.as_secs())
+}
+
+pub struct Rig {
+    pub id: u8,
+    pub host: String,
+    pub peer: String,
+    pub confined: String,
+    pub host_veth: String,
+    pub peer_veth: String,
+    pub peer_if: String,
+    pub dir: PathBuf,
+    pub peer_key: Key,
+    pub confined_key: Key,
+    host_fd: OwnedFd,
+    peer_fd: OwnedFd,
+    peer_wg: Option<Child>,
+    children: Vec<Child>,
+    routes: bool,
+}
+
+impl Rig {
+    pub fn new(id: u8) -> Result<Rig> {
+        ensure!((1..=250).contains(&id), "rig ids are 1..=250");
+        let host = format!("wgt{id}h");
+        let peer = format!("wgt{id}p");
+        for ns in [&host, &peer, &format!("wgt{id}c")] {
+            ensure!(
+                !netns::path(ns).exists(),
+                "namespace {ns} already exists: another run of this test?"
+            );
+        }
+        // The guard routes come first: from here on nothing for these prefixes leaves.
+        sh(&[
+            "ip",
+            "route",
+            "add",
+            "unreachable",
+            &format!("10.200.{id}.0/24"),
+        ])?;
+        if let Err(e) = sh(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "unreachable",
+            &format!("fd77:{id}::/32"),
+        ]) {
+            let _ = sh(&[
+                "ip",
+                "route",
+                "del",
+                "unreachable",
+                &format!("10.200.{id}.0/24"),
+            ]);
+            return Err(e);
+        }
+        let dir = PathBuf::from(format!("/tmp/wgns-test-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+
+        // Partially built rigs are cleaned by Drop, so build the struct early.
+        netns::create(&host)?;
+        let host_fd = netns::open(&host)?;
+        let peer_fd = match netns::create(&peer).and_then(|_| netns::open(&peer)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = netns::delete(&host);
+                let _ = sh(&[
+                    "ip",
+                    "route",
+                    "del",
+                    "unreachable",
+                    &format!("10.200.{id}.0/24"),
+                ]);
+                let _ = sh(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "del",
+                    "unreachable",
+                    &format!("fd77:{id}::/32"),
+                ]);
+                return Err(e);
+            }
+        };
+        let mut rig = Rig {
+            id,
+            confined: format!("wgt{id}c"),
+            host_veth: format!("wgt{id}a"),
+            peer_veth: format!("wgt{id}b"),
+            peer_if: format!("wgt{id}w"),
+            host,
+            peer,
+            dir,
+            peer_key: Key::generate_private(),
+            confined_key: Key::generate_private(),
+            host_fd,
+            peer_fd,
+            peer_wg: None,
+            children: Vec::new(),
+            routes: true,
+        };
+        rig.build_underlay()?;
+        rig.start_peer_wg()?;
+        Ok(rig)
+    }
+
+    fn build_underlay(&self) -> Result<()> {
+        let (h, p, id) = (&self.host, &self.peer, self.id);
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "link",
+            "add",
+            &self.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.peer_veth,
+            "netns",
+            p,
+        ])?;
+        for (ns, link) in [(h, &self.host_veth), (p, &self.peer_veth)] {
+            // No IPv6 on the underlay: its neighbour discovery would only be noise in captures.
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{link}.disable_ipv6=1"),
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "address",
+            "add",
+            &format!("10.200.{id}.1/29"),
+            "dev",
+            &self.host_veth,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            p,
+            "address",
+            "add",
+            &format!("10.200.{id}.2/29"),
+            "dev",
+            &self.peer_veth,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            p,
+            "address",
+            "add",
+            &format!("10.200.{id}.3/29"),
+            "dev",
+            &self.peer_veth,
+        ])?;
+        Ok(())
+    }
+
+    /// (Re)starts the peer's WireGuard daemon and configures it for the confined side.
+    pub fn start_peer_wg(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.peer_if));
+        let child = self
+            .command_in(&self.peer_fd, &["wireguard-go", "-f", &self.peer_if])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting wireguard-go for the peer")?;
+        self.peer_wg = Some(child);
+        let socket = format!("/var/run/wireguard/{}.sock", self.peer_if);
+        wait_for(Duration::from_secs(10), "the peer's wireguard-go", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })?;
+        let (p, id, w) = (&self.peer, self.id, &self.peer_if);
+        sh(&[
+            "ip",
+            "-n",
+            p,
+            "address",
+            "add",
+            &format!("10.200.{id}.129/25"),
+            "dev",
+            w,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            p,
+            "address",
+            "add",
+            &format!("fd77:{id}::1/64"),
+            "dev",
+            w,
+        ])?;
+        sh(&["ip", "-n", p, "link", "set", w, "up"])?;
+        DeviceUpdate::new()
+            .set_private_key(self.peer_key.clone())
+            .set_listen_port(WG_PORT)
+            .replace_peers()
+            .add_peer(
+                PeerConfigBuilder::new(&self.confined_key.get_public())
+                    .add_allowed_ip(self.confined_ip().into(), 32)
+                    .add_allowed_ip(format!("fd77:{id}::2").parse::<IpAddr>()?, 128),
+            )
+            .apply(
+                &w.parse().map_err(|e| anyhow!("{e:?}"))?,
+                Backend::Userspace,
+            )
+            .context("configuring the peer's WireGuard")?;
+        Ok(())
+    }
+
+    /// Stops the peer's WireGuard: the tunnel is down from then on.
+    pub fn stop_peer_wg(&mut self) {
+        if let Some(mut child) = self.peer_wg.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.peer_if));
+    }
+
+    pub fn peer_underlay(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.id, 2)
+    }
+
+    pub fn peer_tunnel_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.id, 129)
+    }
+
+    pub fn confined_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.id, 130)
+    }
+
+    pub fn host_underlay(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.id, 1)
+    }
+
+    /// A key file only root can read.
+    pub fn write_secret(&self, name: &str, content: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(content.as_bytes())?;
+        Ok(path)
+    }
+
+    /// A working config for the confined namespace: everything to the peer.
+    pub fn config(&self) -> Result<Value> {
+        let key = self.write_secret("confined.key", &self.confined_key.to_base64())?;
+        Ok(json!({
+            "namespace_name": self.confined,
+            "dns_server": self.peer_tunnel_ip().to_string(),
+            "ips": [format!("{}/32", self.confined_ip())],
+            "privateKeyFile": key,
+            "backend": "userspace",
+            "peers": [{
+                "publicKey": self.peer_key.get_public().to_base64(),
+                "allowedIPs": ["0.0.0.0/0"],
+                "endpoint": format!("{}:{WG_PORT}", self.peer_underlay()),
+            }]
+        }))
+    }
+
+    pub fn write_config(&self, name: &str, config: &Value) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(config)?)?;
+        Ok(path)
+    }
+
+    /// A command that will run in the namespace `fd` (a fresh process, so the test's own
+    /// threads stay where they are).
+    pub fn command_in(&self, fd: &OwnedFd, argv: &[&str]) -> Command {
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]);
+        let raw = fd.as_raw_fd();
+        // SAFETY: setns is a plain system call; the fd is owned by the rig and outlives spawn.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(raw);
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command
+    }
+
+    pub fn host_fd(&self) -> &OwnedFd {
+        &self.host_fd
+    }
+
+    pub fn peer_fd(&self) -> &OwnedFd {
+        &self.peer_fd
+    }
+
+    /// The helper, run in the rig's host namespace.
+    pub fn helper(&self, args: &[&str]) -> Result<Output> {
+        let mut argv = vec![BIN];
+        argv.extend_from_slice(args);
+        self.command_in(&self.host_fd, &argv)
+            .output()
+            .context("running wg-namespace")
+    }
+
+    pub fn up_with(&self, config: &Value) -> Result<PathBuf> {
+        let path = self.write_config("config.json", config)?;
+        let out = self.helper(&["up", "--config", path.to_str().context("path")?])?;
+        ensure!(out.status.success(), "up failed: {}", text(&out));
+        Ok(path)
+    }
+
+    pub fn down(&self) -> Result<()> {
+        let out = self.helper(&["down", "--namespace", &self.confined])?;
+        ensure!(out.status.success(), "down failed: {}", text(&out));
+        Ok(())
+    }
+
+    /// `wg-namespace exec` in the confined namespace.
+    pub fn exec(&self, argv: &[&str]) -> Result<Output> {
+        let mut args = vec!["exec", "--namespace", &self.confined, "--"];
+        args.extend_from_slice(argv);
+        self.helper(&args)
+    }
+
+    pub fn confined_fd(&self) -> Result<OwnedFd> {
+        netns::open(&self.confined)
+    }
+
+    /// Runs `f` on this thread inside the namespace `fd`.
+    pub fn within<T>(fd: &OwnedFd, f: impl FnOnce() -> T) -> Result<T> {
+        netns::within(fd, f)
+    }
+
+    /// Keeps a child to be killed (by PID) when the rig goes.
+    pub fn track(&mut self, child: Child) -> u32 {
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    pub fn kill_tracked(&mut self, pid: u32) {
+        if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
+            let mut child = self.children.remove(pos);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// dnsmasq in the peer, on its tunnel address, answering `names` and logging each query.
+    pub fn dnsmasq(&mut self, names: &[(&str, &str)]) -> Result<PathBuf> {
+        let log = self.dir.join("dnsmasq.log");
+        let mut argv: Vec<String> = vec![
+            "dnsmasq".into(),
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={}", self.peer_tunnel_ip()),
+            "--port=53".into(),
+            "--log-queries".into(),
+            format!("--log-facility={}", log.display()),
+            format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()),
+            "--user=root".into(),
+        ];
+        for (name, addr) in names {
+            argv.push(format!("--address=/{name}/{addr}"));
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let child = self
+            .command_in(&self.peer_fd, &argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
+        self.track(child);
+        let addr = SocketAddr::new(self.peer_tunnel_ip().into(), 53);
+        wait_for(Duration::from_secs(10), "dnsmasq", || {
+            Rig::within(&self.peer_fd, || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+            .unwrap_or(false)
+        })?;
+        Ok(log)
+    }
+
+    /// A TCP listener in the namespace `fd` that answers every connection with `reply`.
+    pub fn serve_tcp(fd: &OwnedFd, addr: SocketAddr, reply: &'static str) -> Result<SocketAddr> {
+        let listener = Rig::within(fd, || TcpListener::bind(addr))??;
+        let bound = listener.local_addr()?;
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+        Ok(bound)
+    }
+
+    /// Connects from inside `fd` and reads what the other side says.
+    pub fn tcp_request(fd: &OwnedFd, addr: SocketAddr, timeout: Duration) -> Result<String> {
+        Rig::within(fd, || -> Result<String> {
+            let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })?
+    }
+
+    /// What `up` may have left: namespaces, links, state, /etc/netns, processes.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let c = &self.confined;
+        if netns::path(c).exists() {
+            found.push(format!("namespace {c}"));
+        }
+        if Path::new("/etc/netns").join(c).exists() {
+            found.push(format!("/etc/netns/{c}"));
+        }
+        for suffix in ["json", "lock", "json.tmp"] {
+            let path = format!("/run/wg-namespace/{c}.{suffix}");
+            if Path::new(&path).exists() {
+                found.push(path);
+            }
+        }
+        if let Ok(Some(_)) =
+            wg_namespace::link::Netlink::inside(&self.host_fd).and_then(|nl| nl.index_of(c))
+        {
+            found.push(format!("link {c} in the host namespace"));
+        }
+        if Path::new(&format!("/var/run/wireguard/{c}.sock")).exists() {
+            found.push(format!("/var/run/wireguard/{c}.sock"));
+        }
+        for pid in processes_mentioning(c) {
+            found.push(format!("process {pid} ({})", cmdline(pid)));
+        }
+        found
+    }
+
+    pub fn assert_clean(&self) -> Result<()> {
+        let left = self.leftovers();
+        ensure!(left.is_empty(), "left behind: {}", left.join(", "));
+        Ok(())
+    }
+}
+
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// PIDs whose command line names `word` as a whole argument.
+pub fn processes_mentioning(word: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| b.split(|&c| c == 0).any(|arg| arg == word.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// PIDs of processes in the network namespace `fd` (by namespace inode).
+fn processes_in(fd: &OwnedFd) -> Vec<u32> {
+    let Ok(meta) = std::fs::File::from(fd.try_clone().expect("dup")).metadata() else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .map(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.helper(&["down", "--namespace", &self.confined]);
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stop_peer_wg();
+        // Anything still running in our namespaces was started for this test; end it by PID.
+        let mut fds = vec![&self.host_fd, &self.peer_fd];
+        let confined = netns::open(&self.confined).ok();
+        fds.extend(confined.as_ref());
+        for fd in fds {
+            for pid in processes_in(fd) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if confined.is_some()
+            && !Path::new(&format!("/run/wg-namespace/{}.json", self.confined)).exists()
+        {
+            let _ = netns::delete(&self.confined);
+        }
+        let _ = sh(&["ip", "-n", &self.host, "link", "del", &self.host_veth]);
+        let _ = netns::delete(&self.peer);
+        let _ = netns::delete(&self.host);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.confined));
+        if self.routes {
+            let _ = sh(&[
+                "ip",
+                "route",
+                "del",
+                "unreachable",
+                &format!("10.200.{}.0/24", self.id),
+            ]);
+            let _ = sh(&[
+                "ip",
+                "-6",
+                "route",
+                "del",
+                "unreachable",
+                &format!("fd77:{}::/32", self.id),
+            ]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One frame seen on an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// An ICMP error about a WireGuard datagram (the peer saying its port is closed).
+    pub about_wireguard: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Arp,
+    Ipv4,
+    Ipv6,
+    Other(u16),
+}
+
+impl Frame {
+    /// WireGuard's own UDP between the host and the peer's endpoint port.
+    pub fn is_wireguard(&self) -> bool {
+        (self.protocol == 17 && (self.sport == WG_PORT || self.dport == WG_PORT))
+            || self.about_wireguard
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?} proto {} {}:{} -> {}:{}",
+            self.kind,
+            self.protocol,
+            self.src.map_or("-".into(), |a| a.to_string()),
+            self.sport,
+            self.dst.map_or("-".into(), |a| a.to_string()),
+            self.dport
+        )
+    }
+}
+
+fn parse_frame(buf: &[u8]) -> Option<Frame> {
+    if buf.len() < 14 {
+        return None;
+    }
+    let ethertype = u16::from_be_bytes([buf[12], buf[13]]);
+    let ip = &buf[14..];
+    let ports = |l4: &[u8]| {
+        if l4.len() >= 4 {
+            (
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            )
+        } else {
+            (0, 0)
+        }
+    };
+    Some(match ethertype {
+        0x0806 => Frame {
+            kind: FrameKind::Arp,
+            src: None,
+            dst: None,
+            protocol: 0,
+            sport: 0,
+            dport: 0,
+            about_wireguard: false,
+        },
+        0x0800 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let protocol = ip[9];
+            let (sport, dport) = if matches!(protocol, 6 | 17) {
+                ports(ip.get(ihl..)?)
+            } else {
+                (0, 0)
+            };
+            // ICMP destination unreachable quotes the offending IP header and 8 bytes after it.
+            let about_wireguard = protocol == 1
+                && ip.get(ihl) == Some(&3)
+                && ip.get(ihl + 8..).is_some_and(|quoted| {
+                    let qihl = usize::from(quoted.first().copied().unwrap_or(0) & 0x0f) * 4;
+                    quoted.get(9) == Some(&17)
+                        && quoted.get(qihl..).is_some_and(|l4| ports(l4).1 == WG_PORT)
+                });
+            Frame {
+                about_wireguard,
+                kind: FrameKind::Ipv4,
+                src: Some(IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).ok()?)),
+                dst: Some(IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).ok()?)),
+                protocol,
+                sport,
+                dport,
+            }
+        }
+        0x86dd if ip.len() >= 40 => {
+            let protocol = ip[6];
+            let (sport, dport) = if matches!(protocol, 6 | 17) {
+                ports(&ip[40..])
+            } else {
+                (0, 0)
+            };
+            Frame {
+                about_wireguard: false,
+                kind: FrameKind::Ipv6,
+                src: Some(IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?)),
+                dst: Some(IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?)),
+                protocol,
+                sport,
+                dport,
+            }
+        }
+        other => Frame {
+            kind: FrameKind::Other(other),
+            src: None,
+            dst: None,
+            protocol: 0,
+            sport: 0,
+            dport: 0,
+            about_wireguard: false,
+        },
+    })
+}
+
+/// Counts every frame on one interface of one namespace until stopped (the leak catcher).
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    frames: Arc<Mutex<Vec<Frame>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    pub fn start(fd: &OwnedFd, interface: &str) -> Result<Capture> {
+        let socket = Rig::within(fd, || -> Result<OwnedFd> {
+            let index = nix::net::if_::if_nametoindex(interface)
+                .with_context(|| format!("no interface {interface}"))?;
+            // SAFETY: plain socket calls on a descriptor we own.
+            unsafe {
+                let raw = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                );
+                ensure!(
+                    raw >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let owned = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                addr.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    raw,
+                    &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                ensure!(
+                    rc == 0,
+                    "binding the capture: {}",
+                    std::io::Error::last_os_error()
+                );
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &timeout as *const libc::timeval as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(owned)
+            }
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::SeqCst) {
+                // SAFETY: reading into a buffer we own.
+                let n = unsafe {
+                    libc::recv(
+                        socket.as_fd().as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                    )
+                };
+                if n > 0
+                    && let Some(frame) = parse_frame(&buf[..n as usize])
+                {
+                    frames2.lock().unwrap().push(frame);
+                }
+            }
+        });
+        Ok(Capture {
+            stop,
+            frames,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn frames(&self) -> Vec<Frame> {
+        self.frames.lock().unwrap().clone()
+    }
+
+    /// Frames that are neither ARP nor WireGuard's own UDP.
+    pub fn leaks(&self) -> Vec<Frame> {
+        self.frames()
+            .into_iter()
+            .filter(|f| f.kind != FrameKind::Arp && !f.is_wireguard())
+            .collect()
+    }
+
+    pub fn stop(mut self) -> Vec<Frame> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.frames()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Rig {
+    /// Sends TCP SYNs, UDP datagrams and pings from inside `fd` toward `targets`. Failures
+    /// (dropped, unreachable) are what a protected namespace gives, and are ignored.
+    pub fn flood(&self, fd: &OwnedFd, targets: &[IpAddr]) -> Result<()> {
+        Rig::within(fd, || {
+            for &ip in targets {
+                for port in [22u16, 53, 80, 443, 853, 5353, WG_PORT] {
+                    let addr = SocketAddr::new(ip, port);
+                    let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(100));
+                    let bind: SocketAddr = if ip.is_ipv6() {
+                        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                    } else {
+                        (Ipv4Addr::UNSPECIFIED, 0).into()
+                    };
+                    if let Ok(socket) = UdpSocket::bind(bind) {
+                        let _ = socket.send_to(b"leak probe", addr);
+                    }
+                }
+            }
+        })?;
+        for &ip in targets {
+            let _ = self
+                .command_in(fd, &["ping", "-c", "1", "-W", "1", &ip.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,812 @@
+//! `up`, `down` and `exec` against real namespaces and a real WireGuard peer (wireguard-go).
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn main() {
+    run(vec![
+        trial("tunnel_carries_tcp_and_ping", tunnel_carries_tcp_and_ping),
+        trial(
+            "socket_stays_on_host_and_namespace_holds_only_lo_and_wg",
+            socket_stays_on_host,
+        ),
+        trial(
+            "nothing_leaves_when_the_peer_is_down",
+            nothing_leaves_when_the_peer_is_down,
+        ),
+        trial(
+            "inbound_is_dropped_until_extra_rules_open_the_port",
+            inbound_dropped_until_opened,
+        ),
+        trial(
+            "exec_resolves_through_dns_server_and_runs_as_user",
+            exec_dns_and_user,
+        ),
+        trial(
+            "down_leaves_nothing_also_after_a_failed_up",
+            down_leaves_nothing,
+        ),
+        trial("up_twice_is_a_clear_error_and_harms_nothing", up_twice),
+        trial("bad_configs_fail_cleanly", bad_configs),
+        trial("boringtun_works_as_userspace_command", boringtun),
+        libtest_mimic::Trial::test("render_matches_golden_files", || {
+            render_golden().map_err(|e| format!("{e:#}").into())
+        }),
+    ])
+}
+
+const REPLY: &str = "hello from the peer";
+
+fn tunnel_carries_tcp_and_ping() -> Result<()> {
+    let rig = Rig::new(1)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    rig.up_with(&rig.config()?)?;
+    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    let ping = rig.exec(&[
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "3",
+        &rig.peer_tunnel_ip().to_string(),
+    ])?;
+    ensure!(
+        ping.status.success(),
+        "ping through the tunnel failed: {}",
+        text(&ping)
+    );
+    Ok(())
+}
+
+/// Local UDP ports of the sockets in the namespace `fd` (IPv4 and IPv6).
+fn udp_ports(fd: &std::os::fd::OwnedFd) -> Result<Vec<u16>> {
+    Rig::within(fd, || -> Result<Vec<u16>> {
+        let mut ports = Vec::new();
+        for table in ["udp", "udp6"] {
+            let content = std::fs::read_to_string(format!("/proc/thread-self/net/{table}"))?;
+            for line in content.lines().skip(1) {
+                let local = line.split_whitespace().nth(1).unwrap_or_default();
+                if let Some((_, port)) = local.rsplit_once(':') {
+                    ports.push(u16::from_str_radix(port, 16)?);
+                }
+            }
+        }
+        Ok(ports)
+    })?
+}
+
+fn socket_stays_on_host() -> Result<()> {
+    let rig = Rig::new(2)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    rig.up_with(&rig.config()?)?;
+    Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+
+    // The peer saw the confined side's packets coming from the host's underlay address.
+    let device = wireguard_control::Device::get(
+        &rig.peer_if.parse().map_err(|e| anyhow!("{e:?}"))?,
+        wireguard_control::Backend::Userspace,
+    )?;
+    let endpoint = device.peers[0]
+        .config
+        .endpoint
+        .context("the peer has no endpoint for us")?;
+    ensure!(
+        endpoint.ip() == IpAddr::from(rig.host_underlay()),
+        "the peer sees us at {endpoint}, not at the host's address"
+    );
+    let host_ports = udp_ports(rig.host_fd())?;
+    ensure!(
+        host_ports.contains(&endpoint.port()),
+        "no UDP socket on port {} in the host namespace",
+        endpoint.port()
+    );
+    let inside_ports = udp_ports(&rig.confined_fd()?)?;
+    ensure!(
+        inside_ports.is_empty(),
+        "UDP sockets inside the confined namespace: {inside_ports:?}"
+    );
+
+    let links = wg_namespace::link::Netlink::inside(rig.confined_fd()?)?.links()?;
+    let mut names: Vec<_> = links.iter().map(|l| l.name.clone()).collect();
+    names.sort();
+    ensure!(
+        names == vec!["lo".to_string(), rig.confined.clone()],
+        "links inside: {names:?}"
+    );
+    Ok(())
+}
+
+fn nothing_leaves_when_the_peer_is_down() -> Result<()> {
+    let mut rig = Rig::new(3)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    rig.up_with(&rig.config()?)?;
+    Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    rig.stop_peer_wg();
+
+    let host_side = Capture::start(rig.host_fd(), &rig.host_veth)?;
+    let peer_side = Capture::start(rig.peer_fd(), &rig.peer_veth)?;
+    let targets: Vec<IpAddr> = vec![
+        rig.peer_tunnel_ip().into(),
+        rig.peer_underlay().into(),
+        rig.host_underlay().into(),
+        "198.51.100.7".parse()?,
+        format!("fd77:{}::1", rig.id).parse()?,
+    ];
+    rig.flood(&rig.confined_fd()?, &targets)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let host_frames = host_side.stop();
+    let peer_frames = peer_side.stop();
+    for (side, frames) in [("host", &host_frames), ("peer", &peer_frames)] {
+        let leaks: Vec<String> = frames
+            .iter()
+            .filter(|f| f.kind != FrameKind::Arp && !f.is_wireguard())
+            .map(Frame::describe)
+            .collect();
+        ensure!(
+            leaks.is_empty(),
+            "on the {side} side of the underlay: {}",
+            leaks.join("; ")
+        );
+    }
+    // The capture works: WireGuard itself kept trying to reach the peer.
+    ensure!(
+        host_frames
+            .iter()
+            .any(|f| f.is_wireguard() && f.dst == Some(rig.peer_underlay().into())),
+        "the capture saw no WireGuard packet at all, so it proves nothing"
+    );
+    Ok(())
+}
+
+fn inbound_dropped_until_opened() -> Result<()> {
+    let rig = Rig::new(4)?;
+    let config = rig.config()?;
+    // The peer can only send into the tunnel once it has heard from us; a probe without a
+    // handshake would fail whatever the firewall does.
+    let handshake = || -> Result<()> {
+        let ping = rig.exec(&[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "3",
+            &rig.peer_tunnel_ip().to_string(),
+        ])?;
+        ensure!(ping.status.success(), "no tunnel: {}", text(&ping));
+        Ok(())
+    };
+    rig.up_with(&config)?;
+    handshake()?;
+    let inside = Rig::serve_tcp(&rig.confined_fd()?, "0.0.0.0:8080".parse()?, "inside")?;
+    let target = SocketAddr::new(rig.confined_ip().into(), inside.port());
+    let probe = Rig::tcp_request(rig.peer_fd(), target, Duration::from_secs(2));
+    ensure!(
+        probe.is_err(),
+        "the peer reached a listener inside the namespace: {probe:?}"
+    );
+
+    rig.down()?;
+    let mut opened = config.clone();
+    opened["extraFirewallRules"] = json!(format!(
+        "add rule inet my_table my_input tcp dport {} accept",
+        inside.port()
+    ));
+    rig.up_with(&opened)?;
+    handshake()?;
+    let inside = Rig::serve_tcp(&rig.confined_fd()?, "0.0.0.0:8080".parse()?, "inside")?;
+    let answer = Rig::tcp_request(
+        rig.peer_fd(),
+        SocketAddr::new(rig.confined_ip().into(), inside.port()),
+        Duration::from_secs(5),
+    )?;
+    ensure!(answer == "inside", "unexpected answer {answer:?}");
+    Ok(())
+}
+
+fn exec_dns_and_user() -> Result<()> {
+    let mut rig = Rig::new(5)?;
+    let name = "probe.wgns.test";
+    let address = format!("10.200.{}.77", rig.id);
+    let log = rig.dnsmasq(&[(name, &address)])?;
+    let config = rig.config()?;
+    let path = rig.up_with(&config)?;
+
+    let lookup = rig.exec(&["getent", "hosts", name])?;
+    ensure!(lookup.status.success(), "lookup failed: {}", text(&lookup));
+    let answer = String::from_utf8_lossy(&lookup.stdout);
+    ensure!(
+        answer.split_whitespace().next() == Some(address.as_str()),
+        "resolved to {answer:?}"
+    );
+    let queries = std::fs::read_to_string(&log)?;
+    ensure!(
+        queries.contains(&format!("query[A] {name}")),
+        "dns_server never saw the query: {queries}"
+    );
+
+    let resolv = rig.exec(&["cat", "/etc/resolv.conf"])?;
+    let out = rig.dir.join("rendered");
+    let rendered = rig.helper(&[
+        "render",
+        "--config",
+        path.to_str().context("path")?,
+        "--out",
+        out.to_str().context("path")?,
+    ])?;
+    ensure!(
+        rendered.status.success(),
+        "render failed: {}",
+        text(&rendered)
+    );
+    ensure!(
+        resolv.stdout == std::fs::read(out.join("resolv.conf"))?,
+        "inside, /etc/resolv.conf is {:?}",
+        String::from_utf8_lossy(&resolv.stdout)
+    );
+
+    let id = rig.exec(&["id", "-u"])?;
+    ensure!(
+        String::from_utf8_lossy(&id.stdout).trim() == "0",
+        "root stays root: {}",
+        text(&id)
+    );
+    let mut args = vec![
+        "exec",
+        "--namespace",
+        &rig.confined,
+        "--user",
+        "nobody",
+        "--",
+        "id",
+        "-u",
+    ];
+    let nobody = rig.helper(&args)?;
+    ensure!(
+        String::from_utf8_lossy(&nobody.stdout).trim() == "65534",
+        "--user nobody ran as: {}",
+        text(&nobody)
+    );
+    args.truncate(5);
+    args.extend(["--", "sh", "-c", "exit 7"]);
+    let status = rig.helper(&args)?;
+    ensure!(
+        status.status.code() == Some(7),
+        "exec must return the command's status: {}",
+        text(&status)
+    );
+    Ok(())
+}
+
+fn down_leaves_nothing() -> Result<()> {
+    let rig = Rig::new(6)?;
+    let config = rig.config()?;
+    rig.up_with(&config)?;
+    rig.down()?;
+    rig.assert_clean()?;
+    rig.down().context("a second down must also succeed")?;
+
+    for (what, broken) in [
+        (
+            "a ruleset nft rejects",
+            json!({"extraFirewallRules": "this is not nftables"}),
+        ),
+        (
+            "a daemon that cannot start",
+            json!({"userspaceCommand": "/bin/false"}),
+        ),
+    ] {
+        let mut bad = config.clone();
+        for (k, v) in broken.as_object().context("object")? {
+            bad[k] = v.clone();
+        }
+        let path = rig.write_config("bad.json", &bad)?;
+        let out = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
+        ensure!(
+            out.status.code() == Some(1),
+            "{what}: expected exit 1: {}",
+            text(&out)
+        );
+        rig.assert_clean()
+            .with_context(|| format!("after a failed up with {what}"))?;
+    }
+    Ok(())
+}
+
+fn up_twice() -> Result<()> {
+    let rig = Rig::new(8)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    let path = rig.up_with(&rig.config()?)?;
+    let again = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
+    ensure!(
+        again.status.code() == Some(1),
+        "a second up must fail: {}",
+        text(&again)
+    );
+    let message = String::from_utf8_lossy(&again.stderr);
+    ensure!(message.contains("already up"), "unclear message: {message}");
+    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    ensure!(answer == REPLY, "the namespace was harmed: {answer:?}");
+    Ok(())
+}
+
+/// What a failed `up` must leave exactly as it was.
+fn snapshot(rig: &Rig) -> Result<Vec<String>> {
+    let mut seen = wg_namespace::netns::list();
+    for dir in ["/etc/netns", "/run/wg-namespace", "/var/run/wireguard"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                seen.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    let links = wg_namespace::link::Netlink::inside(rig.host_fd())?.links()?;
+    seen.extend(links.into_iter().map(|l| format!("link {}", l.name)));
+    seen.extend(
+        processes_mentioning(&rig.confined)
+            .into_iter()
+            .map(|p| format!("process {}", cmdline(p))),
+    );
+    seen.sort();
+    Ok(seen)
+}
+
+fn bad_configs() -> Result<()> {
+    let rig = Rig::new(7)?;
+    let good = rig.config()?;
+    let psk_file = rig.write_secret(
+        "psk",
+        &wireguard_control::Key::generate_preshared().to_base64(),
+    )?;
+    let garbage = rig.write_secret("garbage.key", "not a key\n")?;
+    let open_key = rig.write_secret("open.key", &rig.confined_key.to_base64())?;
+    std::fs::set_permissions(
+        &open_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )?;
+    let key_dir = rig.dir.join("keydir");
+    std::fs::create_dir_all(&key_dir)?;
+    // A port already taken in the rig's host namespace, where the relay would listen.
+    let busy = Rig::within(rig.host_fd(), || std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let busy_port = busy.local_addr()?.port();
+
+    enum Input {
+        Text(&'static str),
+        Set(&'static str, Value),
+        SetPeer(&'static str, Value),
+        Remove(&'static str),
+    }
+    use Input::*;
+    let psk = wireguard_control::Key::generate_preshared().to_base64();
+    let cases: Vec<(&str, Input, i32, &str)> = vec![
+        (
+            "malformed JSON",
+            Text("{\"dns_server\": "),
+            2,
+            "not valid JSON",
+        ),
+        ("not an object", Text("[]"), 2, "config: expected an object"),
+        (
+            "missing dns_server",
+            Remove("dns_server"),
+            2,
+            "dns_server: is required",
+        ),
+        (
+            "dns_server not an address",
+            Set("dns_server", json!("dns.example")),
+            2,
+            "dns_server: \"dns.example\" is not an IP address",
+        ),
+        (
+            "dns_server a number",
+            Set("dns_server", json!(53)),
+            2,
+            "dns_server: expected a string",
+        ),
+        (
+            "dns_server IPv6 without IPv6",
+            Set("dns_server", json!("fd77::53")),
+            2,
+            "dns_server: fd77::53 is IPv6",
+        ),
+        (
+            "missing privateKeyFile",
+            Remove("privateKeyFile"),
+            2,
+            "privateKeyFile: is required",
+        ),
+        (
+            "relative privateKeyFile",
+            Set("privateKeyFile", json!("wg.key")),
+            2,
+            "privateKeyFile: \"wg.key\" is not an absolute path",
+        ),
+        (
+            "unknown key",
+            Set("dnsServer", json!("1.1.1.1")),
+            2,
+            "dnsServer: unknown key (did you mean \"dns_server\"?)",
+        ),
+        (
+            "unknown peer key",
+            SetPeer("allowedIps", json!([])),
+            2,
+            "peers[0].allowedIps: unknown key (did you mean \"allowedIPs\"?)",
+        ),
+        (
+            "name too long",
+            Set("namespace_name", json!("wg-namespace-toolong")),
+            2,
+            "namespace_name: \"wg-namespace-toolong\" is 20 bytes",
+        ),
+        (
+            "name with a slash",
+            Set("namespace_name", json!("a/b")),
+            2,
+            "namespace_name: \"a/b\" may only hold",
+        ),
+        (
+            "empty name",
+            Set("namespace_name", json!("")),
+            2,
+            "namespace_name: is empty",
+        ),
+        (
+            "bad public key",
+            SetPeer("publicKey", json!("abc=")),
+            2,
+            "peers[0].publicKey: \"abc=\" is not a base64 WireGuard key",
+        ),
+        (
+            "bad preshared key",
+            SetPeer("presharedKey", json!("s3cret")),
+            2,
+            "peers[0].presharedKey: is not a base64 WireGuard key",
+        ),
+        (
+            "both preshared keys",
+            SetPeer("presharedKeyFile", json!(psk_file)),
+            2,
+            "peers[0].presharedKeyFile: conflicts with presharedKey",
+        ),
+        (
+            "CIDR prefix too long",
+            SetPeer("allowedIPs", json!(["10.0.0.0/33"])),
+            2,
+            "peers[0].allowedIPs[0]: \"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "no allowed IPs",
+            SetPeer("allowedIPs", json!([])),
+            2,
+            "peers[0].allowedIPs: is empty",
+        ),
+        (
+            "bad interface address",
+            Set("ips", json!(["10.0.0.1/40"])),
+            2,
+            "ips[0]: \"10.0.0.1/40\" is not a CIDR",
+        ),
+        (
+            "ips not a list",
+            Set("ips", json!("10.0.0.1/32")),
+            2,
+            "ips: expected a list",
+        ),
+        (
+            "endpoint without port",
+            SetPeer("endpoint", json!("10.200.7.2")),
+            2,
+            "peers[0].endpoint: \"10.200.7.2\" needs a port",
+        ),
+        (
+            "endpoint port too big",
+            SetPeer("endpoint", json!("10.200.7.2:70000")),
+            2,
+            "peers[0].endpoint: \"10.200.7.2:70000\" needs a port between 1 and 65535",
+        ),
+        (
+            "bare IPv6 endpoint",
+            SetPeer("endpoint", json!("fd77::2:51820")),
+            2,
+            "peers[0].endpoint: \"fd77::2:51820\" an IPv6 endpoint is written [address]:port",
+        ),
+        (
+            "keepalive too big",
+            SetPeer("persistentKeepalive", json!(70000)),
+            2,
+            "peers[0].persistentKeepalive: 70000 is not a whole number between 0 and 65535",
+        ),
+        (
+            "keepalive a string",
+            SetPeer("persistentKeepalive", json!("25")),
+            2,
+            "peers[0].persistentKeepalive: expected a whole number, got a string",
+        ),
+        (
+            "negative refresh",
+            SetPeer("dynamicEndpointRefreshSeconds", json!(-1)),
+            2,
+            "peers[0].dynamicEndpointRefreshSeconds: -1 is not a whole number",
+        ),
+        (
+            "unknown backend",
+            Set("backend", json!("wireguard")),
+            2,
+            "backend: \"wireguard\" is not one of",
+        ),
+        (
+            "empty userspaceCommand",
+            Set("userspaceCommand", json!(" ")),
+            2,
+            "userspaceCommand: is empty",
+        ),
+        (
+            "publish port zero",
+            Set("publishPorts", json!([{"hostPort": 0}])),
+            2,
+            "publishPorts[0].hostPort: 0 is not a whole number between 1 and 65535",
+        ),
+        (
+            "publish protocol",
+            Set(
+                "publishPorts",
+                json!([{"hostPort": 8080, "protocol": "sctp"}]),
+            ),
+            2,
+            "publishPorts[0].protocol: \"sctp\" is not \"tcp\" or \"udp\"",
+        ),
+        (
+            "missing key file",
+            Set("privateKeyFile", json!("/nonexistent/wg.key")),
+            1,
+            "privateKeyFile: /nonexistent/wg.key: cannot read it",
+        ),
+        (
+            "key file is a directory",
+            Set("privateKeyFile", json!(key_dir)),
+            1,
+            "is a directory, not a key file",
+        ),
+        (
+            "key file holds garbage",
+            Set("privateKeyFile", json!(garbage)),
+            1,
+            "does not hold a base64 WireGuard key",
+        ),
+        (
+            "world-writable key file",
+            Set("privateKeyFile", json!(open_key)),
+            1,
+            "is writable by other users",
+        ),
+        (
+            "ruleset nft rejects",
+            Set(
+                "extraFirewallRules",
+                json!("add rule inet my_table my_input tcp dport 22 accept\nthis is not nftables"),
+            ),
+            1,
+            "(extraFirewallRules line 2)",
+        ),
+        (
+            "daemon not found",
+            Set("userspaceCommand", json!("/nonexistent/wireguard-go")),
+            1,
+            "step 4/7 (interface): starting the userspace WireGuard daemon",
+        ),
+        (
+            "published port in use",
+            Set("publishPorts", json!([{"hostPort": busy_port}])),
+            1,
+            "step 6/7 (publish): publishPorts[0]: binding tcp",
+        ),
+    ];
+    ensure!(cases.len() >= 25, "the table must hold at least 25 cases");
+    let before = snapshot(&rig)?;
+    let mut failures = Vec::new();
+    for (what, input, expected_code, expected) in &cases {
+        let body = match input {
+            Text(t) => t.to_string(),
+            Set(k, v) => {
+                let mut c = good.clone();
+                c[*k] = v.clone();
+                if *what == "both preshared keys" {
+                    c["peers"][0]["presharedKey"] = json!(psk);
+                }
+                c.to_string()
+            }
+            SetPeer(k, v) => {
+                let mut c = good.clone();
+                c["peers"][0][*k] = v.clone();
+                if *what == "both preshared keys" {
+                    c["peers"][0]["presharedKey"] = json!(psk);
+                }
+                c.to_string()
+            }
+            Remove(k) => {
+                let mut c = good.clone();
+                c.as_object_mut().context("object")?.remove(*k);
+                c.to_string()
+            }
+        };
+        let path = rig.dir.join("case.json");
+        std::fs::write(&path, body)?;
+        let out = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("warning:"))
+            .collect();
+        let problem = if out.status.code() != Some(*expected_code) {
+            Some(format!(
+                "exit {:?}, expected {expected_code}",
+                out.status.code()
+            ))
+        } else if lines.len() != 1 || !lines[0].starts_with("error: ") {
+            Some(format!("expected one error line, got {lines:?}"))
+        } else if !lines[0].contains(expected) {
+            Some(format!("{:?} does not say {expected:?}", lines[0]))
+        } else if lines[0].contains("s3cret") {
+            Some("the error echoes a secret".into())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            failures.push(format!("{what}: {problem}"));
+        }
+        let after = snapshot(&rig)?;
+        if after != before {
+            failures.push(format!(
+                "{what}: the system changed: before {before:?}, after {after:?}"
+            ));
+        }
+    }
+    drop(busy);
+    ensure!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+/// boringtun-cli, when installed, must work as the userspace daemon (CI installs it).
+fn boringtun() -> Result<()> {
+    let Ok(path) = which("boringtun-cli") else {
+        bail!("boringtun-cli is not installed (scripts/setup installs it with cargo install)");
+    };
+    let rig = Rig::new(9)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    let mut config = rig.config()?;
+    config["userspaceCommand"] = json!(format!("{} --disable-drop-privileges", path.display()));
+    rig.up_with(&config)?;
+    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = [
+        Path::new("/root/.cargo/bin").to_path_buf(),
+        Path::new("/usr/local/bin").to_path_buf(),
+    ];
+    std::env::split_paths(&path)
+        .chain(extra)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found"))
+}
+
+/// `render` output, line by line, against tests/golden/<case>/.
+fn render_golden() -> Result<()> {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let cases = [
+        (
+            "default",
+            json!({
+                "dns_server": "10.2.0.1",
+                "ips": ["10.2.0.2/32"],
+                "privateKeyFile": "/run/keys/vpn",
+                "peers": [{"publicKey": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "allowedIPs": ["0.0.0.0/0"], "endpoint": "vpn.example.com:51820"}]
+            }),
+        ),
+        (
+            "extended",
+            json!({
+                "namespace_name": "se1",
+                "dns_server": "fd00:53::1",
+                "ips": ["10.2.0.2/32", "fd00:2::2/128"],
+                "privateKeyFile": "/run/keys/se1",
+                "strictDns": false,
+                "extraFirewallRules": "add rule inet my_table my_input tcp dport 9091 accept\nadd rule inet my_table my_input udp dport 51413 accept",
+                "peers": [{"publicKey": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "allowedIPs": ["0.0.0.0/0", "::/0"]}]
+            }),
+        ),
+    ];
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let scratch = std::env::temp_dir().join(format!("wgns-render-{}", std::process::id()));
+    let mut differences = Vec::new();
+    for (name, config) in cases {
+        let out = scratch.join(name);
+        std::fs::create_dir_all(&out)?;
+        let config_path = out.join("config.json");
+        std::fs::write(&config_path, config.to_string())?;
+        let run = std::process::Command::new(BIN)
+            .args([
+                "render",
+                "--config",
+                config_path.to_str().context("path")?,
+                "--out",
+                out.to_str().context("path")?,
+            ])
+            .output()?;
+        ensure!(run.status.success(), "render {name}: {}", text(&run));
+        let namespace = config["namespace_name"].as_str().unwrap_or("vpn");
+        for file in [
+            "resolv.conf".to_string(),
+            "nsswitch.conf".to_string(),
+            format!("{namespace}.nft"),
+        ] {
+            let actual = std::fs::read_to_string(out.join(&file))?;
+            let expected_path = golden.join(name).join(&file);
+            if update {
+                std::fs::create_dir_all(golden.join(name))?;
+                std::fs::write(&expected_path, &actual)?;
+                continue;
+            }
+            let expected = std::fs::read_to_string(&expected_path).with_context(|| {
+                format!(
+                    "{} (regenerate with UPDATE_GOLDEN=1)",
+                    expected_path.display()
+                )
+            })?;
+            let (a, e): (Vec<_>, Vec<_>) = (actual.lines().collect(), expected.lines().collect());
+            for i in 0..a.len().max(e.len()) {
+                if a.get(i) != e.get(i) {
+                    differences.push(format!(
+                        "{name}/{file} line {}: expected {:?}, got {:?}",
+                        i + 1,
+                        e.get(i).copied().unwrap_or("<end>"),
+                        a.get(i).copied().unwrap_or("<end>")
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    ensure!(differences.is_empty(), "{}", differences.join("\n"));
+    Ok(())
+}
