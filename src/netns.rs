@@ -167,3 +167,17 @@ pub fn within<T>(fd: impl AsFd, f: impl FnOnce() -> T) -> Result<T> {
     let _entered = Entered::new(fd)?;
     Ok(f())
 }
+
+/// Turns IPv6 off for every interface of the calling thread's namespace, present and future.
+/// A kernel without IPv6 needs nothing done.
+pub fn disable_ipv6() -> Result<()> {
+    for scope in ["all", "default"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
+        match std::fs::write(&path, "1") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("writing {path}")),
+        }
+    }
+    Ok(())
+}

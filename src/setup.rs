@@ -29,9 +29,9 @@ pub const STEPS: [&str; 7] = [
     "record",
 ];
 
-/// Test-only: `up` stops itself (SIGSTOP) right after the named step, so fault tests can kill
-/// it at a precise point.
-const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_AFTER";
+/// Test-only: `up` stops itself (SIGSTOP) just before the named step, with every earlier step
+/// done and on record, so fault tests can kill it at a precise point.
+pub const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_BEFORE";
 
 /// How long `down` waits for an `up` of the same namespace to finish.
 const DOWN_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,12 +77,11 @@ impl Drop for Build {
 
 fn run_step<T>(index: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let name = STEPS[index];
-    let value = f().map_err(|e| anyhow!("step {}/{} ({name}): {e:#}", index + 1, STEPS.len()))?;
     if std::env::var(PAUSE_ENV).as_deref() == Ok(name) {
-        eprintln!("wg-namespace: paused after step {name}");
+        eprintln!("wg-namespace: paused before step {name}");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
-    Ok(value)
+    f().map_err(|e| anyhow!("step {}/{} ({name}): {e:#}", index + 1, STEPS.len()))
 }
 
 /// Builds the namespace described by `config`.
@@ -177,6 +176,11 @@ fn build(
             .index_of("lo")?
             .context("the new namespace has no loopback link")?;
         inner.set_up(lo)?;
+        if !config.ipv6_enabled() {
+            // Belt to the firewall's braces: no IPv6 addresses at all, not even link-local
+            // ones on the WireGuard interface once it arrives.
+            netns::within(&fd, netns::disable_ipv6)??;
+        }
         Ok((fd, inner))
     })?;
 
