@@ -278,24 +278,11 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard_c
             .stats
             .last_handshake_time
             .and_then(|t| now.duration_since(t).ok());
-        let stale = match handshake_age {
-            Some(age) => age > HANDSHAKE_STALE,
-            None => up_for > HANDSHAKE_STALE,
-        };
-        if stale {
+        if let Some(problem) = handshake_problem(handshake_age, up_for) {
             status.verdict = status.verdict.max(Verdict::Degraded);
-            status.reasons.push(match handshake_age {
-                Some(age) => format!(
-                    "peer {}: no handshake for {}s",
-                    record.public_key,
-                    age.as_secs()
-                ),
-                None => format!(
-                    "peer {}: no handshake in {}s since up",
-                    record.public_key,
-                    up_for.as_secs()
-                ),
-            });
+            status
+                .reasons
+                .push(format!("peer {}: {problem}", record.public_key));
         }
         if let Some(configured) = &record.endpoint {
             let unresolvable = Endpoint::parse(configured)
@@ -323,6 +310,19 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard_c
                 .map(|a| format!("{}/{}", a.address, a.cidr))
                 .collect(),
         });
+    }
+}
+
+/// Why a peer's handshake makes the namespace degraded, if it does. A namespace gets
+/// [`HANDSHAKE_STALE`] after `up` for its first handshake.
+fn handshake_problem(age: Option<Duration>, up_for: Duration) -> Option<String> {
+    match age {
+        Some(age) if age > HANDSHAKE_STALE => Some(format!("no handshake for {}s", age.as_secs())),
+        None if up_for > HANDSHAKE_STALE => Some(format!(
+            "no handshake in the {}s since up",
+            up_for.as_secs()
+        )),
+        _ => None,
     }
 }
 
@@ -433,4 +433,24 @@ pub fn run(namespace: Option<&str>, json: bool) -> Result<i32> {
         .max()
         .unwrap_or(Verdict::Healthy)
         .exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_go_stale_after_three_minutes() {
+        let secs = Duration::from_secs;
+        assert_eq!(handshake_problem(Some(secs(10)), secs(1000)), None);
+        assert_eq!(handshake_problem(None, secs(60)), None);
+        assert_eq!(
+            handshake_problem(Some(secs(181)), secs(1000)).as_deref(),
+            Some("no handshake for 181s")
+        );
+        assert_eq!(
+            handshake_problem(None, secs(200)).as_deref(),
+            Some("no handshake in the 200s since up")
+        );
+    }
 }
