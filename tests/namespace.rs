@@ -708,7 +708,8 @@ fn boringtun() -> Result<()> {
         REPLY,
     )?;
     let mut config = rig.config()?;
-    config["userspaceCommand"] = json!(format!("{} --disable-drop-privileges", path.display()));
+    // Plain command: the helper itself must keep boringtun from dropping privileges.
+    config["userspaceCommand"] = json!(path);
     rig.up_with(&config)?;
     let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
     ensure!(answer == REPLY, "unexpected answer {answer:?}");

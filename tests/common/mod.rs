@@ -257,6 +257,9 @@ impl Rig {
             "dev",
             &self.peer_veth,
         ])?;
+        // Deleting .2 (to move the peer) must not take its sibling .3 along.
+        let promote = format!("net.ipv4.conf.{}.promote_secondaries=1", self.peer_veth);
+        sh(&["ip", "netns", "exec", p, "sysctl", "-q", "-w", &promote])?;
         sh(&[
             "ip",
             "-n",
@@ -920,5 +923,43 @@ impl Rig {
                 .status();
         }
         Ok(())
+    }
+}
+
+/// Mounts private to one command: the given hosts file over /etc/hosts, `hosts: files` as the
+/// only lookup method, and no nscd. Names the test maps resolve from the file; nothing reaches
+/// the host's resolver. /run/netns keeps its propagation, so namespaces made inside are seen
+/// by the test.
+const PRIVATE_RESOLVER: &str = r#"set -e
+mount --make-private /
+if mountpoint -q /run; then mount --make-private /run; fi
+mount --bind "$WGNS_HOSTS" /etc/hosts
+mount --bind "$WGNS_NSSWITCH" /etc/nsswitch.conf
+if [ -d /run/nscd ]; then mount -t tmpfs -o ro,size=4k tmpfs /run/nscd; fi
+exec "$@""#;
+
+impl Rig {
+    /// The helper in the rig's host namespace, resolving names only from `hosts`.
+    pub fn helper_with_hosts(&self, hosts: &Path, args: &[&str]) -> Result<Command> {
+        let nsswitch = self.dir.join("nsswitch.files-only");
+        std::fs::write(&nsswitch, "hosts: files\n")?;
+        let mut argv = vec![
+            "unshare",
+            "--mount",
+            "--propagation",
+            "unchanged",
+            "--",
+            "sh",
+            "-c",
+            PRIVATE_RESOLVER,
+            "sh",
+            BIN,
+        ];
+        argv.extend_from_slice(args);
+        let mut command = self.command_in(&self.host_fd, &argv);
+        command
+            .env("WGNS_HOSTS", hosts)
+            .env("WGNS_NSSWITCH", &nsswitch);
+        Ok(command)
     }
 }
