@@ -1,0 +1,281 @@
+//! Faults: `up` killed at every step, concurrent `up`s, key files that cannot be trusted.
+//! (A userspace daemon killed under a live namespace is covered by tests/endpoints.rs.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use wg_namespace::process::ProcessId;
+use wg_namespace::setup::{PAUSE_ENV, STEPS};
+
+fn main() {
+    run(vec![
+        trial(
+            "up_killed_at_each_step_recovers_and_leaves_nothing",
+            killed_at_each_step,
+        ),
+        trial(
+            "concurrent_ups_of_one_namespace_one_wins",
+            concurrent_same_namespace,
+        ),
+        trial(
+            "concurrent_ups_of_different_namespaces_all_succeed",
+            concurrent_different_namespaces,
+        ),
+        trial("untrusted_key_files_are_refused_or_warned_about", key_files),
+    ])
+}
+
+const REPLY: &str = "through the tunnel";
+
+/// Starts `up` that stops itself just before `step`.
+fn paused_up(rig: &Rig, config: &str, step: &str) -> Result<Child> {
+    let mut child = rig
+        .command_in(rig.host_fd(), &[BIN, "up", "--config", config])
+        .env(PAUSE_ENV, step)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let stopped = wait_for(
+        Duration::from_secs(10),
+        &format!("up to pause before {step}"),
+        || ProcessId::of(pid).is_some_and(|p| p.is_stopped()),
+    );
+    if let Err(e) = stopped {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
+}
+
+fn kill(mut child: Child) -> Result<()> {
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+fn tunnel_works(rig: &Rig, service: SocketAddr) -> Result<()> {
+    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    Ok(())
+}
+
+fn killed_at_each_step() -> Result<()> {
+    let rig = Rig::new(60)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    let config = rig.write_config("config.json", &rig.config()?)?;
+    let config = config.to_str().context("path")?;
+    for step in STEPS {
+        // Killed, then brought up again: the new `up` clears what the dead one left.
+        kill(paused_up(&rig, config, step)?)?;
+        let up = rig.helper(&["up", "--config", config])?;
+        ensure!(
+            up.status.success(),
+            "up after a kill before {step}: {}",
+            text(&up)
+        );
+        tunnel_works(&rig, service).with_context(|| format!("after a kill before {step}"))?;
+        rig.down()?;
+        rig.assert_clean()
+            .with_context(|| format!("down after a kill before {step}"))?;
+
+        // Killed, then taken down: `down` alone clears it too.
+        kill(paused_up(&rig, config, step)?)?;
+        rig.down()?;
+        rig.assert_clean()
+            .with_context(|| format!("down right after a kill before {step}"))?;
+    }
+    Ok(())
+}
+
+fn concurrent_same_namespace() -> Result<()> {
+    let rig = Rig::new(61)?;
+    let service = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
+        REPLY,
+    )?;
+    let config = rig.write_config("config.json", &rig.config()?)?;
+    let config = config.to_str().context("path")?;
+
+    // Deterministic: the second `up` arrives while the first is mid-way.
+    let first = paused_up(&rig, config, "firewall")?;
+    let second = rig.helper(&["up", "--config", config])?;
+    ensure!(
+        second.status.code() == Some(1),
+        "the second up must lose: {}",
+        text(&second)
+    );
+    ensure!(
+        String::from_utf8_lossy(&second.stderr)
+            .contains("another wg-namespace is working on namespace"),
+        "the loser must say why: {}",
+        text(&second)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )?;
+    let first = first.wait_with_output()?;
+    ensure!(
+        first.status.success(),
+        "the winner failed: {}",
+        text(&first)
+    );
+    tunnel_works(&rig, service)?;
+    rig.down()?;
+
+    // A real race, several times: exactly one wins and its namespace works.
+    for round in 0..5 {
+        let spawn = || {
+            rig.command_in(rig.host_fd(), &[BIN, "up", "--config", config])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+        };
+        let (a, b) = (spawn()?, spawn()?);
+        let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
+        let winners = [&a, &b].iter().filter(|o| o.status.success()).count();
+        ensure!(
+            winners == 1,
+            "round {round}: {winners} winners:\n{}\n{}",
+            text(&a),
+            text(&b)
+        );
+        let loser = if a.status.success() { &b } else { &a };
+        let why = String::from_utf8_lossy(&loser.stderr);
+        ensure!(
+            loser.status.code() == Some(1)
+                && (why.contains("already up") || why.contains("another wg-namespace is working")),
+            "round {round}: the loser: {}",
+            text(loser)
+        );
+        tunnel_works(&rig, service).with_context(|| format!("round {round}"))?;
+        rig.down()?;
+        rig.assert_clean()?;
+    }
+    Ok(())
+}
+
+/// Takes extra namespaces down whatever happens.
+struct Extra<'a> {
+    rig: &'a Rig,
+    names: Vec<String>,
+}
+
+impl Drop for Extra<'_> {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = self.rig.helper(&["down", "--namespace", name]);
+        }
+    }
+}
+
+fn concurrent_different_namespaces() -> Result<()> {
+    let rig = Rig::new(62)?;
+    let base = rig.config()?;
+    let extra = Extra {
+        rig: &rig,
+        names: (1..=4).map(|i| format!("wgt62x{i}")).collect(),
+    };
+    let mut children = Vec::new();
+    for (i, name) in extra.names.iter().enumerate() {
+        let mut config: Value = base.clone();
+        config["namespace_name"] = json!(name);
+        config["ips"] = json!([format!("10.200.62.{}/32", 140 + i)]);
+        let path = rig.write_config(&format!("{name}.json"), &config)?;
+        children.push(
+            rig.command_in(
+                rig.host_fd(),
+                &[BIN, "up", "--config", path.to_str().context("path")?],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?,
+        );
+    }
+    for (name, child) in extra.names.iter().zip(children) {
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "up of {name}: {}", text(&out));
+        ensure!(wg_namespace::netns::exists(name), "{name} is not there");
+    }
+    for name in &extra.names {
+        let out = rig.helper(&["down", "--namespace", name])?;
+        ensure!(out.status.success(), "down of {name}: {}", text(&out));
+        ensure!(
+            !wg_namespace::netns::path(name).exists(),
+            "{name} is still there"
+        );
+        ensure!(
+            processes_mentioning(name).is_empty(),
+            "a process for {name} is still running"
+        );
+    }
+    Ok(())
+}
+
+fn key_files() -> Result<()> {
+    let rig = Rig::new(63)?;
+    let config = rig.config()?;
+    let key = rig.confined_key.to_base64();
+    let try_up = |key_file: &std::path::Path| -> Result<std::process::Output> {
+        let mut c = config.clone();
+        c["privateKeyFile"] = json!(key_file);
+        let path = rig.write_config("keys.json", &c)?;
+        rig.helper(&["up", "--config", path.to_str().context("path")?])
+    };
+
+    // A symlink to a key owned by another user: refused (that user could swap the key).
+    let foreign = rig.write_secret("foreign.key", &key)?;
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534))?;
+    let link = rig.dir.join("link.key");
+    std::os::unix::fs::symlink(&foreign, &link)?;
+    let out = try_up(&link)?;
+    ensure!(out.status.code() == Some(1), "{}", text(&out));
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("is owned by uid 65534"),
+        "{}",
+        text(&out)
+    );
+    rig.assert_clean()?;
+
+    // A directory where the key should be: refused.
+    let dir = rig.dir.join("key.d");
+    std::fs::create_dir(&dir)?;
+    let out = try_up(&dir)?;
+    ensure!(
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains("is a directory"),
+        "{}",
+        text(&out)
+    );
+    rig.assert_clean()?;
+
+    // A world-readable key: works, with a warning to fix it.
+    let readable = rig.write_secret("readable.key", &key)?;
+    std::fs::set_permissions(
+        &readable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    let out = try_up(&readable)?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("warning: privateKeyFile:") && stderr.contains("readable by every user"),
+        "no warning: {}",
+        text(&out)
+    );
+    ensure!(!stderr.contains(&key), "the warning leaks the key");
+    rig.down()?;
+    rig.assert_clean()
+}
