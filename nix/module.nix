@@ -1,0 +1,695 @@
+# NixOS module for wg-namespace.
+#
+# Each configured namespace becomes a JSON file in the Nix store (the helper's config schema,
+# see src/config.rs) and a oneshot unit that runs `wg-namespace up` on it. Services are confined
+# to a namespace with `systemd.services.<name>.wireguardNamespace`.
+#
+# The option sets below are let-bound attribute sets (peerOptions, publishPortOptions,
+# namespaceOptions, ...) so that tests/nix_module.rs can find them with rnix: it compares their
+# names with the helper's JSON keys and renders docs/options.md from them. Keep each option a
+# plain `mkOption { ... }` with literal descriptions.
+{
+  config,
+  lib,
+  options,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    any
+    concatLists
+    concatStringsSep
+    filter
+    filterAttrs
+    groupBy
+    imap0
+    listToAttrs
+    literalExpression
+    literalMD
+    mapAttrsToList
+    mkIf
+    mkMerge
+    mkOption
+    optional
+    types
+    unique
+    ;
+
+  cfg = config.services.wireguard-namespace;
+
+  # The namespace name is also the WireGuard interface name (at most 15 bytes), a path
+  # component under /run/netns and /etc/netns, and part of systemd unit names. Same rule as
+  # `check_name` in src/config.rs.
+  validName = name: builtins.match "[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}" name != null;
+
+  unitName = name: "wireguard-namespace-${name}";
+
+  # Messages are written as indented strings and shown on one line.
+  oneLine = text: lib.replaceStrings [ "\n" ] [ " " ] (lib.removeSuffix "\n" text);
+
+  peerOptions = {
+    publicKey = mkOption {
+      type = types.str;
+      example = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+      description = "The peer's public key, base64-encoded as printed by `wg pubkey`.";
+    };
+
+    presharedKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "rVXs/Ni9tu3oDBLS4hOyAUAa1qTWVA3loR8eL20os3I=";
+      description = ''
+        An optional base64 preshared key (from `wg genpsk`) shared with this peer. It mixes a
+        symmetric secret into the handshake as a hedge against future attacks on its public-key
+        cryptography.
+
+        ::: {.warning}
+        A key given here is written into the Nix store, which every local user can read. Prefer
+        {option}`presharedKeyFile`.
+        :::
+      '';
+    };
+
+    presharedKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/wireguard-psk";
+      description = ''
+        Absolute path of a file holding the preshared key for this peer, as written by
+        `wg genpsk`. The file is read when the namespace comes up and never copied to the Nix
+        store. Mutually exclusive with {option}`presharedKey`.
+      '';
+    };
+
+    allowedIPs = mkOption {
+      type = types.listOf types.str;
+      example = [
+        "10.192.122.3/32"
+        "10.192.124.1/24"
+      ];
+      description = ''
+        Address ranges, IPv4 or IPv6 in CIDR notation, that this peer may send from and that
+        traffic leaving the namespace is routed to through this peer. Use `0.0.0.0/0` (and
+        `::/0` when {option}`ips` has an IPv6 address) to send everything through it. Must not be
+        empty.
+      '';
+    };
+
+    endpoint = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "demo.wireguard.io:12913";
+      description = ''
+        Where to reach the peer: `host:port`, where host is an IPv4 address or a host name, or
+        `[address]:port` for IPv6. Host names are resolved in the host's network namespace when
+        the namespace comes up; set {option}`dynamicEndpointRefreshSeconds` when the address
+        behind the name can change. `null` for a peer that only ever connects to us.
+      '';
+    };
+
+    dynamicEndpointRefreshSeconds = mkOption {
+      type = types.int;
+      default = 0;
+      example = 300;
+      description = ''
+        Resolve the host name in {option}`endpoint` again every this many seconds (and whenever a
+        handshake is overdue) and update the peer in place, for endpoints behind dynamic DNS.
+        A companion unit `wireguard-namespace-<name>-refresh.service` does this while the
+        namespace is up. `0` resolves the name only once, at start.
+      '';
+    };
+
+    persistentKeepalive = mkOption {
+      type = types.nullOr types.int;
+      default = null;
+      example = 25;
+      description = ''
+        Send an authenticated empty packet to the peer every this many seconds (1 to 65535) so
+        that a NAT or stateful firewall between the two keeps the connection open even when
+        nothing else is sent. `null` (or `0`) turns it off, which suits most setups; about `25`
+        is a common value behind NAT.
+      '';
+    };
+  };
+
+  publishPortOptions = {
+    protocol = mkOption {
+      type = types.enum [
+        "tcp"
+        "udp"
+      ];
+      default = "tcp";
+      description = "Transport protocol of the published port.";
+    };
+
+    hostAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "::1";
+      description = ''
+        Host address to listen on. The default keeps the port local to this machine; use an
+        address of a LAN interface to offer it to other machines.
+      '';
+    };
+
+    hostPort = mkOption {
+      type = types.ints.between 1 65535;
+      example = 9091;
+      description = "Port to listen on at {option}`hostAddress`.";
+    };
+
+    namespacePort = mkOption {
+      type = types.nullOr (types.ints.between 1 65535);
+      default = null;
+      example = 8080;
+      description = ''
+        Port inside the namespace that connections are relayed to, on its loopback address.
+        `null` means the same number as {option}`hostPort`.
+      '';
+    };
+  };
+
+  # Shared by services.wireguard-namespace (nameDefault = "vpn", as in the seed) and every
+  # services.wireguard-namespaces.<name> (nameDefault = the attribute name).
+  namespaceOptions = nameDefault: {
+    namespace_name = mkOption {
+      type = types.str;
+      default = nameDefault;
+      example = "mullvad";
+      description = ''
+        Name of the network namespace (`/run/netns/<name>`), of the WireGuard interface inside it
+        and of its unit `wireguard-namespace-<name>.service`. 1 to 15 bytes: letters, digits,
+        `_`, `.` and `-`, starting with a letter, a digit or `_`.
+      '';
+    };
+
+    dns_server = mkOption {
+      type = types.str;
+      example = "10.64.0.1";
+      description = ''
+        IP address of the DNS server that programs in the namespace use, usually one reached
+        through the tunnel. It goes into the namespace's own `resolv.conf`, and with
+        {option}`strictDns` the namespace's firewall lets DNS go to this address only.
+        For {option}`services.wireguard-namespace`, defining this option is what turns the
+        namespace on.
+      '';
+    };
+
+    extraFirewallRules = mkOption {
+      type = types.str;
+      default = "";
+      example = ''
+        add rule inet my_table my_input tcp dport 51413 accept comment "forwarded by the VPN"
+      '';
+      description = ''
+        nftables rules, in `nft -f` syntax, loaded inside the namespace after the default
+        ruleset. The default ruleset is the seed's table `inet my_table`, whose chains
+        `my_input`, `my_forward` and `my_output` drop incoming connections and forwarding; rules
+        here can add to those chains or bring tables of their own. A separate guard table still
+        drops whatever would leave the namespace other than through the tunnel.
+      '';
+    };
+
+    ips = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "10.2.0.2/32"
+        "fd7d:76ee:e68f:a993::2/128"
+      ];
+      description = ''
+        Addresses, in CIDR notation, of the WireGuard interface inside the namespace, as given by
+        the VPN provider. IPv6 traffic is dropped unless one of them is an IPv6 address.
+      '';
+    };
+
+    privateKeyFile = mkOption {
+      type = types.nullOr types.str;
+      example = "/run/agenix/wireguard-key";
+      description = ''
+        Absolute path of the file holding this end's private key, as written by `wg genkey`. It
+        is read when the namespace comes up and never copied to the Nix store, so it can be a
+        secret managed by agenix or sops-nix.
+      '';
+    };
+
+    peers = mkOption {
+      type = types.listOf (types.submodule { options = peerOptions; });
+      default = [ ];
+      example = literalExpression ''
+        [
+          {
+            publicKey = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+            allowedIPs = [ "0.0.0.0/0" "::/0" ];
+            endpoint = "vpn.example.com:51820";
+          }
+        ]
+      '';
+      description = "The WireGuard peers of the interface; usually one, the VPN server.";
+    };
+
+    backend = mkOption {
+      type = types.enum [
+        "auto"
+        "kernel"
+        "userspace"
+      ];
+      default = "auto";
+      example = "userspace";
+      description = ''
+        Which WireGuard implementation carries the tunnel. `kernel` uses the Linux module,
+        `userspace` runs {option}`userspaceCommand` (for kernels without WireGuard or for
+        containers that cannot create the interface), and `auto` takes the kernel when it offers
+        WireGuard and the userspace daemon otherwise.
+      '';
+    };
+
+    userspaceCommand = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = literalExpression ''"''${pkgs.boringtun}/bin/boringtun-cli"'';
+      description = ''
+        Command that runs the userspace WireGuard daemon for the `userspace` and `auto` backends.
+        The helper appends `-f <interface>`. `null` runs `wireguard-go`, which the unit gets on
+        its `PATH`.
+      '';
+    };
+
+    strictDns = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether the namespace's firewall lets DNS (ports 53 and 853) go to
+        {option}`dns_server` only. Turn it off when a program inside the namespace runs its own
+        resolver that talks to other servers.
+      '';
+    };
+
+    publishPorts = mkOption {
+      type = types.listOf (types.submodule { options = publishPortOptions; });
+      default = [ ];
+      example = literalExpression ''
+        [
+          { hostPort = 9091; }
+          { protocol = "udp"; hostAddress = "192.168.1.10"; hostPort = 5353; namespacePort = 53; }
+        ]
+      '';
+      description = ''
+        Ports of programs inside the namespace to make reachable on the host, for example a web
+        interface. A relay process on the host accepts the connections and opens new ones inside
+        the namespace, so no routing, forwarding or NAT joins the two and the namespace still
+        reaches the outside only through the tunnel.
+      '';
+    };
+
+    restartOnUnhealthy = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        example = true;
+        description = ''
+          Whether to check the namespace periodically with `wg-namespace status` and restart
+          `wireguard-namespace-<name>.service` when it reports a problem, for instance after the
+          peer was unreachable for a while or after the machine woke from sleep. A namespace that
+          was stopped on purpose is left alone.
+        '';
+      };
+
+      interval = mkOption {
+        type = types.str;
+        default = "1min";
+        example = "30s";
+        description = ''
+          How often to check, as a systemd time span (see {manpage}`systemd.time(7)`).
+        '';
+      };
+    };
+  };
+
+  packageOption = mkOption {
+    type = types.package;
+    default = pkgs.callPackage ./package.nix { };
+    defaultText = literalMD "the `wg-namespace` package built from this flake's source";
+    description = "The `wg-namespace` helper package used by every namespace.";
+  };
+
+  confinementOption = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "vpn";
+    description = ''
+      Run this service inside the named WireGuard namespace (the value of one of the
+      configured `namespace_name` options). The service then uses the namespace's network and
+      its `resolv.conf` and `nsswitch.conf`, cannot reach the host's nscd or resolver sockets,
+      is started together with `wireguard-namespace-<name>.service`, and is stopped and
+      restarted with it, so it never runs without the tunnel.
+    '';
+  };
+
+  # Every configured namespace with the option path it came from (for messages). The
+  # seed-shaped one is active once its required dns_server is defined.
+  declared =
+    optional options.services.wireguard-namespace.dns_server.isDefined {
+      loc = "services.wireguard-namespace";
+      ns = cfg;
+    }
+    ++ mapAttrsToList (attr: ns: {
+      loc = "services.wireguard-namespaces.${attr}";
+      inherit ns;
+    }) config.services.wireguard-namespaces;
+
+  declaredNames = unique (map (d: d.ns.namespace_name) declared);
+
+  # Units are made for valid names only, and for the first of duplicates; the assertions
+  # below report the others.
+  namespaces = listToAttrs (
+    map (d: {
+      name = d.ns.namespace_name;
+      value = d.ns;
+    }) (filter (d: validName d.ns.namespace_name) declared)
+  );
+
+  # The JSON document for the helper: exactly the keys of NAMESPACE_KEYS, PEER_KEYS and
+  # PUBLISH_KEYS in src/config.rs (tests/nix_module.rs checks that).
+  peerJson = peer: {
+    inherit (peer)
+      publicKey
+      presharedKey
+      presharedKeyFile
+      allowedIPs
+      endpoint
+      dynamicEndpointRefreshSeconds
+      persistentKeepalive
+      ;
+  };
+
+  publishPortJson = port: {
+    inherit (port)
+      protocol
+      hostAddress
+      hostPort
+      namespacePort
+      ;
+  };
+
+  namespaceJson = ns: {
+    inherit (ns)
+      namespace_name
+      dns_server
+      extraFirewallRules
+      ips
+      privateKeyFile
+      backend
+      userspaceCommand
+      strictDns
+      ;
+    peers = map peerJson ns.peers;
+    publishPorts = map publishPortJson ns.publishPorts;
+  };
+
+  configFile =
+    ns:
+    pkgs.writeText "wg-namespace-${ns.namespace_name}.json" (builtins.toJSON (namespaceJson ns));
+
+  helper = "${cfg.package}/bin/wg-namespace";
+
+  # The userspace daemon, when it may be needed and no other command is configured.
+  usesWireguardGo = ns: ns.backend != "kernel" && ns.userspaceCommand == null;
+
+  mainUnit = name: ns: {
+    description = "WireGuard network namespace ${name}";
+    wants = [ "network-online.target" ];
+    after = [ "network-online.target" ];
+    wantedBy = [ "multi-user.target" ];
+    path = [ pkgs.nftables ] ++ optional (usesWireguardGo ns) pkgs.wireguard-go;
+    # ExecStart names the JSON file, so a changed config restarts the namespace on switch.
+    restartIfChanged = true;
+    # Keep retrying while the network (or the endpoint's DNS) is not there yet at boot.
+    startLimitIntervalSec = 0;
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      ExecStart = "${helper} up --config ${configFile ns}";
+      ExecStop = "${helper} down --namespace ${name}";
+      # Also after an `up` killed half-way (timeout): `down` does nothing when nothing is up.
+      ExecStopPost = "${helper} down --namespace ${name}";
+      Restart = "on-failure";
+      RestartSec = "10s";
+      # Exit status 2 is a bad config: retrying cannot help.
+      RestartPreventExitStatus = 2;
+      TimeoutStartSec = "2min";
+      # The userspace daemon and the port relay outlive `up` in this cgroup; stop kills them.
+      KillMode = "control-group";
+    };
+  };
+
+  refreshUnit = name: ns: {
+    description = "Refresh WireGuard peer endpoints of namespace ${name}";
+    bindsTo = [ "${unitName name}.service" ];
+    partOf = [ "${unitName name}.service" ];
+    after = [ "${unitName name}.service" ];
+    wantedBy = [ "${unitName name}.service" ];
+    serviceConfig = {
+      ExecStart = "${helper} refresh --config ${configFile ns}";
+      Restart = "always";
+      RestartSec = "10s";
+    };
+  };
+
+  healthUnit = name: {
+    description = "Restart WireGuard namespace ${name} when it is unhealthy";
+    after = [ "${unitName name}.service" ];
+    serviceConfig.Type = "oneshot";
+    script = ''
+      unit=${unitName name}.service
+      state=$(systemctl is-active "$unit" || true)
+      case "$state" in
+        active | failed) ;;
+        *)
+          echo "$unit is $state; leaving it alone"
+          exit 0
+          ;;
+      esac
+      if report=$(${helper} status --namespace ${name} 2>&1); then
+        exit 0
+      else
+        code=$?
+      fi
+      printf '%s\n' "$report"
+      echo "namespace ${name} is unhealthy (wg-namespace status exited $code); restarting $unit"
+      systemctl restart --no-block "$unit"
+    '';
+  };
+
+  healthTimer = ns: {
+    description = "Check WireGuard namespace ${ns.namespace_name} periodically";
+    wantedBy = [ "timers.target" ];
+    timerConfig = {
+      OnBootSec = ns.restartOnUnhealthy.interval;
+      OnUnitActiveSec = ns.restartOnUnhealthy.interval;
+    };
+  };
+
+  hasDynamicEndpoint = ns: any (p: p.dynamicEndpointRefreshSeconds > 0) ns.peers;
+
+  serviceUnits = concatLists (
+    mapAttrsToList (
+      name: ns:
+      [
+        {
+          name = unitName name;
+          value = mainUnit name ns;
+        }
+      ]
+      ++ optional (hasDynamicEndpoint ns) {
+        name = "${unitName name}-refresh";
+        value = refreshUnit name ns;
+      }
+      ++ optional ns.restartOnUnhealthy.enable {
+        name = "${unitName name}-health";
+        value = healthUnit name;
+      }
+    ) namespaces
+  );
+
+  timerUnits = mapAttrsToList (name: ns: {
+    name = "${unitName name}-health";
+    value = healthTimer ns;
+  }) (filterAttrs (_: ns: ns.restartOnUnhealthy.enable) namespaces);
+
+  # What `wireguardNamespace = name` adds to a service. Derived from the name alone, so that
+  # it does not depend on the rest of the configuration.
+  confinement =
+    name:
+    let
+      unit = "${unitName name}.service";
+    in
+    {
+      bindsTo = [ unit ];
+      after = [ unit ];
+      partOf = [ unit ];
+      serviceConfig = {
+        NetworkNamespacePath = "/run/netns/${name}";
+        BindReadOnlyPaths = [
+          "/etc/netns/${name}/resolv.conf:/etc/resolv.conf"
+          "/etc/netns/${name}/nsswitch.conf:/etc/nsswitch.conf"
+        ];
+        # Each of these would resolve names outside the tunnel: the host's nscd, the NSS
+        # socket of systemd-resolved, and D-Bus (resolved's bus API).
+        InaccessiblePaths = [
+          "-/run/nscd"
+          "-/run/systemd/resolve/io.systemd.Resolve"
+          "-/run/dbus/system_bus_socket"
+        ];
+      };
+    };
+
+  confinedServices = filterAttrs (_: s: s.wireguardNamespace != null) config.systemd.services;
+
+  namespaceAssertions =
+    { loc, ns }:
+    [
+      {
+        assertion = validName ns.namespace_name;
+        message = oneLine ''
+          ${loc}.namespace_name = "${ns.namespace_name}" is not a valid namespace name. It also
+          names the WireGuard interface, so it must be 1 to 15 bytes long (the Linux limit for
+          interface names), use only letters, digits, '_', '.' and '-', and start with a letter,
+          a digit or '_'.'';
+      }
+      {
+        assertion = ns.privateKeyFile != null;
+        message = oneLine ''
+          ${loc}.privateKeyFile is null. Set it to the absolute path of a file holding the
+          private key (as written by `wg genkey`), for example a secret managed by agenix or
+          sops-nix; the file is read at run time and never copied to the Nix store.'';
+      }
+    ]
+    ++ concatLists (
+      imap0 (i: peer: [
+        {
+          assertion = peer.allowedIPs != [ ];
+          message = oneLine ''
+            ${loc}.peers.${toString i}.allowedIPs is empty, so no traffic would ever be sent to
+            the peer ${peer.publicKey}. List the ranges to route through it, for example
+            [ "0.0.0.0/0" "::/0" ] for everything.'';
+        }
+        {
+          assertion = peer.presharedKey == null || peer.presharedKeyFile == null;
+          message = oneLine ''
+            ${loc}.peers.${toString i} sets both presharedKey and presharedKeyFile. Keep only
+            presharedKeyFile: an inline presharedKey ends up in the world-readable Nix store.'';
+        }
+      ]) ns.peers
+    );
+
+  duplicateAssertions = mapAttrsToList (name: ds: {
+    assertion = builtins.length ds == 1;
+    message = oneLine ''
+      ${concatStringsSep " and " (map (d: d.loc) ds)} use the same namespace name "${name}".
+      Each namespace needs its own name (it names a network namespace, an interface and a
+      systemd unit): set namespace_name on all but one of them.'';
+  }) (groupBy (d: d.ns.namespace_name) declared);
+
+  confinementAssertions = mapAttrsToList (service: s: {
+    assertion = builtins.elem s.wireguardNamespace declaredNames;
+    message = oneLine ''
+      systemd.services.${service}.wireguardNamespace = "${s.wireguardNamespace}", but no
+      WireGuard namespace of that name is configured${
+        if declaredNames == [ ] then
+          ""
+        else
+          " (configured: ${concatStringsSep ", " (map (n: ''"${n}"'') declaredNames)})"
+      }. Define services.wireguard-namespaces.${s.wireguardNamespace}, or
+      services.wireguard-namespace, whose namespace_name defaults to "vpn".'';
+  }) confinedServices;
+
+  presharedKeyWarnings = concatLists (
+    map (
+      { loc, ns }:
+      concatLists (
+        imap0 (
+          i: peer:
+          optional (peer.presharedKey != null) (oneLine ''
+            ${loc}.peers.${toString i}.presharedKey is written to the world-readable Nix store,
+            where every local user can read it. Put the key in a file readable by root only and
+            use presharedKeyFile instead.'')
+        ) ns.peers
+      )
+    ) declared
+  );
+in
+{
+  options = {
+    services.wireguard-namespace = namespaceOptions "vpn" // {
+      package = packageOption;
+    };
+
+    services.wireguard-namespaces = mkOption {
+      type = types.attrsOf (types.submodule ({ name, ... }: { options = namespaceOptions name; }));
+      default = { };
+      example = literalExpression ''
+        {
+          home = {
+            dns_server = "10.2.0.1";
+            ips = [ "10.2.0.2/32" ];
+            privateKeyFile = "/run/agenix/home-vpn";
+            peers = [
+              {
+                publicKey = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+                allowedIPs = [ "0.0.0.0/0" ];
+                endpoint = "home.example.org:51820";
+                dynamicEndpointRefreshSeconds = 300;
+              }
+            ];
+          };
+        }
+      '';
+      description = ''
+        Further WireGuard namespaces, with the same options as
+        {option}`services.wireguard-namespace`. Their `namespace_name` defaults to the attribute
+        name.
+      '';
+    };
+
+    systemd.services = mkOption {
+      type = types.attrsOf (
+        types.submodule (
+          { config, ... }:
+          {
+            options.wireguardNamespace = confinementOption;
+            config = mkIf (config.wireguardNamespace != null) (
+              confinement config.wireguardNamespace
+            );
+          }
+        )
+      );
+    };
+  };
+
+  config = mkMerge [
+    {
+      assertions = confinementAssertions;
+
+      warnings =
+        optional
+          (
+            options.services.wireguard-namespace.privateKeyFile.isDefined
+            && !options.services.wireguard-namespace.dns_server.isDefined
+          )
+          (oneLine ''
+            services.wireguard-namespace has settings but no dns_server, so no namespace is set
+            up from it. Define services.wireguard-namespace.dns_server to turn it on.'');
+    }
+
+    (mkIf (declared != [ ]) {
+      assertions = concatLists (map namespaceAssertions declared) ++ duplicateAssertions;
+      warnings = presharedKeyWarnings;
+      environment.systemPackages = [ cfg.package ];
+      systemd.services = listToAttrs serviceUnits;
+      systemd.timers = listToAttrs timerUnits;
+    })
+  ];
+}

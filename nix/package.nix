@@ -1,0 +1,56 @@
+# The wg-namespace helper, built from this repository's Cargo workspace.
+{
+  lib,
+  rustPlatform,
+  makeBinaryWrapper,
+  nftables,
+}:
+
+let
+  manifest = (lib.importTOML ../Cargo.toml).package;
+in
+rustPlatform.buildRustPackage {
+  pname = manifest.name;
+  inherit (manifest) version;
+
+  # Only what cargo needs, so that editing the Nix files or docs does not rebuild the helper.
+  # tests/nix_module.rs is left out: it checks nix/module.nix and docs/options.md, which are
+  # not in this source, and needs nix-instantiate (the flake's module-eval check covers the
+  # module instead).
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../src
+      (lib.fileset.maybeMissing ../templates)
+      (lib.fileset.difference (lib.fileset.maybeMissing ../tests) (
+        lib.fileset.maybeMissing ../tests/nix_module.rs
+      ))
+    ];
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ makeBinaryWrapper ];
+
+  # Tests that need root skip themselves in the build sandbox; the rest may render and check
+  # rulesets with nft.
+  nativeCheckInputs = [ nftables ];
+
+  # tests/kernel_vm.rs boots a downloaded kernel under qemu: neither exists in the sandbox.
+  preCheck = ''
+    export WG_NAMESPACE_VM_SKIP=1
+  '';
+
+  # The helper loads its rulesets with `nft`.
+  postInstall = ''
+    wrapProgram $out/bin/wg-namespace --prefix PATH : ${lib.makeBinPath [ nftables ]}
+  '';
+
+  meta = {
+    description = "Network namespaces whose only way out is a WireGuard tunnel";
+    mainProgram = "wg-namespace";
+    platforms = lib.platforms.linux;
+  };
+}

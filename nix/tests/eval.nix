@@ -1,0 +1,335 @@
+# Evaluation checks of the NixOS module: the example configurations in ./examples, evaluated as
+# complete NixOS systems with nixpkgs.lib.nixosSystem. Evaluation fails, listing every failed
+# check, unless all hold; then the result is a trivial derivation (which also builds the
+# module's option documentation, so that its Markdown is checked).
+#
+# The JSON files are compared by rebuilding them: the module writes
+# `pkgs.writeText "wg-namespace-<name>.json" (builtins.toJSON document)`, so the expected
+# document gives the same store path exactly when the contents are equal. Nothing is built to
+# compare them.
+{
+  nixpkgs,
+  pkgs,
+  module,
+}:
+
+let
+  inherit (nixpkgs) lib;
+  inherit (lib)
+    attrNames
+    concatMapStrings
+    filter
+    hasInfix
+    hasPrefix
+    length
+    ;
+
+  # What turns an example into a complete system.
+  base = {
+    imports = [ nixpkgs.nixosModules.readOnlyPkgs ];
+    nixpkgs.pkgs = pkgs;
+    boot.loader.grub.enable = false;
+    fileSystems."/" = {
+      device = "/dev/vda";
+      fsType = "ext4";
+    };
+    system.stateVersion = "25.11";
+  };
+
+  evalSystem = modules: lib.nixosSystem { modules = [ base ] ++ modules; };
+  example =
+    name:
+    (evalSystem [
+      module
+      ./examples/${name}.nix
+    ]).config;
+
+  failedAssertions = config: map (a: a.message) (filter (a: !a.assertion) config.assertions);
+  ours = filter (hasPrefix "wireguard-namespace");
+  ourWarnings = config: filter (hasInfix "wireguard-namespace") config.warnings;
+
+  helper = config: "${config.services.wireguard-namespace.package}/bin/wg-namespace";
+  jsonFile = name: document: pkgs.writeText "wg-namespace-${name}.json" (builtins.toJSON document);
+
+  # The helper's documents with every default filled in, as the module writes them.
+  namespaceDefaults = {
+    namespace_name = "vpn";
+    extraFirewallRules = "";
+    ips = [ ];
+    peers = [ ];
+    backend = "auto";
+    userspaceCommand = null;
+    strictDns = true;
+    publishPorts = [ ];
+  };
+  peerDefaults = {
+    presharedKey = null;
+    presharedKeyFile = null;
+    endpoint = null;
+    dynamicEndpointRefreshSeconds = 0;
+    persistentKeepalive = null;
+  };
+  publishDefaults = {
+    protocol = "tcp";
+    hostAddress = "127.0.0.1";
+    namespacePort = null;
+  };
+
+  check = name: ok: {
+    inherit name ok;
+    detail = "does not hold";
+  };
+  equal = name: expected: actual: {
+    inherit name;
+    ok = expected == actual;
+    detail = "expected ${builtins.toJSON expected}, got ${builtins.toJSON actual}";
+  };
+  # A system that evaluates completely: assertions hold and the system derivation exists.
+  complete = name: config: [
+    (equal "${name}: no failed assertions" [ ] (failedAssertions config))
+    (equal "${name}: no warnings from the module" [ ] (ourWarnings config))
+    (check "${name}: system instantiates" (builtins.isString config.system.build.toplevel.drvPath))
+  ];
+  hasPackage = pkg: unit: builtins.elem "${pkg}" (map toString unit.path);
+
+  # Importing the module and setting nothing leaves the system derivation as it was.
+  noneChecks = [
+    (equal "none: system unchanged by the import"
+      (evalSystem [ ]).config.system.build.toplevel.drvPath
+      (example "none").system.build.toplevel.drvPath
+    )
+  ];
+
+  seedChecks =
+    let
+      config = example "seed";
+      unit = config.systemd.services.wireguard-namespace-vpn;
+      document = namespaceDefaults // {
+        dns_server = "10.64.0.1";
+        ips = [ "10.66.12.34/32" ];
+        privateKeyFile = "/run/agenix/my_vpn_key";
+        peers = [
+          (peerDefaults // {
+            publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=";
+            allowedIPs = [ "0.0.0.0/0" ];
+            endpoint = "vpn.example.com:51820";
+          })
+        ];
+      };
+    in
+    complete "seed" config
+    ++ [
+      (equal "seed: units" [ "wireguard-namespace-vpn" ] (ours (attrNames config.systemd.services)))
+      (equal "seed: timers" [ ] (ours (attrNames config.systemd.timers)))
+      (equal "seed: ExecStart runs up on the JSON document"
+        "${helper config} up --config ${jsonFile "vpn" document}"
+        unit.serviceConfig.ExecStart
+      )
+      (equal "seed: ExecStop" "${helper config} down --namespace vpn" unit.serviceConfig.ExecStop)
+      (equal "seed: Type" "oneshot" unit.serviceConfig.Type)
+      (equal "seed: RemainAfterExit" true unit.serviceConfig.RemainAfterExit)
+      (equal "seed: Restart" "on-failure" unit.serviceConfig.Restart)
+      (equal "seed: KillMode" "control-group" unit.serviceConfig.KillMode)
+      (equal "seed: restartIfChanged" true unit.restartIfChanged)
+      (equal "seed: wants" [ "network-online.target" ] unit.wants)
+      (equal "seed: after" [ "network-online.target" ] unit.after)
+      (equal "seed: wantedBy" [ "multi-user.target" ] unit.wantedBy)
+      (check "seed: nftables on PATH" (hasPackage pkgs.nftables unit))
+      (check "seed: wireguard-go on PATH for the auto backend" (hasPackage pkgs.wireguard-go unit))
+      (check "seed: helper installed" (
+        builtins.elem config.services.wireguard-namespace.package config.environment.systemPackages
+      ))
+    ];
+
+  twoChecks =
+    let
+      config = example "two-namespaces";
+      units = config.systemd.services;
+      mullvad = namespaceDefaults // {
+        namespace_name = "mullvad";
+        dns_server = "10.64.0.1";
+        ips = [
+          "10.66.12.34/32"
+          "fc00:bbbb:bbbb:bb01::3:c21/128"
+        ];
+        privateKeyFile = "/run/secrets/mullvad.key";
+        backend = "kernel";
+        peers = [
+          (peerDefaults // {
+            publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=";
+            allowedIPs = [
+              "0.0.0.0/0"
+              "::/0"
+            ];
+            endpoint = "185.213.154.68:51820";
+            persistentKeepalive = 25;
+          })
+        ];
+      };
+      office = namespaceDefaults // {
+        namespace_name = "office";
+        dns_server = "10.8.0.1";
+        ips = [ "10.8.0.7/24" ];
+        privateKeyFile = "/run/secrets/office.key";
+        backend = "userspace";
+        strictDns = false;
+        extraFirewallRules = ''
+          table inet office_extra {
+            chain output {
+              type filter hook output priority filter; policy accept;
+              tcp dport 25 drop
+            }
+          }
+        '';
+        publishPorts = [
+          (publishDefaults // { hostPort = 8080; })
+          (publishDefaults // {
+            protocol = "udp";
+            hostAddress = "::1";
+            hostPort = 5353;
+            namespacePort = 53;
+          })
+        ];
+        peers = [
+          (peerDefaults // {
+            publicKey = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
+            presharedKeyFile = "/run/secrets/office.psk";
+            allowedIPs = [ "10.8.0.0/24" ];
+            endpoint = "office.example.org:51820";
+            dynamicEndpointRefreshSeconds = 300;
+          })
+        ];
+      };
+      refresh = units.wireguard-namespace-office-refresh;
+      health = units.wireguard-namespace-office-health;
+      timer = config.systemd.timers.wireguard-namespace-office-health;
+    in
+    complete "two" config
+    ++ [
+      (equal "two: units"
+        [
+          "wireguard-namespace-mullvad"
+          "wireguard-namespace-office"
+          "wireguard-namespace-office-health"
+          "wireguard-namespace-office-refresh"
+        ]
+        (ours (attrNames units))
+      )
+      (equal "two: mullvad document"
+        "${helper config} up --config ${jsonFile "mullvad" mullvad}"
+        units.wireguard-namespace-mullvad.serviceConfig.ExecStart
+      )
+      (equal "two: office document"
+        "${helper config} up --config ${jsonFile "office" office}"
+        units.wireguard-namespace-office.serviceConfig.ExecStart
+      )
+      (check "two: no wireguard-go for the kernel backend" (
+        !hasPackage pkgs.wireguard-go units.wireguard-namespace-mullvad
+      ))
+      (check "two: wireguard-go for the userspace backend" (
+        hasPackage pkgs.wireguard-go units.wireguard-namespace-office
+      ))
+      (equal "two: refresh ExecStart"
+        "${helper config} refresh --config ${jsonFile "office" office}"
+        refresh.serviceConfig.ExecStart
+      )
+      (equal "two: refresh Restart" "always" refresh.serviceConfig.Restart)
+      (equal "two: refresh bindsTo" [ "wireguard-namespace-office.service" ] refresh.bindsTo)
+      (equal "two: refresh after" [ "wireguard-namespace-office.service" ] refresh.after)
+      (equal "two: refresh wantedBy" [ "wireguard-namespace-office.service" ] refresh.wantedBy)
+      (equal "two: timers" [ "wireguard-namespace-office-health" ] (
+        ours (attrNames config.systemd.timers)
+      ))
+      (equal "two: health interval" "30s" timer.timerConfig.OnUnitActiveSec)
+      (check "two: health check restarts the namespace" (
+        hasInfix "systemctl restart --no-block \"$unit\"" health.script
+      ))
+      (check "two: health check runs status" (
+        hasInfix "${helper config} status --namespace office" health.script
+      ))
+    ];
+
+  confinedChecks =
+    let
+      config = example "confined";
+      service = config.systemd.services.transmission;
+      main = "wireguard-namespace-vpn.service";
+    in
+    complete "confined" config
+    ++ [
+      (equal "confined: NetworkNamespacePath" "/run/netns/vpn"
+        service.serviceConfig.NetworkNamespacePath
+      )
+      (equal "confined: BindReadOnlyPaths (the service's own kept)"
+        [
+          "/etc/netns/vpn/nsswitch.conf:/etc/nsswitch.conf"
+          "/etc/netns/vpn/resolv.conf:/etc/resolv.conf"
+          "/var/lib/media"
+        ]
+        (lib.sort (a: b: a < b) service.serviceConfig.BindReadOnlyPaths)
+      )
+      (equal "confined: InaccessiblePaths"
+        [
+          "-/run/nscd"
+          "-/run/systemd/resolve/io.systemd.Resolve"
+          "-/run/dbus/system_bus_socket"
+        ]
+        service.serviceConfig.InaccessiblePaths
+      )
+      (equal "confined: bindsTo" [ main ] service.bindsTo)
+      (equal "confined: after" [ main ] service.after)
+      (equal "confined: partOf" [ main ] service.partOf)
+      (equal "confined: own settings kept" true service.serviceConfig.DynamicUser)
+    ];
+
+  failingChecks =
+    let
+      config = example "failing";
+      failed = failedAssertions config;
+      long = "services.wireguard-namespaces.long";
+      # The start of each expected message.
+      expected = [
+        ''systemd.services.downloader.wireguardNamespace = "nosuchns", but no WireGuard namespace''
+        ''${long}.namespace_name = "a-name-that-is-too-long" is not a valid namespace name''
+        "${long}.privateKeyFile is null"
+        "${long}.peers.0.allowedIPs is empty"
+        "${long}.peers.0 sets both presharedKey and presharedKeyFile"
+        ''services.wireguard-namespace and services.wireguard-namespaces.vpn use the same namespace''
+      ];
+      matching = text: filter (hasPrefix text) failed;
+      warnings = ourWarnings config;
+    in
+    [ (equal "failing: number of failed assertions" (length expected) (length failed)) ]
+    ++ map (text: equal "failing: one message starts with: ${text}" 1 (length (matching text)))
+      expected
+    ++ [
+      (equal "failing: inline presharedKey warnings" 2 (length warnings))
+      (check "failing: warning names the option" (
+        builtins.any (hasPrefix
+          "services.wireguard-namespace.peers.0.presharedKey is written to the world-readable Nix store"
+        ) warnings
+      ))
+    ];
+
+  checks = noneChecks ++ seedChecks ++ twoChecks ++ confinedChecks ++ failingChecks;
+  failures = filter (c: !c.ok) checks;
+
+  # The option documentation as the NixOS manual would build it (descriptions must be valid
+  # Markdown, every option needs one).
+  optionsDoc = pkgs.nixosOptionsDoc {
+    options = {
+      services = {
+        inherit ((evalSystem [ module ]).options.services) wireguard-namespace wireguard-namespaces;
+      };
+    };
+  };
+in
+if failures != [ ] then
+  throw ''
+    wg-namespace module checks failed:
+    ${concatMapStrings (c: "- ${c.name}: ${c.detail}\n") failures}''
+else
+  pkgs.runCommand "wg-namespace-module-eval" { } ''
+    test -s ${optionsDoc.optionsJSON}/share/doc/nixos/options.json
+    echo "${toString (length checks)} module checks passed" > $out
+  ''

@@ -1,0 +1,2 @@
+# No settings at all: importing the module must leave the system as it was.
+{ }

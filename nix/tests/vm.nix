@@ -1,0 +1,182 @@
+# NixOS VM test: a WireGuard server with an HTTP and a DNS server on its tunnel address, and a
+# client that runs the module with one namespace and a service confined to it.
+#
+# The keys below are throwaway test keys, made for this test only.
+{ pkgs, module }:
+
+let
+  keys = {
+    server = {
+      private = "2B7KA397a5+LFi6HniPYzdD/PR+tnIo+FhFiA4Lh9ms=";
+      public = "RzR8zr1E8pOFrLKpPm5GDmGONwI1t+QXE938JDIlWk0=";
+    };
+    client = {
+      private = "qNMo1OmeXjINVjKSHLH2UkAK/trDoEzlaEPuAU4Jz04=";
+      public = "Sgj2bs5O8ZFTYVLbfOecwVEFcKMSo4Ahi/o2hdZs6h8=";
+    };
+  };
+
+  serverTunnelAddress = "10.66.0.1";
+  marker = "hello from the far end of the tunnel";
+  webroot = pkgs.writeTextDir "index.html" "${marker}\n";
+in
+pkgs.testers.runNixOSTest {
+  name = "wg-namespace";
+
+  nodes.server = {
+    networking.firewall = {
+      allowedUDPPorts = [ 51820 ];
+      # The web and DNS servers answer through the tunnel only.
+      interfaces.wg0 = {
+        allowedTCPPorts = [
+          53
+          80
+        ];
+        allowedUDPPorts = [ 53 ];
+      };
+    };
+
+    networking.wireguard.interfaces.wg0 = {
+      ips = [ "${serverTunnelAddress}/24" ];
+      listenPort = 51820;
+      privateKeyFile = "${pkgs.writeText "server.key" keys.server.private}";
+      peers = [
+        {
+          publicKey = keys.client.public;
+          allowedIPs = [ "10.66.0.2/32" ];
+        }
+      ];
+    };
+
+    services.dnsmasq = {
+      enable = true;
+      resolveLocalQueries = false;
+      settings = {
+        interface = "wg0";
+        bind-dynamic = true;
+        no-resolv = true;
+        address = "/web.test/${serverTunnelAddress}";
+      };
+    };
+
+    systemd.services.tunnel-web = {
+      description = "Test web server";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --directory ${webroot}";
+    };
+  };
+
+  nodes.client = {
+    imports = [ module ];
+
+    environment.systemPackages = [ pkgs.curl ];
+
+    environment.etc."wg-namespace/client.key" = {
+      text = keys.client.private;
+      mode = "0400";
+    };
+
+    services.wireguard-namespace = {
+      dns_server = serverTunnelAddress;
+      ips = [ "10.66.0.2/24" ];
+      privateKeyFile = "/etc/wg-namespace/client.key";
+      backend = "kernel";
+      peers = [
+        {
+          publicKey = keys.server.public;
+          allowedIPs = [ "0.0.0.0/0" ];
+          # Resolved through /etc/hosts, which the test framework fills with the node names.
+          endpoint = "server:51820";
+          persistentKeepalive = 25;
+        }
+      ];
+    };
+
+    # Fetches the test page through the tunnel every second and keeps the last answer.
+    systemd.services.probe = {
+      wireguardNamespace = "vpn";
+      wantedBy = [ "multi-user.target" ];
+      path = [ pkgs.curl ];
+      serviceConfig.RuntimeDirectory = "probe";
+      script = ''
+        while true; do
+          if curl -fsS --max-time 5 http://web.test/ -o /run/probe/body.new; then
+            mv /run/probe/body.new /run/probe/body
+          fi
+          sleep 1
+        done
+      '';
+    };
+  };
+
+  testScript = ''
+    marker = "${marker}"
+    far_end = "http://${serverTunnelAddress}/"
+
+
+    def requests_served() -> int:
+        out = server.succeed("journalctl -u tunnel-web.service -o cat | grep -c 'GET /' || true")
+        return int(out.strip())
+
+
+    start_all()
+
+    with subtest("the server side is up"):
+        server.wait_for_unit("wireguard-wg0.service")
+        server.wait_for_unit("dnsmasq.service")
+        server.wait_for_unit("tunnel-web.service")
+        server.wait_for_open_port(80)
+
+    with subtest("the namespace comes up at boot, holding the WireGuard interface"):
+        client.wait_for_unit("wireguard-namespace-vpn.service")
+        client.succeed("test -e /run/netns/vpn")
+        client.succeed("ip -n vpn link show vpn")
+        client.fail("ip link show vpn")
+
+    with subtest("the host itself cannot reach the far end of the tunnel"):
+        client.fail(f"curl -fsS --max-time 5 {far_end}")
+        client.fail("getent ahostsv4 web.test")
+
+    with subtest("a command run with wg-namespace exec goes through the tunnel"):
+        out = client.wait_until_succeeds(
+            f"wg-namespace exec --namespace vpn -- curl -fsS --max-time 5 {far_end}", timeout=60
+        )
+        assert marker in out, out
+
+    with subtest("DNS inside the namespace is answered by dns_server"):
+        out = client.succeed("wg-namespace exec --namespace vpn -- getent ahostsv4 web.test")
+        assert "${serverTunnelAddress}" in out, out
+        out = client.succeed("wg-namespace exec --namespace vpn -- curl -fsS --max-time 5 http://web.test/")
+        assert marker in out, out
+
+    with subtest("the confined service runs in the namespace and reaches the server"):
+        client.wait_for_unit("probe.service")
+        client.succeed(
+            "test \"$(readlink /proc/$(systemctl show -P MainPID probe.service)/ns/net)\""
+            " = \"$(ip netns exec vpn readlink /proc/self/ns/net)\""
+        )
+        client.wait_until_succeeds(f"grep -qF '{marker}' /run/probe/body", timeout=60)
+
+    with subtest("status and leak checks pass"):
+        client.wait_until_succeeds("wg-namespace status --namespace vpn", timeout=60)
+        client.succeed("wg-namespace check-leaks --namespace vpn")
+
+    with subtest("stopping the namespace stops the confined service and cuts all traffic"):
+        client.succeed("systemctl stop wireguard-namespace-vpn.service")
+        client.wait_until_fails("systemctl is-active probe.service")
+        client.fail("test -e /run/netns/vpn")
+        code, _ = client.execute("wg-namespace status --namespace vpn")
+        assert code == 4, f"wg-namespace status exited {code}, expected 4 (down)"
+        client.fail("wg-namespace exec --namespace vpn -- true")
+        before = requests_served()
+        client.fail(f"curl -fsS --max-time 5 {far_end}")
+        client.sleep(5)
+        assert requests_served() == before, "the server still gets requests from the client"
+
+    with subtest("starting the confined service brings its namespace back"):
+        client.succeed("systemctl start probe.service")
+        client.succeed("systemctl is-active wireguard-namespace-vpn.service")
+        client.wait_until_succeeds(f"grep -qF '{marker}' /run/probe/body", timeout=60)
+  '';
+}
