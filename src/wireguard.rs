@@ -76,13 +76,16 @@ pub fn spawn_daemon(command: &[String], interface: &str) -> Result<ProcessId> {
     argv.push(interface.into());
     // wireguard-go wants this to stay in the foreground; WG_SUDO keeps boringtun from
     // switching to a user that could no longer answer on the configuration socket.
-    crate::process::spawn_detached(&argv, &[("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "1")])
-        .with_context(|| {
-            format!(
-                "starting the userspace WireGuard daemon ({})",
-                command.join(" ")
-            )
-        })
+    crate::process::spawn_detached(
+        &argv,
+        &[("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "true")],
+    )
+    .with_context(|| {
+        format!(
+            "starting the userspace WireGuard daemon ({})",
+            command.join(" ")
+        )
+    })
 }
 
 /// Waits until the daemon's interface and configuration socket exist.
