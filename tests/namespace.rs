@@ -35,6 +35,7 @@ fn main() {
         trial("up_twice_is_a_clear_error_and_harms_nothing", up_twice),
         trial("bad_configs_fail_cleanly", bad_configs),
         trial("boringtun_works_as_userspace_command", boringtun),
+        trial("demo_works_and_cleans_up_also_on_ctrl_c", demo),
         libtest_mimic::Trial::test("render_matches_golden_files", || {
             render_golden().map_err(|e| format!("{e:#}").into())
         }),
@@ -66,7 +67,11 @@ fn tunnel_carries_tcp_and_ping() -> Result<()> {
         "ping through the tunnel failed: {}",
         text(&ping)
     );
-    Ok(())
+    // `down` also takes the config file, as the module's users may call it.
+    let path = rig.dir.join("config.json");
+    let down = rig.helper(&["down", "--config", path.to_str().context("path")?])?;
+    ensure!(down.status.success(), "down --config: {}", text(&down));
+    rig.assert_clean()
 }
 
 /// Local UDP ports of the sockets in the namespace `fd` (IPv4 and IPv6).
@@ -627,6 +632,13 @@ fn bad_configs() -> Result<()> {
     ];
     ensure!(cases.len() >= 25, "the table must hold at least 25 cases");
     let before = snapshot(&rig)?;
+    let good_path = rig.write_config("good.json", &good)?;
+    let check = rig.helper(&["check", "--config", good_path.to_str().context("path")?])?;
+    ensure!(
+        check.status.success() && check.stderr.is_empty(),
+        "a good config fails check: {}",
+        text(&check)
+    );
     let mut failures = Vec::new();
     for (what, input, expected_code, expected) in &cases {
         let body = match input {
@@ -675,6 +687,13 @@ fn bad_configs() -> Result<()> {
         } else {
             None
         };
+        // `check` judges static problems exactly as `up` does.
+        if *expected_code == 2 {
+            let check = rig.helper(&["check", "--config", path.to_str().context("path")?])?;
+            if check.status.code() != Some(2) || check.stderr != out.stderr {
+                failures.push(format!("{what}: check disagrees with up: {}", text(&check)));
+            }
+        }
         if let Some(problem) = problem {
             failures.push(format!("{what}: {problem}"));
         }
@@ -809,5 +828,104 @@ fn render_golden() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     ensure!(differences.is_empty(), "{}", differences.join("\n"));
+    Ok(())
+}
+
+/// The demo's names are fixed; it runs here inside a namespace of its own, which plays the host.
+fn demo() -> Result<()> {
+    struct Guard;
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = wg_namespace::netns::delete("wgt-demo-host");
+            let _ = sh(&["ip", "route", "del", "unreachable", "10.200.250.0/23"]);
+        }
+    }
+    let leftovers = || -> Vec<String> {
+        let mut found: Vec<String> = ["wgdemo", "wgdemo-peer"]
+            .iter()
+            .filter(|n| wg_namespace::netns::path(n).exists())
+            .map(|n| format!("namespace {n}"))
+            .collect();
+        for path in [
+            "/run/wg-namespace-demo",
+            "/run/wg-namespace/wgdemo.json",
+            "/etc/netns/wgdemo",
+        ] {
+            if Path::new(path).exists() {
+                found.push(path.to_string());
+            }
+        }
+        found.extend(
+            processes_mentioning("wgdemo-p")
+                .into_iter()
+                .map(|p| format!("process {}", cmdline(p))),
+        );
+        found
+    };
+    ensure!(
+        leftovers().is_empty(),
+        "a demo is already running here: {:?}",
+        leftovers()
+    );
+    sh(&["ip", "route", "add", "unreachable", "10.200.250.0/23"])?;
+    let _guard = Guard;
+    wg_namespace::netns::create("wgt-demo-host")?;
+    let host = wg_namespace::netns::open("wgt-demo-host")?;
+    let in_host = |args: &[&str]| {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&host);
+        let mut command = std::process::Command::new(BIN);
+        command.args(args);
+        // SAFETY: setns between fork and exec; `host` outlives the spawn.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(raw);
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command
+    };
+    sh(&["ip", "-n", "wgt-demo-host", "link", "set", "lo", "up"])?;
+
+    let out = in_host(&["demo"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "demo failed: {}", text(&out));
+    ensure!(
+        stdout.contains("answered: \"hello from the peer, through the tunnel\""),
+        "{stdout}"
+    );
+    ensure!(stdout.contains("from the host fails"), "{stdout}");
+    ensure!(leftovers().is_empty(), "the demo left {:?}", leftovers());
+
+    // Ctrl-C once the confined namespace is up: everything still goes.
+    let mut child = in_host(&["demo"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut seen = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("[up]") {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    ensure!(seen.contains("[up]"), "the demo never came up: {seen}");
+    ensure!(
+        out.status.code() == Some(1),
+        "an interrupted demo must fail: {seen} {}",
+        text(&out)
+    );
+    ensure!(
+        seen.contains("[teardown]"),
+        "no teardown after Ctrl-C: {seen}"
+    );
+    ensure!(leftovers().is_empty(), "Ctrl-C left {:?}", leftovers());
     Ok(())
 }
