@@ -214,10 +214,13 @@ fn build(
             .context("the WireGuard link did not arrive in the namespace")?;
         inner.add_addresses(index, &config.ips)?;
         inner.set_up(index)?;
+        // Without an IPv6 address IPv6 is switched off inside, and the kernel refuses IPv6
+        // routes; `::/0` in allowedIPs (common in providers' configs) then routes nothing.
         let prefixes: Vec<_> = config
             .peers
             .iter()
             .flat_map(|p| p.allowed_ips.iter().copied())
+            .filter(|prefix| config.ipv6_enabled() || !prefix.is_ipv6())
             .collect();
         inner.add_routes(index, &prefixes)
     })?;

@@ -376,7 +376,7 @@ impl Rig {
             "backend": "userspace",
             "peers": [{
                 "publicKey": self.peer_key.get_public().to_base64(),
-                "allowedIPs": ["0.0.0.0/0"],
+                "allowedIPs": ["0.0.0.0/0", "::/0"],
                 "endpoint": format!("{}:{WG_PORT}", self.peer_underlay()),
             }]
         }))
@@ -961,5 +961,140 @@ impl Rig {
             .env("WGNS_HOSTS", hosts)
             .env("WGNS_NSSWITCH", &nsswitch);
         Ok(command)
+    }
+}
+
+impl Rig {
+    /// Another dnsmasq in the peer, on `listen` (e.g. the peer's second underlay address
+    /// 10.200.<id>.3), answering `names` and logging each query to `<tag>.log` in the rig's
+    /// directory. For a resolver that must never be asked.
+    pub fn dnsmasq_at(
+        &mut self,
+        listen: Ipv4Addr,
+        tag: &str,
+        names: &[(&str, &str)],
+    ) -> Result<PathBuf> {
+        let log = self.dir.join(format!("{tag}.log"));
+        let mut argv: Vec<String> = vec![
+            "dnsmasq".into(),
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={listen}"),
+            "--port=53".into(),
+            "--log-queries".into(),
+            format!("--log-facility={}", log.display()),
+            format!(
+                "--pid-file={}",
+                self.dir.join(format!("{tag}.pid")).display()
+            ),
+            "--user=root".into(),
+        ];
+        argv.extend(
+            names
+                .iter()
+                .map(|(name, addr)| format!("--address=/{name}/{addr}")),
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let child = self
+            .command_in(&self.peer_fd, &argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
+        self.track(child);
+        let addr = SocketAddr::new(listen.into(), 53);
+        wait_for(Duration::from_secs(10), "dnsmasq", || {
+            Rig::within(&self.peer_fd, || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+            .unwrap_or(false)
+        })?;
+        Ok(log)
+    }
+}
+
+impl Capture {
+    /// Like [`Capture::start`], for links without an Ethernet header (WireGuard, tun): every IP
+    /// packet sent or received on `interface` in the namespace `fd`.
+    pub fn start_tunnel(fd: &OwnedFd, interface: &str) -> Result<Capture> {
+        let socket = Rig::within(fd, || -> Result<OwnedFd> {
+            let index = nix::net::if_::if_nametoindex(interface)
+                .with_context(|| format!("no interface {interface}"))?;
+            // SAFETY: plain socket calls on a descriptor we own.
+            unsafe {
+                let protocol = (libc::ETH_P_ALL as u16).to_be();
+                let raw = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(protocol));
+                ensure!(
+                    raw >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let owned = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = protocol;
+                addr.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    raw,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                ensure!(
+                    rc == 0,
+                    "binding the capture: {}",
+                    std::io::Error::last_os_error()
+                );
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(owned)
+            }
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
+        let thread = std::thread::spawn(move || {
+            // Room for a made-up Ethernet header, so that parse_frame reads the packet.
+            let mut buf = vec![0u8; 14 + 65536];
+            while !stop2.load(Ordering::SeqCst) {
+                // SAFETY: reading into a buffer we own.
+                let n = unsafe {
+                    libc::recv(
+                        socket.as_fd().as_raw_fd(),
+                        buf[14..].as_mut_ptr().cast(),
+                        buf.len() - 14,
+                        0,
+                    )
+                };
+                if n <= 0 {
+                    continue;
+                }
+                let ethertype: u16 = match buf[14] >> 4 {
+                    4 => 0x0800,
+                    6 => 0x86dd,
+                    _ => 0,
+                };
+                buf[12..14].copy_from_slice(&ethertype.to_be_bytes());
+                if let Some(frame) = parse_frame(&buf[..14 + n as usize]) {
+                    frames2.lock().unwrap().push(frame);
+                }
+            }
+        });
+        Ok(Capture {
+            stop,
+            frames,
+            thread: Some(thread),
+        })
     }
 }
