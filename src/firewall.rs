@@ -1,5 +1,6 @@
 //! The namespace's nftables ruleset, loaded with the `nft` program run inside the namespace.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
@@ -63,6 +64,37 @@ pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
     Ok(nft(fd.as_fd(), &["list", "table", "inet", name], None)?
         .status
         .success())
+}
+
+/// Packets dropped so far by each counted rule of the leak guard, keyed by the rule's comment.
+pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
+    let output = nft(
+        fd.as_fd(),
+        &["-j", "list", "table", "inet", GUARD_TABLE],
+        None,
+    )?;
+    if !output.status.success() {
+        bail!("the leak guard table is not loaded");
+    }
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading nft's JSON output")?;
+    let mut drops = HashMap::new();
+    let items = document["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for rule in items.iter().filter_map(|item| item.get("rule")) {
+        let comment = rule["comment"].as_str().unwrap_or_default();
+        let packets = rule["expr"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|e| e["counter"]["packets"].as_u64());
+        if let Some(packets) = packets {
+            *drops.entry(comment.to_string()).or_default() += packets;
+        }
+    }
+    Ok(drops)
 }
 
 /// Condenses nft's multi-line error report to its first `Error:` line, and translates a line
