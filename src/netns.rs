@@ -172,12 +172,17 @@ pub fn within<T>(fd: impl AsFd, f: impl FnOnce() -> T) -> Result<T> {
 /// A kernel without IPv6 needs nothing done.
 pub fn disable_ipv6() -> Result<()> {
     for scope in ["all", "default"] {
-        let path = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
-        match std::fs::write(&path, "1") {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("writing {path}")),
+        let key = format!("net/ipv6/conf/{scope}/disable_ipv6");
+        if std::path::Path::new("/proc/sys").join(&key).exists() {
+            write_sysctl(&key, "1")?;
         }
     }
     Ok(())
+}
+
+/// Sets a sysctl of the calling thread's network namespace (`key` as a path below
+/// /proc/sys, which shows the namespace of the thread that opens it).
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::write(&path, value).with_context(|| format!("writing {path}"))
 }

@@ -181,6 +181,11 @@ fn build(
             // ones on the WireGuard interface once it arrives.
             netns::within(&fd, netns::disable_ipv6)??;
         }
+        // A new namespace lets no group use ICMP echo sockets; allow them as distributions do
+        // on the host, so `ping` works for ordinary users inside.
+        netns::within(&fd, || {
+            netns::write_sysctl("net/ipv4/ping_group_range", "0 2147483647")
+        })??;
         Ok((fd, inner))
     })?;
 

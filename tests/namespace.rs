@@ -290,6 +290,15 @@ fn exec_dns_and_user() -> Result<()> {
         "--user nobody ran as: {}",
         text(&nobody)
     );
+    // Ordinary users may ping from inside (ICMP echo sockets, no raw socket needed).
+    args.truncate(5);
+    args.extend(["--", "cat", "/proc/sys/net/ipv4/ping_group_range"]);
+    let range = rig.helper(&args)?;
+    let range = String::from_utf8_lossy(&range.stdout);
+    ensure!(
+        range.split_whitespace().collect::<Vec<_>>() == ["0", "2147483647"],
+        "ping_group_range {range:?}"
+    );
     args.truncate(5);
     args.extend(["--", "sh", "-c", "exit 7"]);
     let status = rig.helper(&args)?;
