@@ -792,77 +792,7 @@ pub struct Capture {
 
 impl Capture {
     pub fn start(fd: &OwnedFd, interface: &str) -> Result<Capture> {
-        let socket = Rig::within(fd, || -> Result<OwnedFd> {
-            let index = nix::net::if_::if_nametoindex(interface)
-                .with_context(|| format!("no interface {interface}"))?;
-            // SAFETY: plain socket calls on a descriptor we own.
-            unsafe {
-                let raw = libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                );
-                ensure!(
-                    raw >= 0,
-                    "AF_PACKET socket: {}",
-                    std::io::Error::last_os_error()
-                );
-                let owned = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw);
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-                addr.sll_ifindex = index as i32;
-                let rc = libc::bind(
-                    raw,
-                    &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                ensure!(
-                    rc == 0,
-                    "binding the capture: {}",
-                    std::io::Error::last_os_error()
-                );
-                let timeout = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 100_000,
-                };
-                libc::setsockopt(
-                    raw,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    &timeout as *const libc::timeval as *const libc::c_void,
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-                Ok(owned)
-            }
-        })??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !stop2.load(Ordering::SeqCst) {
-                // SAFETY: reading into a buffer we own.
-                let n = unsafe {
-                    libc::recv(
-                        socket.as_fd().as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                    )
-                };
-                if n > 0
-                    && let Some(frame) = parse_frame(&buf[..n as usize])
-                {
-                    frames2.lock().unwrap().push(frame);
-                }
-            }
-        });
-        Ok(Capture {
-            stop,
-            frames,
-            thread: Some(thread),
-        })
+        capture_with(fd, interface, libc::SOCK_RAW, Direction::Both, parse_frame)
     }
 
     pub fn frames(&self) -> Vec<Frame> {
@@ -1016,85 +946,163 @@ impl Rig {
     }
 }
 
+/// Which frames a capture keeps, by the kernel's packet type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Both,
+    /// Only what this end sent.
+    Sent,
+    /// Only what this end received.
+    Received,
+}
+
 impl Capture {
     /// Like [`Capture::start`], for links without an Ethernet header (WireGuard, tun): every IP
     /// packet sent or received on `interface` in the namespace `fd`.
     pub fn start_tunnel(fd: &OwnedFd, interface: &str) -> Result<Capture> {
-        let socket = Rig::within(fd, || -> Result<OwnedFd> {
-            let index = nix::net::if_::if_nametoindex(interface)
-                .with_context(|| format!("no interface {interface}"))?;
-            // SAFETY: plain socket calls on a descriptor we own.
-            unsafe {
-                let protocol = (libc::ETH_P_ALL as u16).to_be();
-                let raw = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(protocol));
-                ensure!(
-                    raw >= 0,
-                    "AF_PACKET socket: {}",
-                    std::io::Error::last_os_error()
-                );
-                let owned = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw);
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = protocol;
-                addr.sll_ifindex = index as i32;
-                let rc = libc::bind(
-                    raw,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                ensure!(
-                    rc == 0,
-                    "binding the capture: {}",
-                    std::io::Error::last_os_error()
-                );
-                let timeout = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 100_000,
-                };
-                libc::setsockopt(
-                    raw,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&timeout as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-                Ok(owned)
-            }
-        })??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
-        let thread = std::thread::spawn(move || {
-            // Room for a made-up Ethernet header, so that parse_frame reads the packet.
-            let mut buf = vec![0u8; 14 + 65536];
-            while !stop2.load(Ordering::SeqCst) {
-                // SAFETY: reading into a buffer we own.
-                let n = unsafe {
-                    libc::recv(
-                        socket.as_fd().as_raw_fd(),
-                        buf[14..].as_mut_ptr().cast(),
-                        buf.len() - 14,
-                        0,
-                    )
-                };
-                if n <= 0 {
-                    continue;
-                }
-                let ethertype: u16 = match buf[14] >> 4 {
-                    4 => 0x0800,
-                    6 => 0x86dd,
-                    _ => 0,
-                };
-                buf[12..14].copy_from_slice(&ethertype.to_be_bytes());
-                if let Some(frame) = parse_frame(&buf[..14 + n as usize]) {
-                    frames2.lock().unwrap().push(frame);
-                }
-            }
-        });
-        Ok(Capture {
-            stop,
-            frames,
-            thread: Some(thread),
-        })
+        Capture::start_tunnel_only(fd, interface, Direction::Both)
     }
+
+    /// Like [`Capture::start_tunnel`], keeping only the packets this end sent or received: on
+    /// the peer's side of a tunnel, `Received` is what came out of it, without the peer's own
+    /// traffic (IPv6 router solicitations, say).
+    pub fn start_tunnel_only(fd: &OwnedFd, interface: &str, keep: Direction) -> Result<Capture> {
+        capture_with(fd, interface, libc::SOCK_DGRAM, keep, decode_tunnel)
+    }
+
+    /// Like [`Capture::start`], where an ICMP error about a WireGuard datagram is recognised
+    /// whichever way the datagram went: also the host saying that the port of a daemon that
+    /// is gone is closed, when the peer's keepalive or reply arrives there.
+    pub fn start_underlay(fd: &OwnedFd, interface: &str) -> Result<Capture> {
+        capture_with(
+            fd,
+            interface,
+            libc::SOCK_RAW,
+            Direction::Both,
+            decode_underlay,
+        )
+    }
+}
+
+/// A packet without link header, given the Ethernet header parse_frame reads.
+fn decode_tunnel(packet: &[u8]) -> Option<Frame> {
+    let ethertype: u16 = match packet.first()? >> 4 {
+        4 => 0x0800,
+        6 => 0x86dd,
+        _ => 0,
+    };
+    let mut framed = vec![0u8; 14];
+    framed[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    framed.extend_from_slice(packet);
+    parse_frame(&framed)
+}
+
+/// An Ethernet frame, where an ICMP error also counts as about WireGuard when the datagram
+/// it quotes came from WireGuard's port.
+fn decode_underlay(buf: &[u8]) -> Option<Frame> {
+    let mut frame = parse_frame(buf)?;
+    if frame.kind == FrameKind::Ipv4 && frame.protocol == 1 && !frame.about_wireguard {
+        let ip = buf.get(14..)?;
+        let icmp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+        frame.about_wireguard = icmp.first() == Some(&3)
+            && icmp.get(8..).is_some_and(|quoted| {
+                let qihl = usize::from(quoted.first().copied().unwrap_or(0) & 0x0f) * 4;
+                quoted.get(9) == Some(&17)
+                    && quoted
+                        .get(qihl..qihl + 2)
+                        .is_some_and(|sport| u16::from_be_bytes([sport[0], sport[1]]) == WG_PORT)
+            });
+    }
+    Some(frame)
+}
+
+/// A packet socket of `kind` (SOCK_RAW: with link header; SOCK_DGRAM: without) on `interface`
+/// in the namespace `fd`, read by a thread of its own through `decode`.
+fn capture_with(
+    fd: &OwnedFd,
+    interface: &str,
+    kind: i32,
+    keep: Direction,
+    decode: fn(&[u8]) -> Option<Frame>,
+) -> Result<Capture> {
+    let socket = Rig::within(fd, || -> Result<OwnedFd> {
+        let index = nix::net::if_::if_nametoindex(interface)
+            .with_context(|| format!("no interface {interface}"))?;
+        // SAFETY: plain socket calls on a descriptor we own.
+        unsafe {
+            let protocol = (libc::ETH_P_ALL as u16).to_be();
+            let raw = libc::socket(libc::AF_PACKET, kind, i32::from(protocol));
+            ensure!(
+                raw >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let owned = <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw);
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = protocol;
+            addr.sll_ifindex = index as i32;
+            let rc = libc::bind(
+                raw,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            ensure!(
+                rc == 0,
+                "binding the capture: {}",
+                std::io::Error::last_os_error()
+            );
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            Ok(owned)
+        }
+    })??;
+    let stop = Arc::new(AtomicBool::new(false));
+    let frames = Arc::new(Mutex::new(Vec::new()));
+    let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
+    let thread = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !stop2.load(Ordering::SeqCst) {
+            // SAFETY: reading into a buffer and an address we own.
+            let (n, from) = unsafe {
+                let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                let n = libc::recvfrom(
+                    socket.as_fd().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                );
+                (n, from)
+            };
+            if n <= 0 {
+                continue;
+            }
+            let sent = from.sll_pkttype == libc::PACKET_OUTGOING;
+            let wanted = match keep {
+                Direction::Both => true,
+                Direction::Sent => sent,
+                Direction::Received => !sent,
+            };
+            if wanted && let Some(frame) = decode(&buf[..n as usize]) {
+                frames2.lock().unwrap().push(frame);
+            }
+        }
+    });
+    Ok(Capture {
+        stop,
+        frames,
+        thread: Some(thread),
+    })
 }
