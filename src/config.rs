@@ -718,7 +718,14 @@ impl<'a> Object<'a> {
                 let hint = nearest(key, known)
                     .map(|k| format!(" (did you mean {k:?}?)"))
                     .unwrap_or_default();
-                return Err(self.error(key, format!("unknown key{hint}")));
+                // The key is the user's text: quoted when it holds a line break or another
+                // control character, so that the error stays one line.
+                let shown = if key.chars().any(char::is_control) {
+                    format!("{key:?}")
+                } else {
+                    key.clone()
+                };
+                return Err(self.error(&shown, format!("unknown key{hint}")));
             }
         }
         Ok(())
@@ -917,6 +924,17 @@ mod tests {
         let mut v = minimal();
         v.as_object_mut().unwrap().remove("dns_server");
         assert_eq!(error_of(v), "dns_server: is required");
+    }
+
+    #[test]
+    fn unknown_keys_with_line_breaks_stay_one_line() {
+        // Found by the fuzz target (fuzz/fuzz_targets/config.rs).
+        let mut v = minimal();
+        v["a\nb"] = 1.into();
+        assert_eq!(error_of(v), "\"a\\nb\": unknown key");
+        let mut v = minimal();
+        v["peers"][0]["\r"] = 1.into();
+        assert_eq!(error_of(v), "peers[0].\"\\r\": unknown key");
     }
 
     #[test]
