@@ -110,6 +110,14 @@ enum Command {
     /// Report what a process inside sees (run through `exec` by `check-leaks`).
     #[command(hide = true)]
     ProbeInside,
+    /// Wait for the go-ahead on FD, then become COMMAND (how detached processes start).
+    #[command(hide = true)]
+    Gate {
+        #[arg(long, value_name = "FD")]
+        fd: i32,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 /// Runs the command line and returns the process exit code.
@@ -117,9 +125,27 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let is_error = e.use_stderr();
-            let _ = e.print();
-            return if is_error { code::USAGE } else { code::OK };
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    code::OK
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    code::USAGE
+                }
+                // Like every other failure: one line.
+                _ => {
+                    let rendered = e.render().to_string();
+                    let line = rendered
+                        .lines()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("bad usage");
+                    eprintln!("error: {} (see --help)", line.trim_start_matches("error: "));
+                    code::USAGE
+                }
+            };
         }
     };
     match run(cli.command) {
@@ -226,5 +252,9 @@ fn run(command: Command) -> Result<i32, Failure> {
             Ok(code::OK)
         }
         Command::ProbeInside => Ok(crate::leaks::probe_inside()),
+        Command::Gate { fd, command } => {
+            crate::process::gate(fd, &command)?;
+            Ok(code::FAILURE)
+        }
     }
 }

@@ -69,7 +69,7 @@ impl Drop for Rig {
             eprintln!("warning: {e:#}");
         }
         if let Some(daemon) = self.peer_daemon {
-            daemon.terminate(Duration::from_secs(2));
+            let _ = daemon.terminate(Duration::from_secs(2));
             wireguard::remove_stale_socket(PEER_IF);
         }
         if self.veth {
@@ -338,12 +338,15 @@ fn start_peer_wireguard(
         "-f".into(),
         PEER_IF.into(),
     ];
-    let daemon = crate::process::spawn_detached_in(
-        &argv,
-        &[("WG_PROCESS_FOREGROUND", "1")],
-        Some(peer_fd.as_fd()),
-    )?;
+    let gated = crate::process::start_detached(crate::process::Detached {
+        argv: &argv,
+        envs: &[("WG_PROCESS_FOREGROUND", "1")],
+        netns: Some(peer_fd.as_fd()),
+        keep: &[],
+    })?;
+    let daemon = gated.process;
     rig.peer_daemon = Some(daemon);
+    gated.release()?;
     wireguard::wait_for_daemon(daemon, &argv[0], PEER_IF, inside_peer)?;
     Ok(wireguard::Backend::Userspace)
 }

@@ -17,8 +17,10 @@ use crate::cli::{Failure, code};
 use crate::dns;
 
 /// Enters the namespace for the rest of this process's life: network namespace, a private
-/// mount namespace with the namespace's `/etc` files, and the host resolvers hidden.
-pub fn enter(namespace: &str) -> Result<()> {
+/// mount namespace with the namespace's `/etc` files, the host resolvers hidden, and the
+/// session bus of `uid` hidden too (through it, `systemd-run --user` or a running browser
+/// would start things outside the namespace).
+pub fn enter(namespace: &str, uid: Uid) -> Result<()> {
     let etc = dns::dir(namespace);
     if !etc.join("resolv.conf").is_file() {
         bail!(
@@ -73,6 +75,9 @@ pub fn enter(namespace: &str) -> Result<()> {
     for path in dns::HOST_RESOLVER_PATHS {
         hide(Path::new(path))?;
     }
+    for path in ["bus", "systemd/private"] {
+        hide(&Path::new("/run/user").join(uid.to_string()).join(path))?;
+    }
     Ok(())
 }
 
@@ -105,6 +110,9 @@ struct Identity {
     name: String,
     uid: Uid,
     gid: Gid,
+    /// Looked up before entering: inside, the namespace's nsswitch.conf and the hidden nscd
+    /// may no longer see the groups that come from LDAP, sss or NixOS' nscd-only modules.
+    groups: Vec<Gid>,
     home: String,
 }
 
@@ -119,17 +127,21 @@ fn lookup_user(user: &str) -> Result<Identity, Failure> {
             code: code::USAGE,
             message: format!("--user: no user {user:?} on this system"),
         })?;
+    let name = CString::new(user_record.name.as_str())
+        .map_err(|_| Failure::from(anyhow!("exec: user name {user:?} holds a NUL byte")))?;
+    let groups = nix::unistd::getgrouplist(&name, user_record.gid)
+        .map_err(|e| Failure::from(anyhow!("exec: looking up the groups of {user:?}: {e}")))?;
     Ok(Identity {
         name: user_record.name,
         uid: user_record.uid,
         gid: user_record.gid,
+        groups,
         home: user_record.dir.to_string_lossy().into_owned(),
     })
 }
 
 fn become_user(who: &Identity) -> Result<()> {
-    let name = CString::new(who.name.as_str()).context("user name")?;
-    nix::unistd::initgroups(&name, who.gid).context("setting supplementary groups")?;
+    nix::unistd::setgroups(&who.groups).context("setting supplementary groups")?;
     nix::unistd::setgid(who.gid).context("setgid")?;
     nix::unistd::setuid(who.uid).context("setuid")?;
     // SAFETY: single-threaded at this point; nothing else reads the environment concurrently.
@@ -146,7 +158,10 @@ fn become_user(who: &Identity) -> Result<()> {
 pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i32, Failure> {
     // Look the user up while the host's NSS (and nscd) are still in place.
     let identity = user.map(lookup_user).transpose()?;
-    enter(namespace).map_err(|e| anyhow!("exec: {e:#}"))?;
+    let uid = identity
+        .as_ref()
+        .map_or_else(nix::unistd::geteuid, |who| who.uid);
+    enter(namespace, uid).map_err(|e| anyhow!("exec: {e:#}"))?;
     if let Some(who) = &identity {
         become_user(who).map_err(|e| anyhow!("exec: becoming {}: {e:#}", who.name))?;
     }

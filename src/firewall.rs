@@ -2,12 +2,10 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::process::{Output, Stdio};
 
 use anyhow::{Context, Result, bail};
-use nix::sched::{CloneFlags, setns};
 
 /// The leak guard's table; its presence is what `status` calls "ruleset loaded".
 pub const GUARD_TABLE: &str = "wg_namespace_guard";
@@ -18,8 +16,7 @@ const EXTRA_MARKER: &str = "# extraFirewallRules";
 
 /// Runs `nft` with `args` inside the namespace `fd`, feeding it `stdin`.
 fn nft(fd: BorrowedFd<'_>, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-    let raw = fd.as_raw_fd();
-    let mut command = Command::new("nft");
+    let mut command = crate::process::command_in("nft", fd);
     command
         .args(args)
         .stdin(if stdin.is_some() {
@@ -29,14 +26,6 @@ fn nft(fd: BorrowedFd<'_>, args: &[&str], stdin: Option<&str>) -> Result<Output>
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setns is a plain system call, safe between fork and exec; the fd outlives the
-    // child's start because we hold it.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = BorrowedFd::borrow_raw(raw);
-            setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-        });
-    }
     let mut child = command
         .spawn()
         .context("running nft (is nftables installed and on PATH?)")?;

@@ -26,10 +26,7 @@ pub fn path(name: &str) -> PathBuf {
 
 /// True when `/run/netns/<name>` is a live namespace (not just a leftover empty file).
 pub fn exists(name: &str) -> bool {
-    File::open(path(name))
-        .ok()
-        .and_then(|f| nix::sys::statfs::fstatfs(&f).ok())
-        .is_some_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+    open(name).is_ok()
 }
 
 pub fn open(name: &str) -> Result<OwnedFd> {
@@ -137,12 +134,12 @@ pub fn list() -> Vec<String> {
 }
 
 /// The calling thread's stay in another network namespace; it returns on drop.
-pub struct Entered {
+struct Entered {
     original: OwnedFd,
 }
 
 impl Entered {
-    pub fn new(target: impl AsFd) -> Result<Entered> {
+    fn new(target: impl AsFd) -> Result<Entered> {
         let original = File::open("/proc/thread-self/ns/net")
             .context("opening the current network namespace")?
             .into();

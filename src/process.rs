@@ -1,14 +1,21 @@
 //! Processes that outlive `up` (the userspace WireGuard daemon, the port relay), known by PID
 //! plus start time so that a recycled PID is never signalled.
+//!
+//! They start behind a gate: `wg-namespace gate` waits for one byte on an inherited pipe and
+//! only then executes the real program (keeping its PID). The caller records the PID first and
+//! opens the gate after, so no instant exists in which the program runs and is on no record;
+//! if the caller dies first, the pipe closes and the gate exits without running anything.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitPidFlag, waitpid};
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
@@ -40,40 +47,74 @@ impl ProcessId {
         ProcessId::of(std::process::id()).expect("/proc/self/stat is readable")
     }
 
+    fn state(&self) -> Option<char> {
+        stat(self.pid)
+            .filter(|(_, start)| *start == self.start_time)
+            .map(|(state, _)| state)
+    }
+
     /// Running (or stopped), and still the same process.
     pub fn is_alive(&self) -> bool {
-        matches!(stat(self.pid), Some((state, start)) if start == self.start_time && state != 'Z' && state != 'X')
+        self.state().is_some_and(|s| s != 'Z' && s != 'X')
     }
 
-    /// True when the process exists and is stopped by a signal (used by the fault tests).
+    /// Stopped by a signal (a stopped daemon answers nothing).
     pub fn is_stopped(&self) -> bool {
-        matches!(stat(self.pid), Some((state, start)) if start == self.start_time && (state == 'T' || state == 't'))
+        self.state().is_some_and(|s| s == 'T' || s == 't')
     }
 
+    /// Signals the process through a pidfd, which pins it: the identity is checked on the
+    /// pinned process, so a PID recycled in between is never hit.
     fn signal(&self, signal: Signal) {
+        // SAFETY: pidfd_open returns a new descriptor we own, or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
+        if raw < 0 {
+            return;
+        }
+        // SAFETY: a fresh descriptor from pidfd_open.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
         if self.is_alive() {
-            let _ = kill(Pid::from_raw(self.pid as i32), signal);
+            // SAFETY: plain system call on a descriptor we hold.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    signal as libc::c_int,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
         }
     }
 
     /// Asks the process to stop, waits up to `grace`, then kills it. Reaps it when it is our
-    /// own child, so no zombie stays behind while this process lives on.
-    pub fn terminate(&self, grace: Duration) {
+    /// own child. Fails when it is still there after all that (stuck in the kernel, say), so
+    /// that its record is kept for a later `down`.
+    pub fn terminate(&self, grace: Duration) -> Result<()> {
         self.signal(Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while self.is_alive() && Instant::now() < deadline {
+        if self.wait_gone(grace) {
+            return Ok(());
+        }
+        self.signal(Signal::SIGCONT);
+        self.signal(Signal::SIGKILL);
+        if self.wait_gone(grace) {
+            return Ok(());
+        }
+        bail!("process {} does not end", self.pid)
+    }
+
+    fn wait_gone(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
             self.reap();
+            if !self.is_alive() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        if self.is_alive() {
-            self.signal(Signal::SIGCONT);
-            self.signal(Signal::SIGKILL);
-            while self.is_alive() && Instant::now() < deadline + grace {
-                self.reap();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        self.reap();
     }
 
     fn reap(&self) {
@@ -82,8 +123,8 @@ impl ProcessId {
 
     /// The exit status when the process is our child and has ended.
     pub fn exit_status(&self) -> Option<String> {
-        use nix::sys::wait::WaitStatus;
         match waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, 0)) => Some("exited".into()),
             Ok(WaitStatus::Exited(_, code)) => Some(format!("exited with status {code}")),
             Ok(WaitStatus::Signaled(_, sig, _)) => Some(format!("was killed by {sig}")),
             _ => None,
@@ -91,20 +132,67 @@ impl ProcessId {
     }
 }
 
-/// Starts a process in a session of its own so that it outlives us and our terminal. Its
-/// output goes to the journal when we run under systemd, and nowhere otherwise.
-pub fn spawn_detached(argv: &[String], envs: &[(&str, &str)]) -> Result<ProcessId> {
-    spawn_detached_in(argv, envs, None)
+/// A `Command` whose process starts inside the network namespace `netns`.
+pub fn command_in(program: impl AsRef<std::ffi::OsStr>, netns: BorrowedFd<'_>) -> Command {
+    let mut command = Command::new(program);
+    let raw = netns.as_raw_fd();
+    // SAFETY: setns is a plain system call, safe between fork and exec; the caller holds the
+    // namespace descriptor until the process has started.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sched::setns(
+                BorrowedFd::borrow_raw(raw),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    command
 }
 
-/// Like [`spawn_detached`], with the process started inside the network namespace `netns`.
-pub fn spawn_detached_in(
-    argv: &[String],
-    envs: &[(&str, &str)],
-    netns: Option<BorrowedFd<'_>>,
-) -> Result<ProcessId> {
-    let netns = netns.map(|fd| fd.as_raw_fd());
-    let (program, args) = argv.split_first().context("empty command")?;
+/// A process waiting at its gate; see the module documentation.
+pub struct Gated {
+    pub process: ProcessId,
+    gate: Option<File>,
+}
+
+impl Gated {
+    /// Lets the program run.
+    pub fn release(mut self) -> Result<()> {
+        let mut gate = self.gate.take().context("the gate was already opened")?;
+        gate.write_all(b"1")
+            .with_context(|| format!("starting process {}", self.process.pid))
+    }
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        // Never released: closing the pipe makes the gate exit; collect it.
+        if self.gate.take().is_some() {
+            let _ = self.process.terminate(Duration::from_secs(1));
+        }
+    }
+}
+
+/// What a detached process is started with.
+pub struct Detached<'a> {
+    pub argv: &'a [String],
+    pub envs: &'a [(&'a str, &'a str)],
+    /// Start inside this network namespace instead of ours.
+    pub netns: Option<BorrowedFd<'a>>,
+    /// Descriptors the program inherits (at the same numbers).
+    pub keep: &'a [RawFd],
+}
+
+/// Starts a process in a session of its own, so that it outlives us and our terminal, held at
+/// its gate. Its output goes to the journal when we run under systemd, and nowhere otherwise.
+pub fn start_detached(spec: Detached<'_>) -> Result<Gated> {
+    let program = spec.argv.first().context("empty command")?;
+    // The gate would only find out after we let go; say it now, while it is clear.
+    find_program(program)?;
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let (gate_read, gate_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the start gate")?;
     let quiet = std::env::var_os("JOURNAL_STREAM").is_none();
     let output = || {
         if quiet {
@@ -113,21 +201,27 @@ pub fn spawn_detached_in(
             Stdio::inherit()
         }
     };
-    let mut command = Command::new(program);
+    let mut command = match spec.netns {
+        Some(fd) => command_in(&exe, fd),
+        None => Command::new(&exe),
+    };
     command
-        .args(args)
-        .envs(envs.iter().copied())
+        .args(["gate", "--fd", &gate_read.as_raw_fd().to_string(), "--"])
+        .args(spec.argv)
+        .envs(spec.envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(output())
         .stderr(output());
-    // SAFETY: setns and setsid are plain system calls, safe between fork and exec; the
-    // namespace descriptor is held by the caller until spawn returns.
+    let mut inherited = spec.keep.to_vec();
+    inherited.push(gate_read.as_raw_fd());
+    // SAFETY: fcntl and setsid are async-signal-safe; the descriptors stay open in this
+    // process until the child has started.
     unsafe {
         command.pre_exec(move || {
-            if let Some(fd) = netns {
-                let fd = BorrowedFd::borrow_raw(fd);
-                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
+            for &fd in &inherited {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             Ok(())
@@ -136,7 +230,51 @@ pub fn spawn_detached_in(
     let child = command
         .spawn()
         .with_context(|| format!("starting {program}"))?;
+    drop(gate_read);
     let pid = child.id();
-    // The process may already be gone; its identity is then only good for reaping.
-    Ok(ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 }))
+    let process = ProcessId::of(pid).with_context(|| format!("{program} ended at once"))?;
+    Ok(Gated {
+        process,
+        gate: Some(File::from(gate_write)),
+    })
+}
+
+/// Where `program` would be run from: itself when it holds a slash, else the first match in
+/// PATH. Fails naming the program when there is none.
+pub fn find_program(program: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &std::path::Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = std::path::PathBuf::from(program);
+        return if runnable(&path) {
+            Ok(path)
+        } else {
+            bail!("{program} is not an executable file")
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|path| runnable(path))
+        .with_context(|| format!("{program} is not installed (not found in PATH)"))
+}
+
+/// The hidden `gate` command: waits for the go-ahead on `fd`, then becomes `command`.
+/// Returns only on failure.
+pub fn gate(fd: RawFd, command: &[String]) -> Result<()> {
+    // SAFETY: the descriptor was passed to us for exactly this purpose.
+    let mut pipe = unsafe { File::from_raw_fd(fd) };
+    let mut byte = [0u8; 1];
+    if pipe.read(&mut byte).context("waiting at the start gate")? != 1 {
+        bail!(
+            "the process that started us is gone; not starting {}",
+            command[0]
+        );
+    }
+    drop(pipe);
+    let error = Command::new(&command[0]).args(&command[1..]).exec();
+    Err(error).with_context(|| format!("running {}", command[0]))
 }

@@ -14,8 +14,7 @@ use std::collections::hash_map::Entry;
 use std::io;
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,11 +22,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::config::{Protocol, PublishPort};
 use crate::netns;
-use crate::process::ProcessId;
+use crate::process::{self, Detached, Gated};
 
 /// A UDP client that sends nothing for this long loses its relay socket.
 const UDP_IDLE: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections (TCP) or clients (UDP) relayed at once per published port; more are turned
+/// away rather than let one port exhaust the relay's threads and descriptors.
+const MAX_SESSIONS: usize = 256;
 
 pub enum Listener {
     Tcp(TcpListener, u16),
@@ -77,8 +79,8 @@ pub fn bind(ports: &[PublishPort]) -> Result<Vec<Listener>> {
         .collect()
 }
 
-/// Starts the relay with the listeners as inherited descriptors.
-pub fn spawn(namespace: &str, listeners: &[Listener]) -> Result<ProcessId> {
+/// Starts the relay, held at its gate, with the listeners as inherited descriptors.
+pub fn spawn(namespace: &str, listeners: &[Listener]) -> Result<Gated> {
     let exe = std::env::current_exe().context("finding our own executable")?;
     let mut argv = vec![
         exe.to_string_lossy().into_owned(),
@@ -91,36 +93,13 @@ pub fn spawn(namespace: &str, listeners: &[Listener]) -> Result<ProcessId> {
         argv.push(listener.spec());
     }
     let fds: Vec<RawFd> = listeners.iter().map(Listener::fd).collect();
-    let quiet = std::env::var_os("JOURNAL_STREAM").is_none();
-    let output = || {
-        if quiet {
-            Stdio::null()
-        } else {
-            Stdio::inherit()
-        }
-    };
-    let mut command = Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(output())
-        .stderr(output());
-    // SAFETY: fcntl and setsid are async-signal-safe; the descriptors stay open in the parent
-    // until the child has started.
-    unsafe {
-        command.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            Ok(())
-        });
-    }
-    let child = command.spawn().context("starting the port relay")?;
-    let process = ProcessId::of(child.id()).context("the port relay ended at once")?;
-    Ok(process)
+    process::start_detached(Detached {
+        argv: &argv,
+        envs: &[],
+        netns: None,
+        keep: &fds,
+    })
+    .context("starting the port relay")
 }
 
 /// The relay process: `publish --namespace N --relay FD=PROTO:PORT ...`.
@@ -162,10 +141,24 @@ fn target(port: u16) -> SocketAddr {
 }
 
 fn relay_tcp(listener: TcpListener, port: u16, ns_fd: Arc<OwnedFd>) {
+    let active = Arc::new(AtomicUsize::new(0));
     for client in listener.incoming() {
-        let Ok(client) = client else { continue };
+        let client = match client {
+            Ok(client) => client,
+            Err(_) => {
+                // Out of descriptors, say: wait rather than spin.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let ns_fd = Arc::clone(&ns_fd);
+        let active = Arc::clone(&active);
         std::thread::spawn(move || {
+            let _done = Release(active);
             let inside = netns::within(&*ns_fd, || {
                 TcpStream::connect_timeout(&target(port), CONNECT_TIMEOUT)
             });
@@ -175,6 +168,15 @@ fn relay_tcp(listener: TcpListener, port: u16, ns_fd: Arc<OwnedFd>) {
                 Err(e) => eprintln!("publish: {e:#}"),
             }
         });
+    }
+}
+
+/// Counts a session as finished when dropped.
+struct Release(Arc<AtomicUsize>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -212,8 +214,10 @@ fn relay_udp(outside: UdpSocket, port: u16, ns_fd: Arc<OwnedFd>) {
         };
         let mut table = sessions.lock().unwrap_or_else(|e| e.into_inner());
         table.retain(|_, s| s.last_seen.elapsed() < UDP_IDLE);
+        let full = table.len() >= MAX_SESSIONS;
         let session = match table.entry(client) {
             Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(_) if full => continue,
             Entry::Vacant(entry) => {
                 let made = netns::within(&*ns_fd, || -> io::Result<UdpSocket> {
                     let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;

@@ -57,6 +57,34 @@ impl Build {
         self.state.save()
     }
 
+    /// Records `resource`, then makes it with `make`. When `make` finds the name taken (someone
+    /// else got there between our check and now), the record goes again: undoing it would
+    /// remove what is not ours.
+    fn create<T>(&mut self, resource: Resource, make: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.record(resource)?;
+        make().inspect_err(|e| {
+            let taken = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AlreadyExists)
+            });
+            if taken {
+                self.state.resources.pop();
+                let _ = self.state.save();
+            }
+        })
+    }
+
+    /// Notes that the WireGuard link now lives in the namespace.
+    fn link_moved(&mut self) -> Result<()> {
+        for resource in &mut self.state.resources {
+            if let Resource::Link { moved, .. } = resource {
+                *moved = true;
+            }
+        }
+        self.state.save()
+    }
+
     fn commit(mut self) -> Result<()> {
         self.state.phase = Phase::Up;
         self.state.save()?;
@@ -168,8 +196,9 @@ fn build(
     let mut build = Build::start(state)?;
 
     let (ns_fd, inner) = run_step(0, || {
-        build.record(Resource::Namespace { name: ns.into() })?;
-        netns::create(ns)?;
+        build.create(Resource::Namespace { name: ns.into() }, || {
+            netns::create(ns)
+        })?;
         let fd = netns::open(ns)?;
         let inner = Netlink::inside(&fd)?;
         let lo = inner
@@ -200,10 +229,6 @@ fn build(
     run_step(2, || firewall::load(&ns_fd, &rendered.ruleset))?;
 
     let backend = run_step(3, || {
-        build.record(Resource::Link {
-            name: interface.into(),
-            namespace: ns.into(),
-        })?;
         let backend = create_interface(config, &host, &mut build)?;
         wireguard::configure(interface, backend, prepared)?;
         Ok(backend)
@@ -214,6 +239,7 @@ fn build(
             .index_of(interface)?
             .context("the WireGuard link disappeared")?;
         host.move_to(index, &ns_fd)?;
+        build.link_moved()?;
         let index = inner
             .index_of(interface)?
             .context("the WireGuard link did not arrive in the namespace")?;
@@ -235,9 +261,11 @@ fn build(
             return Ok(());
         }
         let listeners = publish::bind(&config.publish_ports)?;
-        // The relay's PID exists only once it runs; it is recorded right after.
-        let process = publish::spawn(ns, &listeners)?;
-        build.record(Resource::Publisher { process })
+        let relay = publish::spawn(ns, &listeners)?;
+        build.record(Resource::Publisher {
+            process: relay.process,
+        })?;
+        relay.release()
     })?;
 
     run_step(6, || {
@@ -250,22 +278,43 @@ fn build(
 fn create_interface(config: &Config, host: &Netlink, build: &mut Build) -> Result<Backend> {
     use crate::config::BackendChoice;
     let interface = config.interface();
-    if config.backend != BackendChoice::Userspace {
-        match host.add_wireguard(interface) {
+    let link = Resource::Link {
+        name: interface.into(),
+        namespace: config.namespace.clone(),
+        moved: false,
+    };
+    if config.backend == BackendChoice::Userspace {
+        // The daemon makes the link; the record covers it from the start.
+        build.record(link)?;
+    } else {
+        let made = build.create(link, || {
+            host.add_wireguard(interface).map_err(anyhow::Error::from)
+        });
+        let error = match made {
             Ok(_) => return Ok(Backend::Kernel),
-            Err(e) if wireguard::is_unsupported(&e) && config.backend == BackendChoice::Auto => {}
-            Err(e) if wireguard::is_unsupported(&e) => {
-                bail!("the kernel has no WireGuard support (backend \"kernel\" was asked for): {e}")
+            Err(e) => e,
+        };
+        let unsupported = error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(wireguard::is_unsupported);
+        match config.backend {
+            BackendChoice::Auto if unsupported => {}
+            _ if unsupported => {
+                bail!(
+                    "the kernel has no WireGuard support (backend \"kernel\" was asked for): {error}"
+                )
             }
-            Err(e) => return Err(e).context("creating the WireGuard link"),
+            _ => return Err(error.context("creating the WireGuard link")),
         }
     }
     wireguard::remove_stale_socket(interface);
-    let process = wireguard::spawn_daemon(&config.userspace_command, interface)?;
+    let daemon = wireguard::spawn_daemon(&config.userspace_command, interface)?;
+    let process = daemon.process;
     build.record(Resource::Daemon {
         process,
         interface: interface.into(),
     })?;
+    daemon.release()?;
     wireguard::wait_for_daemon(process, &config.userspace_command[0], interface, host)?;
     Ok(Backend::Userspace)
 }

@@ -51,10 +51,12 @@ pub enum Resource {
         path: PathBuf,
         created_parent: bool,
     },
-    /// The WireGuard link, wherever it is now (host namespace or the confined one).
+    /// The WireGuard link: in the host namespace until `moved`, then in `namespace`.
     Link {
         name: String,
         namespace: String,
+        #[serde(default)]
+        moved: bool,
     },
     /// The userspace WireGuard daemon serving `interface`.
     Daemon {
@@ -76,16 +78,17 @@ impl Resource {
                 path,
                 created_parent,
             } => crate::dns::remove(path, *created_parent),
-            Resource::Link { name, namespace } => crate::wireguard::delete_link(name, namespace),
+            Resource::Link {
+                name,
+                namespace,
+                moved,
+            } => crate::wireguard::delete_link(name, namespace, *moved),
             Resource::Daemon { process, interface } => {
-                process.terminate(Duration::from_secs(2));
+                process.terminate(Duration::from_secs(2))?;
                 crate::wireguard::remove_stale_socket(interface);
                 Ok(())
             }
-            Resource::Publisher { process } => {
-                process.terminate(Duration::from_secs(2));
-                Ok(())
-            }
+            Resource::Publisher { process } => process.terminate(Duration::from_secs(2)),
         }
     }
 }
@@ -162,8 +165,15 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let state = serde_json::from_str(&text)
+        let state: State = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a wg-namespace state file", path.display()))?;
+        if state.version != FORMAT_VERSION {
+            bail!(
+                "{} has format version {}, this wg-namespace reads version {FORMAT_VERSION}",
+                path.display(),
+                state.version
+            );
+        }
         Ok(Some(state))
     }
 

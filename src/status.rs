@@ -128,11 +128,13 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
     };
     let state = match State::load(namespace) {
         Ok(Some(state)) if state.phase == Phase::Up => state,
-        Ok(Some(_)) => {
-            down(
-                &mut status,
-                "being built, or an interrupted `up` left it half-built".into(),
-            );
+        Ok(Some(state)) => {
+            let reason = if state.owner.is_alive() {
+                format!("being built by wg-namespace up (pid {})", state.owner.pid)
+            } else {
+                "half-built: an interrupted `up` left it (`up` or `down` clears it)".into()
+            };
+            down(&mut status, reason);
             return status;
         }
         Ok(None) => {
@@ -177,6 +179,14 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
                             process.pid
                         ),
                     );
+                } else if process.is_stopped() {
+                    down(
+                        &mut status,
+                        format!(
+                            "the userspace WireGuard daemon (pid {}) is stopped",
+                            process.pid
+                        ),
+                    );
                 }
             }
             Resource::Publisher { process } if !process.is_alive() => {
@@ -213,8 +223,13 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         Err(e) => down(&mut status, format!("reading the interface: {e:#}")),
     }
 
+    // A daemon that is gone or stopped cannot answer; asking would only wait.
+    let daemon_answers = state.resources.iter().all(|r| match r {
+        Resource::Daemon { process, .. } => process.is_alive() && !process.is_stopped(),
+        _ => true,
+    });
     let backend = state.backend.as_deref().and_then(Backend::parse);
-    if let (Some(backend), true) = (backend, status.interface.present) {
+    if let (Some(backend), true, true) = (backend, status.interface.present, daemon_answers) {
         match wireguard::show(namespace, backend, &fd) {
             Ok(device) => peer_status(&mut status, &state, &device),
             Err(e) => down(&mut status, format!("{e:#}")),

@@ -16,7 +16,7 @@ use wireguard_control::{
 
 use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
 use crate::link::Netlink;
-use crate::process::ProcessId;
+use crate::process::{Detached, Gated, ProcessId};
 
 /// Where wireguard-go and boringtun put their configuration sockets.
 const UAPI_DIR: &str = "/var/run/wireguard";
@@ -68,18 +68,21 @@ pub fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
-/// Starts `command -f <interface>` in a session of its own, so it outlives `up`. Follow with
-/// [`wait_for_daemon`] once the process is on record.
-pub fn spawn_daemon(command: &[String], interface: &str) -> Result<ProcessId> {
+/// Starts `command -f <interface>` in a session of its own, held at its gate (see
+/// [`crate::process`]); record it, release it, then [`wait_for_daemon`].
+pub fn spawn_daemon(command: &[String], interface: &str) -> Result<Gated> {
     let mut argv = command.to_vec();
     argv.push("-f".into());
     argv.push(interface.into());
     // wireguard-go wants this to stay in the foreground; WG_SUDO keeps boringtun from
     // switching to a user that could no longer answer on the configuration socket.
-    crate::process::spawn_detached(
-        &argv,
-        &[("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "true")],
-    )
+    let envs = [("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "true")];
+    crate::process::start_detached(Detached {
+        argv: &argv,
+        envs: &envs,
+        netns: None,
+        keep: &[],
+    })
     .with_context(|| {
         format!(
             "starting the userspace WireGuard daemon ({})",
@@ -126,16 +129,19 @@ pub fn remove_stale_socket(interface: &str) {
     }
 }
 
-/// Deletes the WireGuard link `name`: inside `namespace` when it has been moved there, in the
-/// calling thread's namespace otherwise. Nothing to delete is not an error.
-pub fn delete_link(name: &str, namespace: &str) -> Result<()> {
-    if crate::netns::exists(namespace) {
-        let nl = Netlink::inside(crate::netns::open(namespace)?)?;
-        if let Some(index) = nl.index_of(name)? {
-            return nl.delete(index);
+/// Deletes the WireGuard link `name`: inside `namespace` once it was moved there, else in the
+/// calling thread's namespace. A moved link is never looked for on the host, where its name is
+/// free again and may belong to someone else by now. Nothing to delete is not an error.
+pub fn delete_link(name: &str, namespace: &str, moved: bool) -> Result<()> {
+    let nl = if moved {
+        match crate::netns::open(namespace) {
+            Ok(fd) => Netlink::inside(fd)?,
+            // The namespace is gone, and its links went with it.
+            Err(_) => return Ok(()),
         }
-    }
-    let nl = Netlink::here()?;
+    } else {
+        Netlink::here()?
+    };
     match nl.index_of(name)? {
         Some(index) => nl.delete(index),
         None => Ok(()),
@@ -143,10 +149,21 @@ pub fn delete_link(name: &str, namespace: &str) -> Result<()> {
 }
 
 /// Reads a key file at run time, refusing files others can tamper with. Returns the key and,
-/// when the file is readable by everyone, a warning for the user.
+/// when the file is readable by everyone, a warning for the user. The checks and the read use
+/// one open descriptor, so the file cannot be swapped in between.
 pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let fail = |problem: String| anyhow!("{field}: {}: {problem}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    // Non-blocking, so that a FIFO put in its place cannot stall `up`.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
     if meta.is_dir() {
         return Err(fail("is a directory, not a key file".into()));
     }
@@ -174,7 +191,12 @@ pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> 
             mode & 0o777
         )
     });
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let mut text = String::new();
+    // A key is 44 characters; anything much longer is not one, and need not be read whole.
+    file.by_ref()
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
     // The content is secret: never quote it.
     let key = Key::from_base64(&text).ok_or_else(|| {
         fail("does not hold a base64 WireGuard key (as `wg genkey` writes)".into())
@@ -287,9 +309,38 @@ pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<D
         Backend::Kernel => {
             crate::netns::within(namespace, || Device::get(&name, WgBackend::Kernel))?
         }
-        Backend::Userspace => Device::get(&name, WgBackend::Userspace),
+        Backend::Userspace => {
+            ask_daemon(interface, move || Device::get(&name, WgBackend::Userspace))
+        }
     }
     .context("reading the WireGuard device")
+}
+
+/// How long a userspace daemon may take to answer on its socket.
+const DAEMON_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a request to the userspace daemon, which must be listening: wireguard-control would
+/// otherwise start a daemon of its own, one nobody records. A daemon that accepts but never
+/// answers (stopped, hung) must not hang `status` or `refresh`, so the request runs on a
+/// thread of its own and is given up after a while.
+fn ask_daemon<T: Send + 'static>(
+    interface: &str,
+    request: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    UnixStream::connect(uapi_socket(interface))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(request());
+    });
+    rx.recv_timeout(DAEMON_ANSWER_TIMEOUT).unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the userspace WireGuard daemon did not answer within {}s",
+                DAEMON_ANSWER_TIMEOUT.as_secs()
+            ),
+        ))
+    })
 }
 
 /// Points one peer at a new endpoint, leaving everything else as it is.
@@ -309,7 +360,9 @@ pub fn set_endpoint(
             Device::get(&name, WgBackend::Kernel)?;
             update.apply(&name, WgBackend::Kernel)
         })?,
-        Backend::Userspace => update.apply(&name, WgBackend::Userspace),
+        Backend::Userspace => {
+            ask_daemon(interface, move || update.apply(&name, WgBackend::Userspace))
+        }
     }
     .context("updating the peer's endpoint")
 }

@@ -209,8 +209,24 @@ fn status_verdicts() -> Result<()> {
             .contains(&format!("namespace {}: healthy", rig.confined))
     );
 
-    // The daemon dies: down, with the reason; down + up recovers.
     let pid = healthy["daemonPid"].as_u64().context("no daemon pid")? as i32;
+
+    // The daemon is stopped: down at once (status must not wait for an answer), healthy again
+    // once it runs.
+    let daemon = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP)?;
+    let asked = std::time::Instant::now();
+    let stopped = expect_verdict(&rig, 4, "down", "is stopped");
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGCONT)?;
+    stopped?;
+    ensure!(
+        asked.elapsed() < Duration::from_secs(4),
+        "status took {:?} with a stopped daemon",
+        asked.elapsed()
+    );
+    expect_verdict(&rig, 0, "healthy", "")?;
+
+    // The daemon dies: down, with the reason; down + up recovers.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

@@ -27,6 +27,9 @@ fn main() {
             concurrent_different_namespaces,
         ),
         trial("untrusted_key_files_are_refused_or_warned_about", key_files),
+        libtest_mimic::Trial::test("a_gated_process_runs_only_when_released", || {
+            gate().map_err(|e| format!("{e:#}").into())
+        }),
     ])
 }
 
@@ -278,4 +281,45 @@ fn key_files() -> Result<()> {
     ensure!(!stderr.contains(&key), "the warning leaks the key");
     rig.down()?;
     rig.assert_clean()
+}
+
+/// The start gate: the program runs only after the go-ahead, and never once its starter is
+/// gone (the pipe closed without a byte).
+fn gate() -> Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join(format!("wgns-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let run = |release: bool| -> Result<(Option<i32>, bool)> {
+        let marker = dir.join(if release { "released" } else { "abandoned" });
+        // Only the read end is inherited (at the same number); the write end must close on
+        // exec, or the gate would hold it and never see the pipe close.
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        nix::fcntl::fcntl(
+            &read,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
+        let mut child = std::process::Command::new(BIN)
+            .args(["gate", "--fd", &read.as_raw_fd().to_string(), "--", "touch"])
+            .arg(&marker)
+            .stderr(Stdio::null())
+            .spawn()?;
+        drop(read);
+        let mut write = std::fs::File::from(write);
+        if release {
+            write.write_all(b"1")?;
+        }
+        drop(write);
+        let status = child.wait()?;
+        Ok((status.code(), marker.exists()))
+    };
+    let released = run(true)?;
+    let abandoned = run(false)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(released == (Some(0), true), "released gate: {released:?}");
+    ensure!(
+        abandoned == (Some(1), false),
+        "abandoned gate ran the program: {abandoned:?}"
+    );
+    Ok(())
 }

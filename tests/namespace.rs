@@ -36,6 +36,13 @@ fn main() {
         trial("bad_configs_fail_cleanly", bad_configs),
         trial("boringtun_works_as_userspace_command", boringtun),
         trial("demo_works_and_cleans_up_also_on_ctrl_c", demo),
+        trial(
+            "extra_rules_cannot_open_the_leak_guard",
+            extra_rules_cannot_open_the_guard,
+        ),
+        libtest_mimic::Trial::test("usage_errors_are_one_line_and_exit_2", || {
+            usage_errors().map_err(|e| format!("{e:#}").into())
+        }),
         libtest_mimic::Trial::test("render_matches_golden_files", || {
             render_golden().map_err(|e| format!("{e:#}").into())
         }),
@@ -630,7 +637,7 @@ fn bad_configs() -> Result<()> {
             "daemon not found",
             Set("userspaceCommand", json!("/nonexistent/wireguard-go")),
             1,
-            "step 4/7 (interface): starting the userspace WireGuard daemon",
+            "step 4/7 (interface): starting the userspace WireGuard daemon (/nonexistent/wireguard-go): /nonexistent/wireguard-go is not an executable file",
         ),
         (
             "published port in use",
@@ -936,5 +943,51 @@ fn demo() -> Result<()> {
         "no teardown after Ctrl-C: {seen}"
     );
     ensure!(leftovers().is_empty(), "Ctrl-C left {:?}", leftovers());
+    Ok(())
+}
+
+/// extraFirewallRules that wipe the ruleset and bring their own, permissive guard table: the
+/// real guard still stands, as check-leaks shows.
+fn extra_rules_cannot_open_the_guard() -> Result<()> {
+    let rig = Rig::new(10)?;
+    let mut config = rig.config()?;
+    config["extraFirewallRules"] = json!(
+        "flush ruleset\n\
+         table inet wg_namespace_guard {\n\
+           chain output { type filter hook output priority filter - 1; policy accept; accept; }\n\
+         }"
+    );
+    rig.up_with(&config)?;
+    let out = rig.helper(&["check-leaks", "--namespace", &rig.confined])?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && !report.contains("FAIL"),
+        "{}",
+        text(&out)
+    );
+    ensure!(report.contains("PASS dns-udp-elsewhere"), "{report}");
+    Ok(())
+}
+
+fn usage_errors() -> Result<()> {
+    for args in [
+        &["up", "--confg", "x.json"][..],
+        &["frobnicate"],
+        &["down"],
+        &["exec", "--namespace", "vpn"],
+        &["status", "--namespace", "bad/name"],
+        &["check", "--config", "/nonexistent/config.json"],
+    ] {
+        let out = std::process::Command::new(BIN).args(args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2)
+                && stderr.lines().count() == 1
+                && stderr.starts_with("error: "),
+            "wg-namespace {}: {}",
+            args.join(" "),
+            text(&out)
+        );
+    }
     Ok(())
 }
