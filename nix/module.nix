@@ -461,7 +461,11 @@ let
   healthUnit = name: {
     description = "Restart WireGuard namespace ${name} when it is unhealthy";
     after = [ "${unitName name}.service" ];
-    serviceConfig.Type = "oneshot";
+    serviceConfig = {
+      Type = "oneshot";
+      # A check that hangs must not keep the timer from firing again.
+      TimeoutStartSec = "1min";
+    };
     script = ''
       unit=${unitName name}.service
       state=$(systemctl is-active "$unit" || true)
