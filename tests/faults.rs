@@ -71,11 +71,7 @@ fn tunnel_works(rig: &Rig, service: SocketAddr) -> Result<()> {
 
 fn killed_at_each_step() -> Result<()> {
     let rig = Rig::new(60)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     let config = rig.write_config("config.json", &rig.config()?)?;
     let config = config.to_str().context("path")?;
     for step in STEPS {
@@ -103,11 +99,7 @@ fn killed_at_each_step() -> Result<()> {
 
 fn concurrent_same_namespace() -> Result<()> {
     let rig = Rig::new(61)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     let config = rig.write_config("config.json", &rig.config()?)?;
     let config = config.to_str().context("path")?;
 

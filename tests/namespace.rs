@@ -53,11 +53,7 @@ const REPLY: &str = "hello from the peer";
 
 fn tunnel_carries_tcp_and_ping() -> Result<()> {
     let rig = Rig::new(1)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     rig.up_with(&rig.config()?)?;
     let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
     ensure!(answer == REPLY, "unexpected answer {answer:?}");
@@ -100,11 +96,7 @@ fn udp_ports(fd: &std::os::fd::OwnedFd) -> Result<Vec<u16>> {
 
 fn socket_stays_on_host() -> Result<()> {
     let rig = Rig::new(2)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     rig.up_with(&rig.config()?)?;
     Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
 
@@ -145,11 +137,7 @@ fn socket_stays_on_host() -> Result<()> {
 
 fn nothing_leaves_when_the_peer_is_down() -> Result<()> {
     let mut rig = Rig::new(3)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     rig.up_with(&rig.config()?)?;
     Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
     rig.stop_peer_wg();
@@ -354,11 +342,7 @@ fn down_leaves_nothing() -> Result<()> {
 
 fn up_twice() -> Result<()> {
     let rig = Rig::new(8)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     let path = rig.up_with(&rig.config()?)?;
     let again = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
     ensure!(
@@ -737,11 +721,7 @@ fn boringtun() -> Result<()> {
         bail!("boringtun-cli is not installed (scripts/setup installs it with cargo install)");
     };
     let rig = Rig::new(9)?;
-    let service = Rig::serve_tcp(
-        rig.peer_fd(),
-        SocketAddr::new(rig.peer_tunnel_ip().into(), 8000),
-        REPLY,
-    )?;
+    let service = rig.peer_service(REPLY)?;
     let mut config = rig.config()?;
     // Plain command: the helper itself must keep boringtun from dropping privileges.
     config["userspaceCommand"] = json!(path);

@@ -466,42 +466,20 @@ impl Rig {
         }
     }
 
-    /// dnsmasq in the peer, on its tunnel address, answering `names` and logging each query.
+    /// dnsmasq in the peer, on its tunnel address: dns_server. Answers `names` and logs each
+    /// query to dnsmasq.log.
     pub fn dnsmasq(&mut self, names: &[(&str, &str)]) -> Result<PathBuf> {
-        let log = self.dir.join("dnsmasq.log");
-        let mut argv: Vec<String> = vec![
-            "dnsmasq".into(),
-            "--keep-in-foreground".into(),
-            "--conf-file=/dev/null".into(),
-            "--no-resolv".into(),
-            "--no-hosts".into(),
-            "--bind-interfaces".into(),
-            format!("--listen-address={}", self.peer_tunnel_ip()),
-            "--port=53".into(),
-            "--log-queries".into(),
-            format!("--log-facility={}", log.display()),
-            format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()),
-            "--user=root".into(),
-        ];
-        for (name, addr) in names {
-            argv.push(format!("--address=/{name}/{addr}"));
-        }
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let child = self
-            .command_in(&self.peer_fd, &argv)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
-        self.track(child);
-        let addr = SocketAddr::new(self.peer_tunnel_ip().into(), 53);
-        wait_for(Duration::from_secs(10), "dnsmasq", || {
-            Rig::within(&self.peer_fd, || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            })
-            .unwrap_or(false)
-        })?;
-        Ok(log)
+        self.dnsmasq_at(self.peer_tunnel_ip(), "dnsmasq", names)
+    }
+
+    /// A service on the peer's tunnel address (port 8000) that answers with `reply`: what a
+    /// process inside reaches only through the tunnel.
+    pub fn peer_service(&self, reply: &'static str) -> Result<SocketAddr> {
+        Rig::serve_tcp(
+            &self.peer_fd,
+            SocketAddr::new(self.peer_tunnel_ip().into(), 8000),
+            reply,
+        )
     }
 
     /// A TCP listener in the namespace `fd` that answers every connection with `reply`.
