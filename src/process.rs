@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,27 +63,30 @@ impl ProcessId {
         self.state().is_some_and(|s| s == 'T' || s == 't')
     }
 
-    /// Signals the process through a pidfd, which pins it: the identity is checked on the
-    /// pinned process, so a PID recycled in between is never hit.
-    fn signal(&self, signal: Signal) {
+    /// A pidfd pinning this very process (not whatever holds the PID later), or None when it
+    /// is gone or the PID now belongs to another process.
+    fn pin(&self) -> Option<OwnedFd> {
         // SAFETY: pidfd_open returns a new descriptor we own, or -1.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
         if raw < 0 {
-            return;
+            return None;
         }
         // SAFETY: a fresh descriptor from pidfd_open.
         let pidfd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-        if self.is_alive() {
-            // SAFETY: plain system call on a descriptor we hold.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    signal as libc::c_int,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+        // Checked after pinning: if the identity matches now, the pidfd is this process.
+        self.is_alive().then_some(pidfd)
+    }
+
+    fn signal(pidfd: &OwnedFd, signal: Signal) {
+        // SAFETY: plain system call on a descriptor we hold.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                signal as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
         }
     }
 
@@ -91,29 +94,38 @@ impl ProcessId {
     /// own child. Fails when it is still there after all that (stuck in the kernel, say), so
     /// that its record is kept for a later `down`.
     pub fn terminate(&self, grace: Duration) -> Result<()> {
-        self.signal(Signal::SIGTERM);
-        if self.wait_gone(grace) {
+        let Some(pidfd) = self.pin() else {
+            self.reap();
+            return Ok(());
+        };
+        ProcessId::signal(&pidfd, Signal::SIGTERM);
+        if self.wait_gone(&pidfd, grace) {
             return Ok(());
         }
-        self.signal(Signal::SIGCONT);
-        self.signal(Signal::SIGKILL);
-        if self.wait_gone(grace) {
+        ProcessId::signal(&pidfd, Signal::SIGCONT);
+        ProcessId::signal(&pidfd, Signal::SIGKILL);
+        if self.wait_gone(&pidfd, grace) {
             return Ok(());
         }
         bail!("process {} does not end", self.pid)
     }
 
-    fn wait_gone(&self, limit: Duration) -> bool {
+    /// Waits for the exit, woken by the pidfd (it becomes readable when the process ends).
+    fn wait_gone(&self, pidfd: &OwnedFd, limit: Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let deadline = Instant::now() + limit;
         loop {
             self.reap();
             if !self.is_alive() {
                 return true;
             }
-            if Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            let timeout = PollTimeout::from(left.as_millis().min(1000) as u16);
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, timeout);
         }
     }
 
