@@ -94,6 +94,40 @@ fn device_peers(config: &Config, target: &Target) -> Result<OnDevice> {
         .collect())
 }
 
+/// When one peer's name is resolved again: every `every`, and at once (but at most every
+/// [`OVERDUE_RETRY`]) while its handshake is overdue.
+struct Schedule {
+    every: Duration,
+    next_due: Instant,
+    last_overdue_try: Option<Instant>,
+}
+
+impl Schedule {
+    fn new(start: Instant, every: Duration) -> Schedule {
+        Schedule {
+            every,
+            next_due: start,
+            last_overdue_try: None,
+        }
+    }
+
+    /// Whether to resolve now; if so, the next turn is planned.
+    fn take(&mut self, now: Instant, handshake_age: Option<Duration>) -> bool {
+        let overdue = handshake_age.is_none_or(|age| age > HANDSHAKE_OVERDUE);
+        let retry_allowed = self
+            .last_overdue_try
+            .is_none_or(|t| now.duration_since(t) >= OVERDUE_RETRY);
+        if !(now >= self.next_due || (overdue && retry_allowed)) {
+            return false;
+        }
+        if overdue {
+            self.last_overdue_try = Some(now);
+        }
+        self.next_due = now + self.every;
+        true
+    }
+}
+
 pub fn run(config: &Config, once: bool) -> Result<()> {
     let peers: Vec<&Peer> = config
         .peers
@@ -117,8 +151,16 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
         return Ok(());
     }
 
-    let mut next_due: Vec<Instant> = vec![Instant::now(); peers.len()];
-    let mut last_overdue_try: Vec<Option<Instant>> = vec![None; peers.len()];
+    let start = Instant::now();
+    let mut schedules: Vec<Schedule> = peers
+        .iter()
+        .map(|p| {
+            Schedule::new(
+                start,
+                Duration::from_secs(p.dynamic_endpoint_refresh_seconds),
+            )
+        })
+        .collect();
     let mut waiting_reported = false;
     loop {
         std::thread::sleep(TICK);
@@ -143,24 +185,15 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
             }
         };
         let now = Instant::now();
-        for (i, peer) in peers.iter().enumerate() {
+        for (peer, schedule) in peers.iter().zip(&mut schedules) {
             let (current, handshake) = on_device
                 .get(&peer.public_key.0)
                 .copied()
                 .unwrap_or((None, None));
-            let overdue = handshake
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_none_or(|age| age > HANDSHAKE_OVERDUE);
-            let retry_allowed =
-                last_overdue_try[i].is_none_or(|t| now.duration_since(t) >= OVERDUE_RETRY);
-            let due = now >= next_due[i];
-            if !(due || (overdue && retry_allowed)) {
+            let handshake_age = handshake.and_then(|t| SystemTime::now().duration_since(t).ok());
+            if !schedule.take(now, handshake_age) {
                 continue;
             }
-            if overdue {
-                last_overdue_try[i] = Some(now);
-            }
-            next_due[i] = now + Duration::from_secs(peer.dynamic_endpoint_refresh_seconds);
             if let Err(e) = refresh_peer(config, &target, peer, current) {
                 eprintln!(
                     "refresh: peer {}: {e:#}; keeping the current endpoint and retrying",
@@ -168,5 +201,30 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_on_schedule_and_early_when_the_handshake_is_overdue() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let fresh = Some(secs(10));
+        let mut s = Schedule::new(t0, secs(60));
+        assert!(s.take(t0, fresh), "first turn at once");
+        assert!(!s.take(t0 + secs(30), fresh), "not before the period");
+        assert!(s.take(t0 + secs(60), fresh), "after the period");
+        // The handshake goes stale (over 135 s): resolve at once, then at most every 15 s.
+        let stale = Some(secs(136));
+        assert!(s.take(t0 + secs(70), stale));
+        assert!(!s.take(t0 + secs(80), stale));
+        assert!(s.take(t0 + secs(85), stale));
+        // Never a handshake counts as overdue too.
+        let mut s = Schedule::new(t0, secs(3600));
+        assert!(s.take(t0, None));
+        assert!(s.take(t0 + secs(15), None));
     }
 }
