@@ -357,13 +357,32 @@ fn up_twice() -> Result<()> {
     Ok(())
 }
 
-/// What a failed `up` must leave exactly as it was.
+/// What a failed `up` of this rig's namespace must leave exactly as it was. Only names of this
+/// rig count: other tests change the machine's namespaces and files at the same time.
 fn snapshot(rig: &Rig) -> Result<Vec<String>> {
-    let mut seen = wg_namespace::netns::list();
+    let ours = [
+        &rig.confined,
+        &rig.host,
+        &rig.peer,
+        &rig.host_veth,
+        &rig.peer_veth,
+        &rig.peer_if,
+    ];
+    let is_ours = |name: &str| {
+        let stem = name.split('.').next().unwrap_or(name);
+        ours.iter().any(|o| stem == o.as_str())
+    };
+    let mut seen: Vec<String> = wg_namespace::netns::list()
+        .into_iter()
+        .filter(|n| is_ours(n))
+        .collect();
     for dir in ["/etc/netns", "/run/wg-namespace", "/var/run/wireguard"] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
-                seen.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+                let name = e.file_name().to_string_lossy().into_owned();
+                if is_ours(&name) {
+                    seen.push(format!("{dir}/{name}"));
+                }
             }
         }
     }
