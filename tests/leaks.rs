@@ -16,7 +16,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,37 +98,6 @@ fn queries(log: &Path) -> Result<Vec<String>> {
         .filter(|l| l.contains("query["))
         .map(str::to_string)
         .collect())
-}
-
-/// Runs `f` in a thread of its own until `stop` is set, then joins it.
-struct Worker {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Worker {
-    fn spawn(mut step: impl FnMut() + Send + 'static) -> Worker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                step();
-            }
-        });
-        Worker {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A listener in some namespace that records who reached it.

@@ -554,20 +554,23 @@ pub fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// PIDs whose command line names `word` as a whole argument.
-pub fn processes_mentioning(word: &str) -> Vec<u32> {
+/// PIDs (other than ours) of the processes for which `keep` holds.
+fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
     let me = std::process::id();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|b| b.split(|&c| c == 0).any(|arg| arg == word.as_bytes()))
-                .unwrap_or(false)
-        })
+        .filter(|&pid| pid != me && keep(pid))
         .collect()
+}
+
+/// PIDs whose command line names `word` as a whole argument.
+pub fn processes_mentioning(word: &str) -> Vec<u32> {
+    pids_where(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|b| b.split(|&c| c == 0).any(|arg| arg == word.as_bytes()))
+    })
 }
 
 /// PIDs of processes in the network namespace `fd` (by namespace inode).
@@ -575,18 +578,10 @@ fn processes_in(fd: &OwnedFd) -> Vec<u32> {
     let Ok(meta) = std::fs::File::from(fd.try_clone().expect("dup")).metadata() else {
         return Vec::new();
     };
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|&pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .map(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
-                .unwrap_or(false)
-        })
-        .collect()
+    pids_where(|pid| {
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
+    })
 }
 
 impl Drop for Rig {
@@ -763,9 +758,8 @@ fn parse_frame(buf: &[u8]) -> Option<Frame> {
 
 /// Counts every frame on one interface of one namespace until stopped (the leak catcher).
 pub struct Capture {
-    stop: Arc<AtomicBool>,
     frames: Arc<Mutex<Vec<Frame>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    worker: Worker,
 }
 
 impl Capture {
@@ -786,20 +780,43 @@ impl Capture {
     }
 
     pub fn stop(mut self) -> Vec<Frame> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.worker.stop();
         self.frames()
     }
 }
 
-impl Drop for Capture {
-    fn drop(&mut self) {
+/// A thread that runs `step` over and over until stopped (explicitly, or when dropped).
+pub struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(mut step: impl FnMut() + Send + 'static) -> Worker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                step();
+            }
+        });
+        Worker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -1044,43 +1061,37 @@ fn capture_with(
             Ok(owned)
         }
     })??;
-    let stop = Arc::new(AtomicBool::new(false));
     let frames = Arc::new(Mutex::new(Vec::new()));
-    let (stop2, frames2) = (Arc::clone(&stop), Arc::clone(&frames));
-    let thread = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        while !stop2.load(Ordering::SeqCst) {
-            // SAFETY: reading into a buffer and an address we own.
-            let (n, from) = unsafe {
-                let mut from: libc::sockaddr_ll = std::mem::zeroed();
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                let n = libc::recvfrom(
-                    socket.as_fd().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                );
-                (n, from)
-            };
-            if n <= 0 {
-                continue;
-            }
-            let sent = from.sll_pkttype == libc::PACKET_OUTGOING;
-            let wanted = match keep {
-                Direction::Both => true,
-                Direction::Sent => sent,
-                Direction::Received => !sent,
-            };
-            if wanted && let Some(frame) = decode(&buf[..n as usize]) {
-                frames2.lock().unwrap().push(frame);
-            }
+    let found = Arc::clone(&frames);
+    let mut buf = vec![0u8; 65536];
+    // One receive per turn; the socket's timeout lets the worker notice when it must stop.
+    let worker = Worker::spawn(move || {
+        // SAFETY: reading into a buffer and an address we own.
+        let (n, from) = unsafe {
+            let mut from: libc::sockaddr_ll = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            let n = libc::recvfrom(
+                socket.as_fd().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut len,
+            );
+            (n, from)
+        };
+        if n <= 0 {
+            return;
+        }
+        let sent = from.sll_pkttype == libc::PACKET_OUTGOING;
+        let wanted = match keep {
+            Direction::Both => true,
+            Direction::Sent => sent,
+            Direction::Received => !sent,
+        };
+        if wanted && let Some(frame) = decode(&buf[..n as usize]) {
+            found.lock().unwrap().push(frame);
         }
     });
-    Ok(Capture {
-        stop,
-        frames,
-        thread: Some(thread),
-    })
+    Ok(Capture { frames, worker })
 }
