@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use wg_namespace::netns;
+use wg_namespace::wireguard::uapi_socket;
 use wireguard_control::{Backend, DeviceUpdate, Key, PeerConfigBuilder};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wg-namespace");
@@ -237,45 +238,18 @@ impl Rig {
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
             sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
         }
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "address",
-            "add",
-            &format!("10.200.{id}.1/29"),
-            "dev",
-            &self.host_veth,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            p,
-            "address",
-            "add",
-            &format!("10.200.{id}.2/29"),
-            "dev",
-            &self.peer_veth,
-        ])?;
+        add_address(h, &format!("10.200.{id}.1/29"), &self.host_veth)?;
+        add_address(p, &format!("10.200.{id}.2/29"), &self.peer_veth)?;
         // Deleting .2 (to move the peer) must not take its sibling .3 along.
         let promote = format!("net.ipv4.conf.{}.promote_secondaries=1", self.peer_veth);
         sh(&["ip", "netns", "exec", p, "sysctl", "-q", "-w", &promote])?;
-        sh(&[
-            "ip",
-            "-n",
-            p,
-            "address",
-            "add",
-            &format!("10.200.{id}.3/29"),
-            "dev",
-            &self.peer_veth,
-        ])?;
+        add_address(p, &format!("10.200.{id}.3/29"), &self.peer_veth)?;
         Ok(())
     }
 
     /// (Re)starts the peer's WireGuard daemon and configures it for the confined side.
     pub fn start_peer_wg(&mut self) -> Result<()> {
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.peer_if));
+        let _ = std::fs::remove_file(uapi_socket(&self.peer_if));
         let child = self
             .command_in(&self.peer_fd, &["wireguard-go", "-f", &self.peer_if])
             .env("WG_PROCESS_FOREGROUND", "1")
@@ -284,31 +258,13 @@ impl Rig {
             .spawn()
             .context("starting wireguard-go for the peer")?;
         self.peer_wg = Some(child);
-        let socket = format!("/var/run/wireguard/{}.sock", self.peer_if);
+        let socket = uapi_socket(&self.peer_if);
         wait_for(Duration::from_secs(10), "the peer's wireguard-go", || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         })?;
         let (p, id, w) = (&self.peer, self.id, &self.peer_if);
-        sh(&[
-            "ip",
-            "-n",
-            p,
-            "address",
-            "add",
-            &format!("10.200.{id}.129/25"),
-            "dev",
-            w,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            p,
-            "address",
-            "add",
-            &format!("fd77:{id}::1/64"),
-            "dev",
-            w,
-        ])?;
+        add_address(p, &format!("10.200.{id}.129/25"), w)?;
+        add_address(p, &format!("fd77:{id}::1/64"), w)?;
         sh(&["ip", "-n", p, "link", "set", w, "up"])?;
         DeviceUpdate::new()
             .set_private_key(self.peer_key.clone())
@@ -333,7 +289,7 @@ impl Rig {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.peer_if));
+        let _ = std::fs::remove_file(uapi_socket(&self.peer_if));
     }
 
     pub fn peer_underlay(&self) -> Ipv4Addr {
@@ -527,8 +483,8 @@ impl Rig {
         {
             found.push(format!("link {c} in the host namespace"));
         }
-        if Path::new(&format!("/var/run/wireguard/{c}.sock")).exists() {
-            found.push(format!("/var/run/wireguard/{c}.sock"));
+        if uapi_socket(c).exists() {
+            found.push(uapi_socket(c).display().to_string());
         }
         for pid in processes_mentioning(c) {
             found.push(format!("process {pid} ({})", cmdline(pid)));
@@ -552,6 +508,11 @@ pub fn cmdline(pid: u32) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+/// `ip -n <ns> address add <address> dev <link>`.
+fn add_address(ns: &str, address: &str, link: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "address", "add", address, "dev", link]).map(drop)
 }
 
 /// PIDs (other than ours) of the processes for which `keep` holds.
@@ -612,7 +573,7 @@ impl Drop for Rig {
         let _ = sh(&["ip", "-n", &self.host, "link", "del", &self.host_veth]);
         let _ = netns::delete(&self.peer);
         let _ = netns::delete(&self.host);
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.confined));
+        let _ = std::fs::remove_file(uapi_socket(&self.confined));
         if self.routes {
             let _ = sh(&[
                 "ip",
