@@ -347,7 +347,7 @@ fn start_peer_wireguard(
     let daemon = gated.process;
     rig.peer_daemon = Some(daemon);
     gated.release()?;
-    wireguard::wait_for_daemon(daemon, &argv[0], PEER_IF, inside_peer)?;
+    wireguard::wait_for_daemon(daemon, &argv, PEER_IF, inside_peer)?;
     Ok(wireguard::Backend::Userspace)
 }
 

@@ -240,6 +240,14 @@ fn build(
             .context("the WireGuard link disappeared")?;
         host.move_to(index, &ns_fd)?;
         build.link_moved()?;
+        // A daemon that opens its interface by name again after this point makes a twin here,
+        // which would take part of the tunnel's traffic. Better no tunnel than that.
+        if host.index_of(interface)?.is_some() {
+            bail!(
+                "the WireGuard daemon made a second {interface} link in the host namespace after \
+                 the first was moved; it must open all its queues at start"
+            );
+        }
         let index = inner
             .index_of(interface)?
             .context("the WireGuard link did not arrive in the namespace")?;
@@ -315,7 +323,7 @@ fn create_interface(config: &Config, host: &Netlink, build: &mut Build) -> Resul
         interface: interface.into(),
     })?;
     daemon.release()?;
-    wireguard::wait_for_daemon(process, &config.userspace_command[0], interface, host)?;
+    wireguard::wait_for_daemon(process, &config.userspace_command, interface, host)?;
     Ok(Backend::Userspace)
 }
 

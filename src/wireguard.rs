@@ -91,17 +91,21 @@ pub fn spawn_daemon(command: &[String], interface: &str) -> Result<Gated> {
     })
 }
 
-/// Waits until the daemon's interface and configuration socket exist.
+/// Waits until the daemon's interface and configuration socket exist and it holds every TUN
+/// queue it is going to open (see [`tun_queues_expected`]).
 pub fn wait_for_daemon(
     process: ProcessId,
-    program: &str,
+    command: &[String],
     interface: &str,
     host: &Netlink,
 ) -> Result<()> {
+    let program = command.first().map(String::as_str).unwrap_or_default();
+    let queues = tun_queues_expected(command, std::env::var("WG_THREADS").ok().as_deref());
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;
     loop {
         if UnixStream::connect(uapi_socket(interface)).is_ok()
             && host.index_of(interface)?.is_some()
+            && tun_queues_open(process.pid) >= queues
         {
             return Ok(());
         }
@@ -113,12 +117,63 @@ pub fn wait_for_daemon(
         }
         if Instant::now() > deadline {
             bail!(
-                "the userspace WireGuard daemon {program} made no interface {interface} within {}s",
+                "the userspace WireGuard daemon {program} did not make interface {interface} \
+                 with {queues} queue(s) within {}s",
                 DAEMON_START_TIMEOUT.as_secs()
             );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// boringtun's default number of worker threads.
+const BORINGTUN_THREADS: usize = 4;
+
+/// How many TUN queues the daemon `command` opens. boringtun opens one per worker thread,
+/// each by the interface's name, and does so after its configuration socket already answers.
+/// A link moved into the namespace before that would get a twin in the host namespace, and the
+/// packets those threads decrypt would go into the twin instead of the tunnel.
+/// `wg_threads` is the WG_THREADS environment variable the daemon inherits.
+pub fn tun_queues_expected(command: &[String], wg_threads: Option<&str>) -> usize {
+    let is_boringtun = command
+        .first()
+        .and_then(|program| Path::new(program).file_name())
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with("boringtun"));
+    if !is_boringtun {
+        return 1;
+    }
+    let args = &command[1..];
+    if args.iter().any(|arg| arg == "--disable-multi-queue") {
+        return 1;
+    }
+    let mut threads = wg_threads.map(str::to_string);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if arg == "-t" || arg == "--threads" {
+            threads = rest.next().cloned();
+        } else if let Some(value) = arg.strip_prefix("--threads=") {
+            threads = Some(value.into());
+        } else if let Some(value) = arg.strip_prefix("-t").filter(|v| !v.is_empty()) {
+            threads = Some(value.into());
+        }
+    }
+    threads
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .unwrap_or(BORINGTUN_THREADS)
+        .max(1)
+}
+
+/// How many TUN queues (open /dev/net/tun descriptors) process `pid` holds.
+fn tun_queues_open(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target == Path::new("/dev/net/tun"))
+        })
+        .count()
 }
 
 /// Removes a daemon's configuration socket when nothing answers on it any more.
@@ -365,4 +420,31 @@ pub fn set_endpoint(
         }
     }
     .context("updating the peer's endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tun_queues_expected;
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn boringtun_waits_for_one_queue_per_thread() {
+        let expect = |line: &str, env: Option<&str>| tun_queues_expected(&words(line), env);
+        assert_eq!(expect("wireguard-go", Some("8")), 1);
+        assert_eq!(expect("/nix/store/x-boringtun/bin/boringtun-cli", None), 4);
+        assert_eq!(expect("boringtun-cli", Some("2")), 2);
+        assert_eq!(expect("boringtun-cli --threads 3", Some("2")), 3);
+        assert_eq!(expect("boringtun-cli --threads=5", None), 5);
+        assert_eq!(expect("boringtun-cli -t 6", None), 6);
+        assert_eq!(expect("boringtun-cli -t7", None), 7);
+        assert_eq!(expect("boringtun-cli -t 0", None), 1);
+        assert_eq!(
+            expect("boringtun-cli --threads 8 --disable-multi-queue", None),
+            1
+        );
+        assert_eq!(expect("boringtun-cli --threads lots", None), 4);
+    }
 }

@@ -734,7 +734,9 @@ fn bad_configs() -> Result<()> {
     Ok(())
 }
 
-/// boringtun-cli, when installed, must work as the userspace daemon (CI installs it).
+/// boringtun-cli, when installed, must work as the userspace daemon (CI installs it). It opens
+/// one TUN queue per thread, by name, after its socket answers: moving the link before the last
+/// one made a twin link on the host that swallowed the replies those threads decrypted.
 fn boringtun() -> Result<()> {
     let Ok(path) = which("boringtun-cli") else {
         bail!("boringtun-cli is not installed (scripts/setup installs it with cargo install)");
@@ -742,11 +744,22 @@ fn boringtun() -> Result<()> {
     let rig = Rig::new(9)?;
     let service = rig.peer_service(REPLY)?;
     let mut config = rig.config()?;
-    // Plain command: the helper itself must keep boringtun from dropping privileges.
-    config["userspaceCommand"] = json!(path);
+    // Plain command: the helper itself must keep boringtun from dropping privileges. Many
+    // threads make the window for a late queue wide.
+    config["userspaceCommand"] = json!(format!("{} --threads 12", path.display()));
     rig.up_with(&config)?;
-    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
-    ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    let twin = wg_namespace::link::Netlink::inside(rig.host_fd())?.index_of(&rig.confined)?;
+    ensure!(
+        twin.is_none(),
+        "a link {} is in the host namespace after up",
+        rig.confined
+    );
+    // Each connection hashes to another queue and thread; every one must be answered.
+    for attempt in 0..12 {
+        let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))
+            .with_context(|| format!("request {attempt} through boringtun"))?;
+        ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    }
     rig.down()?;
     rig.assert_clean()
 }
