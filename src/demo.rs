@@ -366,22 +366,39 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
 fn serve_web(listener: TcpListener) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let mut request = [0u8; 1024];
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.read(&mut request);
+        // Closing with part of the request unread would make the kernel answer with a reset,
+        // and the client could lose the response to it.
+        if read_request_head(&mut stream).is_err() {
+            continue;
+        }
         let body = "hello from the peer, through the tunnel\n";
-        let _ = write!(
-            stream,
+        let response = format!(
             "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
+        let _ = stream.write_all(response.as_bytes());
     }
+}
+
+/// Reads up to the blank line that ends an HTTP request's head.
+fn read_request_head(stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
 }
 
 fn http_get(target: SocketAddr) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET / HTTP/1.0\r\nHost: {target}\r\n\r\n")?;
+    stream.write_all(format!("GET / HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response
