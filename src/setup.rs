@@ -242,7 +242,7 @@ fn build(
         build.link_moved()?;
         // A daemon that opens its interface by name again after this point makes a twin here,
         // which would take part of the tunnel's traffic. Better no tunnel than that.
-        if host.index_of(interface)?.is_some() {
+        if backend == Backend::Userspace && host.index_of(interface)?.is_some() {
             bail!(
                 "the WireGuard daemon made a second {interface} link in the host namespace after \
                  the first was moved; it must open all its queues at start"
