@@ -134,7 +134,7 @@ const BORINGTUN_THREADS: usize = 4;
 /// A link moved into the namespace before that would get a twin in the host namespace, and the
 /// packets those threads decrypt would go into the twin instead of the tunnel.
 /// `wg_threads` is the WG_THREADS environment variable the daemon inherits.
-pub fn tun_queues_expected(command: &[String], wg_threads: Option<&str>) -> usize {
+fn tun_queues_expected(command: &[String], wg_threads: Option<&str>) -> usize {
     let is_boringtun = command
         .first()
         .and_then(|program| Path::new(program).file_name())
