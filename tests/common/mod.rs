@@ -115,7 +115,8 @@ pub struct Rig {
     peer_fd: OwnedFd,
     peer_wg: Option<Child>,
     children: Vec<Child>,
-    routes: bool,
+    /// A field drops after `Drop::drop` has run, so the routes outlast the rest of the rig.
+    _guard_routes: GuardRoutes,
 }
 
 impl Rig {
@@ -130,30 +131,7 @@ impl Rig {
             );
         }
         // The guard routes come first: from here on nothing for these prefixes leaves.
-        sh(&[
-            "ip",
-            "route",
-            "add",
-            "unreachable",
-            &format!("10.200.{id}.0/24"),
-        ])?;
-        if let Err(e) = sh(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "unreachable",
-            &format!("fd77:{id}::/32"),
-        ]) {
-            let _ = sh(&[
-                "ip",
-                "route",
-                "del",
-                "unreachable",
-                &format!("10.200.{id}.0/24"),
-            ]);
-            return Err(e);
-        }
+        let guard_routes = GuardRoutes::add(id)?;
         let dir = PathBuf::from(format!("/tmp/wgns-test-{id}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -166,21 +144,6 @@ impl Rig {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = netns::delete(&host);
-                let _ = sh(&[
-                    "ip",
-                    "route",
-                    "del",
-                    "unreachable",
-                    &format!("10.200.{id}.0/24"),
-                ]);
-                let _ = sh(&[
-                    "ip",
-                    "-6",
-                    "route",
-                    "del",
-                    "unreachable",
-                    &format!("fd77:{id}::/32"),
-                ]);
                 return Err(e);
             }
         };
@@ -199,7 +162,7 @@ impl Rig {
             peer_fd,
             peer_wg: None,
             children: Vec::new(),
-            routes: true,
+            _guard_routes: guard_routes,
         };
         rig.build_underlay()?;
         rig.start_peer_wg()?;
@@ -574,24 +537,29 @@ impl Drop for Rig {
         let _ = netns::delete(&self.peer);
         let _ = netns::delete(&self.host);
         let _ = std::fs::remove_file(uapi_socket(&self.confined));
-        if self.routes {
-            let _ = sh(&[
-                "ip",
-                "route",
-                "del",
-                "unreachable",
-                &format!("10.200.{}.0/24", self.id),
-            ]);
-            let _ = sh(&[
-                "ip",
-                "-6",
-                "route",
-                "del",
-                "unreachable",
-                &format!("fd77:{}::/32", self.id),
-            ]);
-        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The root namespace's `unreachable` routes for one rig's prefixes; removed on drop.
+struct GuardRoutes(Vec<String>);
+
+impl GuardRoutes {
+    fn add(id: u8) -> Result<GuardRoutes> {
+        let mut added = GuardRoutes(Vec::new());
+        for prefix in [format!("10.200.{id}.0/24"), format!("fd77:{id}::/32")] {
+            sh(&["ip", "route", "add", "unreachable", &prefix])?;
+            added.0.push(prefix);
+        }
+        Ok(added)
+    }
+}
+
+impl Drop for GuardRoutes {
+    fn drop(&mut self) {
+        for prefix in &self.0 {
+            let _ = sh(&["ip", "route", "del", "unreachable", prefix]);
+        }
     }
 }
 
