@@ -5,20 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError};
-
-/// Exit codes. `status` adds its own verdict codes; `exec` returns the command's status.
-pub mod code {
-    pub const OK: i32 = 0;
-    /// A run-time failure; whatever was already built has been removed again.
-    pub const FAILURE: i32 = 1;
-    /// Bad config or usage; nothing on the system was touched.
-    pub const USAGE: i32 = 2;
-    /// `status`: the namespace works but something needs attention.
-    pub const DEGRADED: i32 = 3;
-    /// `status`: the namespace cannot carry traffic (or is not up).
-    pub const DOWN: i32 = 4;
-}
+use crate::config::Config;
+use crate::exit::{Failure, code};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -157,32 +145,6 @@ pub fn main() -> i32 {
     }
 }
 
-/// An error on its way to the user: the one line to print and the exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
-
-impl From<ConfigError> for Failure {
-    fn from(e: ConfigError) -> Self {
-        Failure {
-            code: code::USAGE,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure {
-            code: code::FAILURE,
-            // `{:#}` joins the context chain on one line.
-            message: format!("{e:#}"),
-        }
-    }
-}
-
 fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: code::USAGE,
@@ -209,7 +171,7 @@ fn run(command: Command) -> Result<i32, Failure> {
         Command::Up { config } => {
             let path = config;
             let config = Config::load(&path)?;
-            crate::setup::up(&config, Some(&path))?;
+            crate::commands::updown::up(&config, Some(&path))?;
             Ok(code::OK)
         }
         Command::Down { config, namespace } => {
@@ -218,7 +180,7 @@ fn run(command: Command) -> Result<i32, Failure> {
                 (None, Some(name)) => namespace_arg(&name)?,
                 (None, None) => return Err(usage("down needs --config or --namespace")),
             };
-            crate::setup::down(&namespace)?;
+            crate::commands::updown::down(&namespace)?;
             Ok(code::OK)
         }
         Command::Exec {
@@ -227,33 +189,37 @@ fn run(command: Command) -> Result<i32, Failure> {
             command,
         } => {
             let namespace = namespace_arg(&namespace)?;
-            Ok(crate::exec::run(&namespace, user.as_deref(), &command)?)
+            Ok(crate::commands::exec::run(
+                &namespace,
+                user.as_deref(),
+                &command,
+            )?)
         }
         Command::Status { namespace, json } => {
             let namespace = namespace.as_deref().map(namespace_arg).transpose()?;
-            Ok(crate::status::run(namespace.as_deref(), json)?)
+            Ok(crate::commands::status::run(namespace.as_deref(), json)?)
         }
         Command::Refresh { config, once } => {
             let config = Config::load(&config)?;
-            crate::refresh::run(&config, once)?;
+            crate::commands::refresh::run(&config, once)?;
             Ok(code::OK)
         }
         Command::CheckLeaks { namespace } => {
             let namespace = namespace_arg(&namespace)?;
-            Ok(crate::leaks::run(&namespace)?)
+            Ok(crate::commands::leaks::run(&namespace)?)
         }
         Command::Demo => {
-            crate::demo::run()?;
+            crate::commands::demo::run()?;
             Ok(code::OK)
         }
         Command::Publish { namespace, relays } => {
             let namespace = namespace_arg(&namespace)?;
-            crate::publish::serve(&namespace, &relays)?;
+            crate::system::relays::serve(&namespace, &relays)?;
             Ok(code::OK)
         }
-        Command::ProbeInside => Ok(crate::leaks::probe_inside()),
+        Command::ProbeInside => Ok(crate::commands::leaks::probe_inside()),
         Command::Gate { fd, command } => {
-            crate::process::gate(fd, &command)?;
+            crate::system::process::gate(fd, &command)?;
             Ok(code::FAILURE)
         }
     }

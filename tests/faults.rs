@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use wg_namespace::process::ProcessId;
-use wg_namespace::setup::{PAUSE_ENV, STEPS};
+use wg_namespace::commands::updown::{PAUSE_ENV, STEPS};
+use wg_namespace::system::process::ProcessId;
 
 fn main() {
     run(vec![
@@ -202,13 +202,16 @@ fn concurrent_different_namespaces() -> Result<()> {
     for (name, child) in extra.names.iter().zip(children) {
         let out = child.wait_with_output()?;
         ensure!(out.status.success(), "up of {name}: {}", text(&out));
-        ensure!(wg_namespace::netns::exists(name), "{name} is not there");
+        ensure!(
+            wg_namespace::system::netns::exists(name),
+            "{name} is not there"
+        );
     }
     for name in &extra.names {
         let out = rig.helper(&["down", "--namespace", name])?;
         ensure!(out.status.success(), "down of {name}: {}", text(&out));
         ensure!(
-            !wg_namespace::netns::path(name).exists(),
+            !wg_namespace::system::netns::path(name).exists(),
             "{name} is still there"
         );
         ensure!(

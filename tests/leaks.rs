@@ -883,7 +883,7 @@ fn daemon_pid(rig: &Rig) -> Result<u32> {
 }
 
 fn link_names(fd: &OwnedFd) -> Result<Vec<String>> {
-    let mut names: Vec<String> = wg_namespace::link::Netlink::inside(fd)?
+    let mut names: Vec<String> = wg_namespace::system::link::Netlink::inside(fd)?
         .links()?
         .into_iter()
         .map(|l| l.name)
@@ -1233,7 +1233,7 @@ impl Drop for Probers {
 fn watch_for_namespaces(name: String, spec: String, probers: Probers) -> Worker {
     let mut last: Option<(u64, u64)> = None;
     Worker::spawn(move || {
-        if let Ok(fd) = wg_namespace::netns::open(&name)
+        if let Ok(fd) = wg_namespace::system::netns::open(&name)
             && let Ok(meta) = fd.try_clone().map(File::from).and_then(|f| f.metadata())
             && last != Some((meta.dev(), meta.ino()))
             && probers.start(&fd, &spec).is_ok()

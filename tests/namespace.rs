@@ -125,7 +125,7 @@ fn socket_stays_on_host() -> Result<()> {
         "UDP sockets inside the confined namespace: {inside_ports:?}"
     );
 
-    let links = wg_namespace::link::Netlink::inside(rig.confined_fd()?)?.links()?;
+    let links = wg_namespace::system::link::Netlink::inside(rig.confined_fd()?)?.links()?;
     let mut names: Vec<_> = links.iter().map(|l| l.name.clone()).collect();
     names.sort();
     ensure!(
@@ -372,7 +372,7 @@ fn snapshot(rig: &Rig) -> Result<Vec<String>> {
         let stem = name.split('.').next().unwrap_or(name);
         ours.iter().any(|o| stem == o.as_str())
     };
-    let mut seen: Vec<String> = wg_namespace::netns::list()
+    let mut seen: Vec<String> = wg_namespace::system::netns::list()
         .into_iter()
         .filter(|n| is_ours(n))
         .collect();
@@ -386,7 +386,7 @@ fn snapshot(rig: &Rig) -> Result<Vec<String>> {
             }
         }
     }
-    let links = wg_namespace::link::Netlink::inside(rig.host_fd())?.links()?;
+    let links = wg_namespace::system::link::Netlink::inside(rig.host_fd())?.links()?;
     seen.extend(links.into_iter().map(|l| format!("link {}", l.name)));
     seen.extend(
         processes_mentioning(&rig.confined)
@@ -748,7 +748,8 @@ fn boringtun() -> Result<()> {
     // threads make the window for a late queue wide.
     config["userspaceCommand"] = json!(format!("{} --threads 12", path.display()));
     rig.up_with(&config)?;
-    let twin = wg_namespace::link::Netlink::inside(rig.host_fd())?.index_of(&rig.confined)?;
+    let twin =
+        wg_namespace::system::link::Netlink::inside(rig.host_fd())?.index_of(&rig.confined)?;
     ensure!(
         twin.is_none(),
         "a link {} is in the host namespace after up",
@@ -864,14 +865,14 @@ fn demo() -> Result<()> {
     struct Guard;
     impl Drop for Guard {
         fn drop(&mut self) {
-            let _ = wg_namespace::netns::delete("wgt-demo-host");
+            let _ = wg_namespace::system::netns::delete("wgt-demo-host");
             let _ = sh(&["ip", "route", "del", "unreachable", "10.200.250.0/23"]);
         }
     }
     let leftovers = || -> Vec<String> {
         let mut found: Vec<String> = ["wgdemo", "wgdemo-peer"]
             .iter()
-            .filter(|n| wg_namespace::netns::path(n).exists())
+            .filter(|n| wg_namespace::system::netns::path(n).exists())
             .map(|n| format!("namespace {n}"))
             .collect();
         for path in [
@@ -897,8 +898,8 @@ fn demo() -> Result<()> {
     );
     sh(&["ip", "route", "add", "unreachable", "10.200.250.0/23"])?;
     let _guard = Guard;
-    wg_namespace::netns::create("wgt-demo-host")?;
-    let host = wg_namespace::netns::open("wgt-demo-host")?;
+    wg_namespace::system::netns::create("wgt-demo-host")?;
+    let host = wg_namespace::system::netns::open("wgt-demo-host")?;
     let in_host = |args: &[&str]| {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&host);
         let mut command = std::process::Command::new(BIN);

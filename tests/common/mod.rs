@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
-use wg_namespace::netns;
-use wg_namespace::wireguard::uapi_socket;
+use wg_namespace::system::netns;
+use wg_namespace::system::wireguard::uapi_socket;
 use wireguard_control::{Backend, DeviceUpdate, Key, PeerConfigBuilder};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wg-namespace");
@@ -442,7 +442,7 @@ impl Rig {
             }
         }
         if let Ok(Some(_)) =
-            wg_namespace::link::Netlink::inside(&self.host_fd).and_then(|nl| nl.index_of(c))
+            wg_namespace::system::link::Netlink::inside(&self.host_fd).and_then(|nl| nl.index_of(c))
         {
             found.push(format!("link {c} in the host namespace"));
         }

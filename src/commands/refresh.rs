@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 
 use crate::config::{Config, EndpointHost, Peer};
-use crate::state::{Phase, State};
-use crate::wireguard::{self, Backend};
+use crate::system::state::{Phase, State};
+use crate::system::wireguard::{self, Backend};
 
 /// WireGuard rekeys every 120 s while traffic flows; a handshake older than this (plus the
 /// retry slack the protocol allows) means the peer has stopped answering.
@@ -46,7 +46,7 @@ fn target(config: &Config) -> Result<Target> {
         .context("the state file names no backend")?;
     Ok(Target {
         backend,
-        fd: crate::netns::open(ns)?,
+        fd: crate::system::netns::open(ns)?,
     })
 }
 

@@ -13,8 +13,8 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::unistd::{Gid, Uid, User};
 
-use crate::cli::{Failure, code};
-use crate::dns;
+use crate::exit::{Failure, code};
+use crate::system::dns;
 
 /// Enters the namespace for the rest of this process's life: network namespace, a private
 /// mount namespace with the namespace's `/etc` files, the host resolvers hidden, and the
@@ -28,7 +28,7 @@ pub fn enter(namespace: &str, uid: Uid) -> Result<()> {
             etc.join("resolv.conf").display()
         );
     }
-    let fd = crate::netns::open(namespace)?;
+    let fd = crate::system::netns::open(namespace)?;
     setns(&fd, CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
     unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     // Our mounts must not propagate back to the host.

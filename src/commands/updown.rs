@@ -12,10 +12,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::config::Config;
-use crate::link::Netlink;
-use crate::state::{Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State};
-use crate::wireguard::{self, Backend};
-use crate::{dns, firewall, netns, publish, render};
+use crate::render;
+use crate::system::link::Netlink;
+use crate::system::relays as publish;
+use crate::system::state::{Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State};
+use crate::system::wireguard::{self, Backend};
+use crate::system::{dns, firewall, netns};
 
 /// The steps of `up`, in order. Their names appear in error messages and in the test-only
 /// pause switch.

@@ -69,8 +69,8 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 /// empty. Files someone else put there are left alone (and so is the directory holding them).
 pub fn remove(dir: &Path, created_parent: bool) -> Result<()> {
     for name in FILES {
-        crate::state::remove_file_if_present(&dir.join(name))?;
-        crate::state::remove_file_if_present(&dir.join(format!(".{name}.tmp")))?;
+        crate::system::state::remove_file_if_present(&dir.join(name))?;
+        crate::system::state::remove_file_if_present(&dir.join(format!(".{name}.tmp")))?;
     }
     let _ = std::fs::remove_dir(dir);
     if created_parent {

@@ -15,8 +15,8 @@ use wireguard_control::{
 };
 
 use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
-use crate::link::Netlink;
-use crate::process::{Detached, Gated, ProcessId};
+use crate::system::link::Netlink;
+use crate::system::process::{Detached, Gated, ProcessId};
 
 /// Where wireguard-go and boringtun put their configuration sockets.
 const UAPI_DIR: &str = "/var/run/wireguard";
@@ -69,7 +69,7 @@ pub fn is_unsupported(e: &io::Error) -> bool {
 }
 
 /// Starts `command -f <interface>` in a session of its own, held at its gate (see
-/// [`crate::process`]); record it, release it, then [`wait_for_daemon`].
+/// [`crate::system::process`]); record it, release it, then [`wait_for_daemon`].
 pub fn spawn_daemon(command: &[String], interface: &str) -> Result<Gated> {
     let mut argv = command.to_vec();
     argv.push("-f".into());
@@ -77,7 +77,7 @@ pub fn spawn_daemon(command: &[String], interface: &str) -> Result<Gated> {
     // wireguard-go wants this to stay in the foreground; WG_SUDO keeps boringtun from
     // switching to a user that could no longer answer on the configuration socket.
     let envs = [("WG_PROCESS_FOREGROUND", "1"), ("WG_SUDO", "true")];
-    crate::process::start_detached(Detached {
+    crate::system::process::start_detached(Detached {
         argv: &argv,
         envs: &envs,
         netns: None,
@@ -189,7 +189,7 @@ pub fn remove_stale_socket(interface: &str) {
 /// free again and may belong to someone else by now. Nothing to delete is not an error.
 pub fn delete_link(name: &str, namespace: &str, moved: bool) -> Result<()> {
     let nl = if moved {
-        match crate::netns::open(namespace) {
+        match crate::system::netns::open(namespace) {
             Ok(fd) => Netlink::inside(fd)?,
             // The namespace is gone, and its links went with it.
             Err(_) => return Ok(()),
@@ -362,7 +362,7 @@ pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<D
     let name = interface_name(interface)?;
     match backend {
         Backend::Kernel => {
-            crate::netns::within(namespace, || Device::get(&name, WgBackend::Kernel))?
+            crate::system::netns::within(namespace, || Device::get(&name, WgBackend::Kernel))?
         }
         Backend::Userspace => {
             ask_daemon(interface, move || Device::get(&name, WgBackend::Userspace))
@@ -411,7 +411,7 @@ pub fn set_endpoint(
         .add_peer(PeerConfigBuilder::new(&control_key(public_key)).set_endpoint(endpoint));
     match backend {
         // The kernel backend would create a missing device: make sure it is there.
-        Backend::Kernel => crate::netns::within(namespace, || {
+        Backend::Kernel => crate::system::netns::within(namespace, || {
             Device::get(&name, WgBackend::Kernel)?;
             update.apply(&name, WgBackend::Kernel)
         })?,

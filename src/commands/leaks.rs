@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::code;
-use crate::state::{Phase, State};
-use crate::{dns, firewall, netns};
+use crate::exit::code;
+use crate::system::state::{Phase, State};
+use crate::system::{dns, firewall, netns};
 
 /// A resolver that is not `dns_server` (TEST-NET-2).
 const OTHER_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
@@ -155,7 +155,7 @@ pub fn run(namespace: &str) -> Result<i32> {
     let fd = netns::open(namespace)?;
     let mut probes = Vec::new();
 
-    let links = crate::link::Netlink::inside(&fd)?.links()?;
+    let links = crate::system::link::Netlink::inside(&fd)?.links()?;
     let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
     probes.push(Probe {
         name: "interfaces",

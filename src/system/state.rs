@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::process::ProcessId;
+use crate::system::process::ProcessId;
 
 pub const STATE_DIR: &str = "/run/wg-namespace";
 const FORMAT_VERSION: u32 = 1;
@@ -73,19 +73,19 @@ impl Resource {
     /// Removes the resource. Errors are reported but never stop the rest of a teardown.
     pub fn undo(&self) -> Result<()> {
         match self {
-            Resource::Namespace { name } => crate::netns::delete(name),
+            Resource::Namespace { name } => crate::system::netns::delete(name),
             Resource::EtcDir {
                 path,
                 created_parent,
-            } => crate::dns::remove(path, *created_parent),
+            } => crate::system::dns::remove(path, *created_parent),
             Resource::Link {
                 name,
                 namespace,
                 moved,
-            } => crate::wireguard::delete_link(name, namespace, *moved),
+            } => crate::system::wireguard::delete_link(name, namespace, *moved),
             Resource::Daemon { process, interface } => {
                 process.terminate(Duration::from_secs(2))?;
-                crate::wireguard::remove_stale_socket(interface);
+                crate::system::wireguard::remove_stale_socket(interface);
                 Ok(())
             }
             Resource::Publisher { process } => process.terminate(Duration::from_secs(2)),

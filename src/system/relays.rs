@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::config::{Protocol, PublishPort};
-use crate::netns;
-use crate::process::{self, Detached, Gated};
+use crate::system::netns;
+use crate::system::process::{self, Detached, Gated};
 
 /// A UDP client that sends nothing for this long loses its relay socket.
 const UDP_IDLE: Duration = Duration::from_secs(120);

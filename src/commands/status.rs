@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::cli::code;
 use crate::config::{Endpoint, Key};
-use crate::firewall;
-use crate::link::Netlink;
-use crate::state::{Phase, Resource, State};
-use crate::wireguard::{self, Backend};
+use crate::exit::code;
+use crate::system::firewall;
+use crate::system::link::Netlink;
+use crate::system::state::{Phase, Resource, State};
+use crate::system::wireguard::{self, Backend};
 
 /// A peer without a handshake for this long makes the namespace degraded.
 pub const HANDSHAKE_STALE: Duration = Duration::from_secs(180);
@@ -82,7 +82,7 @@ pub struct NamespaceStatus {
     pub firewall: FirewallStatus,
     pub dns: DnsStatus,
     pub peers: Vec<PeerStatus>,
-    pub publish_ports: Vec<crate::state::PublishRecord>,
+    pub publish_ports: Vec<crate::system::state::PublishRecord>,
     pub up_since: Option<u64>,
 }
 
@@ -151,7 +151,7 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
     status.dns.server = Some(state.dns_server.clone());
     status.publish_ports = state.publish_ports.clone();
 
-    let resolv = crate::dns::dir(namespace).join("resolv.conf");
+    let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
     status.dns.resolv_conf = std::fs::read_to_string(&resolv).is_ok_and(|text| {
         text.lines()
             .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
@@ -199,7 +199,7 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         }
     }
 
-    let fd = match crate::netns::open(namespace) {
+    let fd = match crate::system::netns::open(namespace) {
         Ok(fd) => fd,
         Err(_) => {
             down(&mut status, "the network namespace is gone".into());
@@ -427,7 +427,7 @@ fn print_text(status: &NamespaceStatus) {
 pub fn run(namespace: Option<&str>, json: bool) -> Result<i32> {
     let names = match namespace {
         Some(name) => vec![name.to_string()],
-        None => crate::state::recorded_namespaces(),
+        None => crate::system::state::recorded_namespaces(),
     };
     let report = Report {
         namespaces: names.iter().map(|n| inspect(n)).collect(),

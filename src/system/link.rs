@@ -19,7 +19,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
 use crate::config::Cidr;
-use crate::netns;
+use crate::system::netns;
 
 /// How many requests are in flight at once when adding many routes or addresses.
 const PIPELINE: usize = 64;

@@ -16,7 +16,7 @@ const EXTRA_MARKER: &str = "# extraFirewallRules";
 
 /// Runs `nft` with `args` inside the namespace `fd`, feeding it `stdin`.
 fn nft(fd: BorrowedFd<'_>, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-    let mut command = crate::process::command_in("nft", fd);
+    let mut command = crate::system::process::command_in("nft", fd);
     command
         .args(args)
         .stdin(if stdin.is_some() {

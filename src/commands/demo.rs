@@ -18,10 +18,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use wireguard_control::{Backend as WgBackend, DeviceUpdate, Key as WgKey, PeerConfigBuilder};
 
+use crate::commands::updown as setup;
 use crate::config::{Cidr, Config};
-use crate::link::Netlink;
-use crate::process::ProcessId;
-use crate::{netns, setup, wireguard};
+use crate::system::link::Netlink;
+use crate::system::process::ProcessId;
+use crate::system::{netns, wireguard};
 
 const CONFINED: &str = "wgdemo";
 const PEER_NS: &str = "wgdemo-peer";
@@ -314,7 +315,7 @@ fn demo(rig: &mut Rig) -> Result<()> {
             names.join(", ")
         ),
     );
-    let status = crate::status::inspect(CONFINED);
+    let status = crate::commands::status::inspect(CONFINED);
     say(
         "status",
         format!("{CONFINED} is {}", status.verdict.as_str()),
@@ -338,7 +339,7 @@ fn start_peer_wireguard(
         "-f".into(),
         PEER_IF.into(),
     ];
-    let gated = crate::process::start_detached(crate::process::Detached {
+    let gated = crate::system::process::start_detached(crate::system::process::Detached {
         argv: &argv,
         envs: &[("WG_PROCESS_FOREGROUND", "1")],
         netns: Some(peer_fd.as_fd()),

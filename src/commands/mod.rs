@@ -1,0 +1,9 @@
+//! One file per subcommand. Commands order the steps that [`crate::system`] provides and turn
+//! their outcome into what the user sees.
+
+pub mod demo;
+pub mod exec;
+pub mod leaks;
+pub mod refresh;
+pub mod status;
+pub mod updown;
