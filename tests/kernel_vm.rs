@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 /// Every check the VM must report, in the order `scripts/vm/init` runs them.
 const CHECKS: &[&str] = &[
     "up",
+    "born-inside",
     "ping-peer",
     "tcp-peer",
     "udp-socket-root-ns",

@@ -6,6 +6,7 @@
 //! in reverse. The namespace and its firewall exist before the interface is moved in, so no
 //! process inside ever sees the namespace without its ruleset.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -75,6 +76,12 @@ impl Build {
                 let _ = self.state.save();
             }
         })
+    }
+
+    /// Drops the newest record: its resource was never made.
+    fn forget_last(&mut self) -> Result<()> {
+        self.state.resources.pop();
+        self.state.save()
     }
 
     /// Notes that the WireGuard link now lives in the namespace.
@@ -231,24 +238,33 @@ fn build(
     run_step(2, || firewall::load(&ns_fd, &rendered.ruleset))?;
 
     let backend = run_step(3, || {
-        let backend = create_interface(config, &host, &mut build)?;
-        wireguard::configure(interface, backend, prepared)?;
+        let backend = create_interface(config, &host, &ns_fd, &mut build)?;
+        match backend {
+            // The kernel's configuration interface answers in the namespace the link is in.
+            Backend::Kernel => netns::within(&ns_fd, || {
+                wireguard::configure(interface, backend, prepared)
+            })??,
+            Backend::Userspace => wireguard::configure(interface, backend, prepared)?,
+        }
         Ok(backend)
     })?;
 
     run_step(4, || {
-        let index = host
-            .index_of(interface)?
-            .context("the WireGuard link disappeared")?;
-        host.move_to(index, &ns_fd)?;
-        build.link_moved()?;
-        // A daemon that opens its interface by name again after this point makes a twin here,
-        // which would take part of the tunnel's traffic. Better no tunnel than that.
-        if backend == Backend::Userspace && host.index_of(interface)?.is_some() {
-            bail!(
-                "the WireGuard daemon made a second {interface} link in the host namespace after \
-                 the first was moved; it must open all its queues at start"
-            );
+        if backend == Backend::Userspace {
+            // The daemon made its TUN link here, by name; it has to be moved in.
+            let index = host
+                .index_of(interface)?
+                .context("the WireGuard link disappeared")?;
+            host.move_to(index, &ns_fd)?;
+            build.link_moved()?;
+            // A daemon that opens its interface by name again after this point makes a twin
+            // here, which would take part of the tunnel's traffic. Better no tunnel than that.
+            if host.index_of(interface)?.is_some() {
+                bail!(
+                    "the WireGuard daemon made a second {interface} link in the host namespace \
+                     after the first was moved; it must open all its queues at start"
+                );
+            }
         }
         let index = inner
             .index_of(interface)?
@@ -284,31 +300,42 @@ fn build(
     })
 }
 
-/// Step 4: the WireGuard link in the host namespace, so its UDP socket stays there.
-fn create_interface(config: &Config, host: &Netlink, build: &mut Build) -> Result<Backend> {
+/// Step 4: the WireGuard link, with its UDP socket in the host namespace. A kernel link is born
+/// inside the namespace; a userspace daemon makes its link here and step 5 moves it in.
+fn create_interface(
+    config: &Config,
+    host: &Netlink,
+    ns_fd: &OwnedFd,
+    build: &mut Build,
+) -> Result<Backend> {
     use crate::config::BackendChoice;
     let interface = config.interface();
-    let link = Resource::Link {
+    let link = |born_inside: bool| Resource::Link {
         name: interface.into(),
         namespace: config.namespace.clone(),
-        moved: false,
+        moved: born_inside,
     };
     if config.backend == BackendChoice::Userspace {
         // The daemon makes the link; the record covers it from the start.
-        build.record(link)?;
+        build.record(link(false))?;
     } else {
-        let made = build.create(link, || {
-            host.add_wireguard(interface).map_err(anyhow::Error::from)
+        let made = build.create(link(true), || {
+            host.add_wireguard_in(interface, ns_fd)
+                .map_err(anyhow::Error::from)
         });
         let error = match made {
-            Ok(_) => return Ok(Backend::Kernel),
+            Ok(()) => return Ok(Backend::Kernel),
             Err(e) => e,
         };
         let unsupported = error
             .downcast_ref::<std::io::Error>()
             .is_some_and(wireguard::is_unsupported);
         match config.backend {
-            BackendChoice::Auto if unsupported => {}
+            BackendChoice::Auto if unsupported => {
+                // The failed attempt made nothing; the userspace link gets its own record.
+                build.forget_last()?;
+                build.record(link(false))?;
+            }
             _ if unsupported => {
                 bail!(
                     "the kernel has no WireGuard support (backend \"kernel\" was asked for): {error}"

@@ -99,20 +99,32 @@ impl Netlink {
             .map(|l| l.index))
     }
 
-    /// Creates a kernel WireGuard link. The raw error is kept: `EOPNOTSUPP` means the kernel
-    /// has no WireGuard.
+    /// Creates a kernel WireGuard link here. The raw error is kept: `EOPNOTSUPP` means the
+    /// kernel has no WireGuard.
     pub fn add_wireguard(&self, name: &str) -> io::Result<u32> {
-        self.runtime.block_on(async {
-            self.handle
-                .link()
-                .add(LinkWireguard::new(name).build())
-                .execute()
-                .await
-                .map_err(to_io)
-        })?;
+        self.add_link(LinkWireguard::new(name).build())?;
         self.index_of(name)
             .map_err(io::Error::other)?
             .ok_or_else(|| io::Error::other(format!("link {name} vanished right after creation")))
+    }
+
+    /// Creates a kernel WireGuard link that is born in the namespace `target` (one
+    /// RTM_NEWLINK carrying IFLA_NET_NS_FD). WireGuard binds its UDP socket in the namespace of
+    /// the process that creates the link, so the socket stays where this handle lives while the
+    /// link never exists outside `target`: no move, and none of the RCU grace periods a move
+    /// costs. Errors as for [`Netlink::add_wireguard`].
+    pub fn add_wireguard_in(&self, name: &str, target: impl AsFd) -> io::Result<()> {
+        self.add_link(
+            LinkWireguard::new(name)
+                .setns_by_fd(target.as_fd().as_raw_fd())
+                .build(),
+        )
+    }
+
+    fn add_link(&self, message: rtnetlink::packet_route::link::LinkMessage) -> io::Result<()> {
+        self.runtime
+            .block_on(async { self.handle.link().add(message).execute().await })
+            .map_err(to_io)
     }
 
     pub fn delete(&self, index: u32) -> Result<()> {

@@ -51,7 +51,8 @@ pub enum Resource {
         path: PathBuf,
         created_parent: bool,
     },
-    /// The WireGuard link: in the host namespace until `moved`, then in `namespace`.
+    /// The WireGuard link: in the host namespace until `moved` (a userspace daemon makes it
+    /// there), then in `namespace`; a kernel link is born in `namespace` (`moved` from the start).
     Link {
         name: String,
         namespace: String,
