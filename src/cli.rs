@@ -165,7 +165,7 @@ fn run(command: Command) -> Result<i32, Failure> {
         }
         Command::Render { config, out } => {
             let config = Config::load(&config)?;
-            crate::render::write_all(&config, &out)?;
+            crate::commands::render::run(&config, &out)?;
             Ok(code::OK)
         }
         Command::Up { config } => {

@@ -370,9 +370,10 @@ impl Config {
     /// Reads and validates a config file. A file that cannot be read is reported against the
     /// file's path, like malformed JSON.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
+        let bytes = crate::system::files::read_regular(path, crate::system::files::CONFIG_LIMIT)
+            .map_err(|e| ConfigError::new(path.display().to_string(), e.problem))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ConfigError::new(path.display().to_string(), "is not UTF-8 text"))?;
         Config::parse(&text).map_err(|e| {
             if e.field.is_empty() {
                 ConfigError::new(path.display().to_string(), e.problem)

@@ -1,7 +1,5 @@
 //! The namespace's files, rendered from the templates in `templates/` (embedded at build time).
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use minijinja::{AutoEscape, Environment, context};
 
@@ -67,19 +65,4 @@ pub fn render(config: &Config) -> Result<Rendered> {
         nsswitch_conf: get("nsswitch.conf")?,
         ruleset: get("namespace.nft")?,
     })
-}
-
-/// `render --out DIR`: the files `up` would install, for reading and for review.
-pub fn write_all(config: &Config, dir: &Path) -> Result<()> {
-    let rendered = render(config)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, text) in [
-        ("resolv.conf".to_string(), &rendered.resolv_conf),
-        ("nsswitch.conf".to_string(), &rendered.nsswitch_conf),
-        (format!("{}.nft", config.namespace), &rendered.ruleset),
-    ] {
-        let path = dir.join(&name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
 }

@@ -613,7 +613,7 @@ fn bad_configs() -> Result<()> {
             "key file is a directory",
             Set("privateKeyFile", json!(key_dir)),
             1,
-            "is a directory, not a key file",
+            "is a directory, not a regular file",
         ),
         (
             "key file holds garbage",

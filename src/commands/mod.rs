@@ -5,5 +5,6 @@ pub mod demo;
 pub mod exec;
 pub mod leaks;
 pub mod refresh;
+pub mod render;
 pub mod status;
 pub mod updown;

@@ -363,7 +363,8 @@ pub fn down(namespace: &str) -> Result<()> {
         lock.remove();
         return Ok(());
     };
-    state.teardown().map_err(|e| anyhow!("down: {e:#}"))?;
+    // What could not be undone stays on record for the next `down`; the lock file need not.
+    let result = state.teardown().map_err(|e| anyhow!("down: {e:#}"));
     lock.remove();
-    Ok(())
+    result
 }

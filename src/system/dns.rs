@@ -2,13 +2,12 @@
 //! `ip netns exec`, `wg-namespace exec` and confined services bind over `/etc`, and the host
 //! sockets that would resolve names outside the tunnel.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::render::Rendered;
+use crate::system::files::{Dir, FileErrorKind};
 
 pub const ETC_NETNS: &str = "/etc/netns";
 
@@ -33,48 +32,50 @@ pub fn parent_missing() -> bool {
     !Path::new(ETC_NETNS).exists()
 }
 
-/// Writes resolv.conf and nsswitch.conf, each atomically and mode 0644.
+/// Writes resolv.conf and nsswitch.conf, each atomically and mode 0644, into a directory
+/// checked to be root's own (never through a symlink).
 pub fn install(namespace: &str, rendered: &Rendered) -> Result<()> {
-    let dir = dir(namespace);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("setting the mode of {}", dir.display()))?;
-    write_atomically(&dir.join("resolv.conf"), &rendered.resolv_conf)?;
-    write_atomically(&dir.join("nsswitch.conf"), &rendered.nsswitch_conf)
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        // The umask may have narrowed the mode given at creation.
-        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    let dir = Dir::create(&dir(namespace), 0o755)?;
+    // Readable by the confined users, whatever mode an earlier directory had.
+    dir.set_mode(0o755)?;
+    dir.write_atomically("resolv.conf", rendered.resolv_conf.as_bytes(), 0o644)?;
+    dir.write_atomically("nsswitch.conf", rendered.nsswitch_conf.as_bytes(), 0o644)?;
+    Ok(())
 }
 
 /// Removes our files and the directory, and `/etc/netns` too when we created it and it is
 /// empty. Files someone else put there are left alone (and so is the directory holding them).
-pub fn remove(dir: &Path, created_parent: bool) -> Result<()> {
-    for name in FILES {
-        crate::system::state::remove_file_if_present(&dir.join(name))?;
-        crate::system::state::remove_file_if_present(&dir.join(format!(".{name}.tmp")))?;
+/// The path comes from the state file: anything but a real directory `/etc/netns/<name>`
+/// owned by root is not ours and is left alone, with a warning.
+pub fn remove(path: &Path, created_parent: bool) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).filter(|n| {
+        crate::config::check_name(n).is_ok() && path.parent() == Some(Path::new(ETC_NETNS))
+    });
+    let Some(name) = name else {
+        eprintln!(
+            "warning: the state file names {}, which is not a namespace directory in {ETC_NETNS}; left alone",
+            path.display()
+        );
+        return Ok(());
+    };
+    let opened = Dir::open(Path::new(ETC_NETNS))
+        .and_then(|parent| parent.subdir(name).map(|dir| (parent, dir)));
+    match opened {
+        Ok((parent, dir)) => {
+            for file in FILES {
+                dir.remove_file(file)?;
+                dir.remove_file(&format!(".{file}.tmp"))?;
+            }
+            let _ = parent.remove_dir(name);
+        }
+        Err(e) if e.not_found() => {}
+        Err(e) if e.kind == FileErrorKind::Refused => {
+            eprintln!("warning: {e}; not made by wg-namespace, left alone");
+        }
+        Err(e) => return Err(e.into()),
     }
-    let _ = std::fs::remove_dir(dir);
-    if created_parent {
-        let _ = std::fs::remove_dir(ETC_NETNS);
+    if created_parent && let Ok(etc) = Dir::open(Path::new("/etc")) {
+        let _ = etc.remove_dir("netns");
     }
     Ok(())
 }

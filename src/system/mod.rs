@@ -3,6 +3,7 @@
 //! command line or exit codes; errors go up as values.
 
 pub mod dns;
+pub mod files;
 pub mod firewall;
 pub mod link;
 pub mod netns;

@@ -7,9 +7,7 @@
 //!
 //! A per-namespace lock file serialises `up` and `down` of one namespace.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,17 +15,39 @@ use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::system::files::{self, Dir};
 use crate::system::process::ProcessId;
 
 pub const STATE_DIR: &str = "/run/wg-namespace";
 const FORMAT_VERSION: u32 = 1;
 
 pub fn state_path(namespace: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{namespace}.json"))
+    Path::new(STATE_DIR).join(state_name(namespace))
 }
 
-fn lock_path(namespace: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{namespace}.lock"))
+fn state_name(namespace: &str) -> String {
+    format!("{namespace}.json")
+}
+
+fn lock_name(namespace: &str) -> String {
+    format!("{namespace}.lock")
+}
+
+/// The state directory, checked to be root's own real directory (see [`files::Dir`]);
+/// `None` when it does not exist and `create` is false. Every file under it is made, read and
+/// removed through this.
+pub fn state_dir(create: bool) -> Result<Option<Dir>> {
+    let path = Path::new(STATE_DIR);
+    let dir = if create {
+        Dir::create(path, 0o755)
+    } else {
+        Dir::open(path)
+    };
+    match dir {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if e.not_found() && !create => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,12 +181,13 @@ impl State {
 
     pub fn load(namespace: &str) -> Result<Option<State>> {
         let path = state_path(namespace);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let Some(dir) = state_dir(false)? else {
+            return Ok(None);
         };
-        let state: State = serde_json::from_str(&text)
+        let Some(text) = dir.read(&state_name(namespace), files::STATE_LIMIT)? else {
+            return Ok(None);
+        };
+        let state: State = serde_json::from_slice(&text)
             .with_context(|| format!("{} is not a wg-namespace state file", path.display()))?;
         if state.version != FORMAT_VERSION {
             bail!(
@@ -180,19 +201,10 @@ impl State {
 
     /// Writes the file atomically (temporary file, then rename), readable by root only.
     pub fn save(&self) -> Result<()> {
-        let path = state_path(&self.namespace);
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).context("encoding the state")?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        file.write_all(&text)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        let dir = state_dir(true)?.context("the state directory vanished")?;
+        dir.write_atomically(&state_name(&self.namespace), &text, 0o600)?;
+        Ok(())
     }
 
     /// Undoes every resource, newest first, then removes the state file. When something
@@ -208,7 +220,10 @@ impl State {
             }
         }
         match first_error {
-            None => remove_file_if_present(&state_path(&self.namespace)),
+            None => match state_dir(false)? {
+                Some(dir) => Ok(dir.remove_file(&state_name(&self.namespace))?),
+                None => Ok(()),
+            },
             Some(e) => {
                 let mut rest = self.clone();
                 rest.resources = left;
@@ -220,24 +235,16 @@ impl State {
     }
 }
 
-pub fn remove_file_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-}
-
 /// Namespaces that have a state file.
 pub fn recorded_namespaces() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir(STATE_DIR) else {
+    let Ok(Some(dir)) = state_dir(false) else {
         return Vec::new();
     };
     let mut names: Vec<String> = dir
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".json").map(str::to_string)
-        })
+        .names()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|name| name.strip_suffix(".json").map(str::to_string))
         .collect();
     names.sort();
     names
@@ -246,7 +253,8 @@ pub fn recorded_namespaces() -> Vec<String> {
 /// Exclusive right to change one namespace. Dropping it (or dying) releases it; [`Lock::remove`]
 /// also deletes the lock file so that nothing stays behind after `down`.
 pub struct Lock {
-    path: PathBuf,
+    dir: Dir,
+    name: String,
     file: Flock<File>,
 }
 
@@ -258,47 +266,31 @@ pub enum LockError {
 
 impl Lock {
     pub fn try_acquire(namespace: &str) -> std::result::Result<Lock, LockError> {
-        let path = lock_path(namespace);
+        let name = lock_name(namespace);
         loop {
-            std::fs::create_dir_all(STATE_DIR)
-                .with_context(|| format!("creating {STATE_DIR}"))
+            let dir = state_dir(true)
+                .and_then(|dir| dir.context("the state directory vanished"))
                 .map_err(LockError::Other)?;
-            let opened = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path);
-            let file = match opened {
+            let file = match dir.open_lock(&name) {
                 Ok(file) => file,
                 // A `down` of another namespace removed the empty directory just now.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(LockError::Other(
-                        anyhow::Error::new(e).context(format!("opening {}", path.display())),
-                    ));
-                }
+                Err(e) if e.not_found() => continue,
+                Err(e) => return Err(LockError::Other(e.into())),
             };
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(file) => file,
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(LockError::Busy),
                 Err((_, e)) => {
                     return Err(LockError::Other(
-                        anyhow::Error::new(e).context(format!("locking {}", path.display())),
+                        anyhow::Error::new(e)
+                            .context(format!("locking {}", dir.path().join(&name).display())),
                     ));
                 }
             };
             // The holder before us may have removed the file after we opened it; a lock on a
             // deleted file protects nothing, so start over with the file now at the path.
-            let same = match (file.metadata(), std::fs::metadata(&path)) {
-                (Ok(held), Ok(current)) => {
-                    held.ino() == current.ino() && held.dev() == current.dev()
-                }
-                _ => false,
-            };
-            if same {
-                return Ok(Lock { path, file });
+            if dir.holds(&name, &file) {
+                return Ok(Lock { dir, name, file });
             }
         }
     }
@@ -324,8 +316,12 @@ impl Lock {
     /// Deletes the lock file (while still holding it), then releases the lock. Also removes
     /// the state directory when this leaves it empty.
     pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.dir.remove_file(&self.name);
         drop(self.file);
-        let _ = std::fs::remove_dir(STATE_DIR);
+        if let Some(parent) = Path::new(STATE_DIR).parent()
+            && let Ok(parent) = Dir::open(parent)
+        {
+            let _ = parent.remove_dir("wg-namespace");
+        }
     }
 }

@@ -15,6 +15,7 @@ use wireguard_control::{
 };
 
 use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::system::files;
 use crate::system::link::Netlink;
 use crate::system::process::{Detached, Gated, ProcessId};
 
@@ -203,28 +204,18 @@ pub fn delete_link(name: &str, namespace: &str, moved: bool) -> Result<()> {
     }
 }
 
-/// Reads a key file at run time, refusing files others can tamper with. Returns the key and,
-/// when the file is readable by everyone, a warning for the user. The checks and the read use
-/// one open descriptor, so the file cannot be swapped in between.
+/// Reads a key file at run time, refusing files others can tamper with: the file, every
+/// directory on its path and every symlink followed to it must belong to root or the caller
+/// (see [`files::open_trusted`]). Returns the key and, when the file is readable by everyone,
+/// a warning for the user. The checks and the read use one open descriptor, so the file cannot
+/// be swapped in between.
 pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let fail = |problem: String| anyhow!("{field}: {}: {problem}", path.display());
-    // Non-blocking, so that a FIFO put in its place cannot stall `up`.
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let mut file = files::open_trusted(path).map_err(|e| anyhow!("{field}: {e}"))?;
     let meta = file
         .metadata()
         .map_err(|e| fail(format!("cannot read it: {e}")))?;
-    if meta.is_dir() {
-        return Err(fail("is a directory, not a key file".into()));
-    }
-    if !meta.is_file() {
-        return Err(fail("is not a regular file".into()));
-    }
     let euid = nix::unistd::geteuid().as_raw();
     if meta.uid() != euid {
         return Err(fail(format!(
