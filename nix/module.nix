@@ -446,7 +446,7 @@ let
   };
 
   refreshUnit = name: ns: {
-    description = "Refresh WireGuard peer endpoints of namespace ${name}";
+    description = "Keep WireGuard peers of namespace ${name} reachable";
     bindsTo = [ "${unitName name}.service" ];
     partOf = [ "${unitName name}.service" ];
     after = [ "${unitName name}.service" ];
@@ -496,7 +496,9 @@ let
     };
   };
 
-  hasDynamicEndpoint = ns: any (p: p.dynamicEndpointRefreshSeconds > 0) ns.peers;
+  # The refresh loop also handshakes anew when the host's routes or addresses change and after
+  # resume from sleep, so every namespace with a server to reach runs it.
+  hasEndpoint = ns: any (p: p.endpoint != null) ns.peers;
 
   serviceUnits = concatLists (
     mapAttrsToList (
@@ -507,7 +509,7 @@ let
           value = mainUnit name ns;
         }
       ]
-      ++ optional (hasDynamicEndpoint ns) {
+      ++ optional (hasEndpoint ns) {
         name = "${unitName name}-refresh";
         value = refreshUnit name ns;
       }

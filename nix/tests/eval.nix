@@ -209,6 +209,7 @@ let
       (equal "two: units"
         [
           "wireguard-namespace-mullvad"
+          "wireguard-namespace-mullvad-refresh"
           "wireguard-namespace-office"
           "wireguard-namespace-office-health"
           "wireguard-namespace-office-refresh"

@@ -1,10 +1,18 @@
-//! `refresh`: keep endpoints given as host names pointing where the names point now.
+//! `refresh`: keep endpoints given as host names pointing where the names point now, and bring
+//! the tunnel back at once when the host's network changes or the machine wakes up.
 //!
 //! WireGuard resolves nothing itself. This loop resolves each such endpoint in the host
 //! namespace every `dynamicEndpointRefreshSeconds`, and at once when the peer's latest
 //! handshake is overdue, and moves the peer in place when the address changed: the interface,
 //! its sessions and the namespace stay as they are. Failures are logged and retried; they
 //! never touch a running tunnel.
+//!
+//! It also listens to rtnetlink in the namespace it runs in (the host's): when a default route
+//! or an address comes or goes, or when CLOCK_BOOTTIME has run ahead of CLOCK_MONOTONIC (the
+//! machine slept), every peer's endpoint is resolved again and the peer handshakes anew. A
+//! session from before the change may be dead on the server's side while the client still
+//! trusts it; WireGuard's own timers would notice only 15 s or more later, or, for wireguard-go,
+//! whose timers stop during sleep, later still.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +30,15 @@ const HANDSHAKE_OVERDUE: Duration = Duration::from_secs(135);
 /// Re-resolution because of an overdue handshake happens at most this often per peer.
 const OVERDUE_RETRY: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_millis(500);
+/// A change of the host's network is acted on once it has been quiet this long...
+const SETTLE: Duration = Duration::from_millis(500);
+/// ...or this long after the first change of a storm that does not settle.
+const SETTLE_MAX: Duration = Duration::from_secs(3);
+/// Two re-handshakes for network changes are at least this far apart.
+const MIN_GAP: Duration = Duration::from_secs(2);
+/// CLOCK_BOOTTIME ran this much further than CLOCK_MONOTONIC between two looks: the machine
+/// was asleep in between.
+const RESUME_JUMP: Duration = Duration::from_secs(2);
 
 fn refreshable(peer: &Peer, once: bool) -> bool {
     matches!(&peer.endpoint, Some(e) if matches!(e.host, EndpointHost::Name(_)))
@@ -128,6 +145,107 @@ impl Schedule {
     }
 }
 
+/// Coalesces the host's network changes (a storm of route and address messages when a link
+/// comes up) into one re-handshake, and keeps re-handshakes apart.
+#[derive(Default)]
+struct Debounce {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    fired: Option<Instant>,
+}
+
+impl Debounce {
+    fn note(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// Whether to act now; if so, the changes noted so far count as handled.
+    fn take(&mut self, now: Instant) -> bool {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return false;
+        };
+        let settled = now.duration_since(last) >= SETTLE || now.duration_since(first) >= SETTLE_MAX;
+        let spaced = self
+            .fired
+            .is_none_or(|fired| now.duration_since(fired) >= MIN_GAP);
+        if !(settled && spaced) {
+            return false;
+        }
+        *self = Debounce {
+            fired: Some(now),
+            ..Debounce::default()
+        };
+        true
+    }
+}
+
+/// Notices a suspend: CLOCK_MONOTONIC stands still while the machine sleeps, CLOCK_BOOTTIME
+/// does not.
+struct SleepDetector {
+    offset: Duration,
+}
+
+impl SleepDetector {
+    fn new() -> SleepDetector {
+        SleepDetector {
+            offset: boot_offset(),
+        }
+    }
+
+    /// Whether the machine slept since the last call, given the current offset.
+    fn slept(&mut self, offset: Duration) -> bool {
+        let jumped = offset.saturating_sub(self.offset) >= RESUME_JUMP;
+        self.offset = offset;
+        jumped
+    }
+}
+
+/// How far CLOCK_BOOTTIME is ahead of CLOCK_MONOTONIC: the time spent asleep since boot.
+fn boot_offset() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    let read = |clock| clock_gettime(clock).map_or(Duration::ZERO, Duration::from);
+    read(ClockId::CLOCK_BOOTTIME).saturating_sub(read(ClockId::CLOCK_MONOTONIC))
+}
+
+/// After a change of the host's network: resolve again where the endpoint is a name, and
+/// handshake anew through the network as it is now.
+fn rehandshake_all(config: &Config, target: &Target, peers: &[&Peer], on_device: &OnDevice) {
+    for peer in peers {
+        let Some(endpoint) = &peer.endpoint else {
+            continue;
+        };
+        let current = on_device.get(&peer.public_key.0).and_then(|(e, _)| *e);
+        let resolved = match wireguard::resolve(endpoint) {
+            Ok(address) => Some(address),
+            Err(e) => {
+                eprintln!(
+                    "refresh: peer {}: resolving {endpoint}: {e}; keeping {}",
+                    peer.public_key_text,
+                    current.map_or("no endpoint".to_string(), |c| c.to_string())
+                );
+                None
+            }
+        };
+        match wireguard::rehandshake(
+            config.interface(),
+            target.backend,
+            &target.fd,
+            &peer.public_key,
+            resolved,
+        ) {
+            Ok(()) => eprintln!(
+                "refresh: peer {}: handshaking again with {}",
+                peer.public_key_text,
+                resolved
+                    .or(current)
+                    .map_or("no endpoint".to_string(), |a| a.to_string())
+            ),
+            Err(e) => eprintln!("refresh: peer {}: {e:#}", peer.public_key_text),
+        }
+    }
+}
+
 pub fn run(config: &Config, once: bool) -> Result<()> {
     let peers: Vec<&Peer> = config
         .peers
@@ -144,12 +262,20 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
         }
         return Ok(());
     }
-    if peers.is_empty() {
-        eprintln!(
-            "refresh: no peer has a host-name endpoint with dynamicEndpointRefreshSeconds > 0; nothing to do"
-        );
+    let with_endpoint: Vec<&Peer> = config
+        .peers
+        .iter()
+        .filter(|p| p.endpoint.is_some())
+        .collect();
+    if with_endpoint.is_empty() {
+        eprintln!("refresh: no peer has an endpoint; nothing to do");
         return Ok(());
     }
+    // Where this process runs is the host's network: its changes are what matter.
+    let mut watcher = crate::system::link::ChangeWatcher::here()
+        .context("watching the host's routes and addresses")?;
+    let mut debounce = Debounce::default();
+    let mut sleep = SleepDetector::new();
 
     let start = Instant::now();
     let mut schedules: Vec<Schedule> = peers
@@ -163,7 +289,15 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
         .collect();
     let mut waiting_reported = false;
     loop {
-        std::thread::sleep(TICK);
+        let changed = watcher.wait(TICK)?;
+        let now = Instant::now();
+        if changed {
+            debounce.note(now);
+        }
+        if sleep.slept(boot_offset()) {
+            eprintln!("refresh: the machine woke from sleep");
+            debounce.note(now);
+        }
         let target = match target(config) {
             Ok(target) => {
                 waiting_reported = false;
@@ -184,7 +318,10 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
                 continue;
             }
         };
-        let now = Instant::now();
+        if debounce.take(now) {
+            rehandshake_all(config, &target, &with_endpoint, &on_device);
+            continue;
+        }
         for (peer, schedule) in peers.iter().zip(&mut schedules) {
             let (current, handshake) = on_device
                 .get(&peer.public_key.0)
@@ -226,5 +363,37 @@ mod tests {
         let mut s = Schedule::new(t0, secs(3600));
         assert!(s.take(t0, None));
         assert!(s.take(t0 + secs(15), None));
+    }
+
+    #[test]
+    fn network_changes_are_coalesced_and_spaced() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut d = Debounce::default();
+        assert!(!d.take(t0), "nothing noted, nothing to do");
+        d.note(t0);
+        d.note(t0 + ms(200));
+        assert!(!d.take(t0 + ms(400)), "not settled yet");
+        assert!(d.take(t0 + ms(700)), "quiet for 500 ms");
+        assert!(!d.take(t0 + ms(1300)), "handled");
+        // A storm that never settles is acted on after SETTLE_MAX, then no sooner than MIN_GAP.
+        for n in 0..=29 {
+            d.note(t0 + ms(1000 + n * 100));
+        }
+        assert!(!d.take(t0 + ms(3900)));
+        assert!(d.take(t0 + ms(4000)), "three seconds into the storm");
+        d.note(t0 + ms(4100));
+        assert!(!d.take(t0 + ms(5000)), "too soon after the last one");
+        assert!(d.take(t0 + ms(6000)));
+    }
+
+    #[test]
+    fn sleep_is_a_jump_of_boottime_over_monotonic() {
+        let secs = Duration::from_secs;
+        let mut s = SleepDetector { offset: secs(100) };
+        assert!(!s.slept(secs(100)));
+        assert!(!s.slept(Duration::from_millis(101_500)), "clock noise");
+        assert!(s.slept(secs(3700)), "an hour asleep");
+        assert!(!s.slept(secs(3700)));
     }
 }

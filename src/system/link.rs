@@ -11,7 +11,8 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType,
@@ -315,6 +316,78 @@ impl Netlink {
             }
         }
         Ok(routes)
+    }
+}
+
+/// Tells when the namespace's way out may have changed: a default route or an address came or
+/// went. Subscribed to rtnetlink's multicast groups, so nothing is polled.
+pub struct ChangeWatcher {
+    runtime: tokio::runtime::Runtime,
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl ChangeWatcher {
+    /// Watches the namespace the calling thread is in.
+    pub fn here() -> Result<ChangeWatcher> {
+        use rtnetlink::constants::{
+            RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
+        };
+        use rtnetlink::sys::AsyncSocket;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("starting the netlink runtime")?;
+        let groups =
+            RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+        let (mut connection, _, messages) = {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection().context("opening a netlink socket")?
+        };
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+            .context("subscribing to route and address changes")?;
+        runtime.spawn(connection);
+        Ok(ChangeWatcher { runtime, messages })
+    }
+
+    /// Waits up to `timeout` for a change; true when one came. Consumes every message that is
+    /// already queued, so a storm of changes counts once.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Result<bool> {
+        let mut changed = false;
+        let first = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, self.messages.next()).await });
+        let mut next = match first {
+            Err(_) => return Ok(false),
+            Ok(None) => anyhow::bail!("the netlink connection for change notices closed"),
+            Ok(Some(message)) => Some(message),
+        };
+        while let Some((message, _)) = next {
+            changed |= is_way_out(&message.payload);
+            next = self.messages.try_recv().ok();
+        }
+        Ok(changed)
+    }
+}
+
+/// Default routes and addresses decide how (and whether) the endpoint is reached; other routes
+/// (a container bridge's, a VPN's host route) do not.
+fn is_way_out(payload: &rtnetlink::packet_core::NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    use rtnetlink::packet_core::NetlinkPayload;
+    match payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route),
+        ) => route.header.destination_prefix_length == 0 && route.header.kind == RouteType::Unicast,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address),
+        ) => address.header.scope == AddressScope::Universe,
+        _ => false,
     }
 }
 

@@ -14,7 +14,7 @@ use wireguard_control::{
     Backend as WgBackend, Device, DeviceUpdate, InterfaceName, PeerConfigBuilder,
 };
 
-use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::config::{Cidr, Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
 use crate::system::files;
 use crate::system::link::Netlink;
 use crate::system::process::{Detached, Gated, ProcessId};
@@ -397,20 +397,116 @@ pub fn set_endpoint(
     public_key: &Key,
     endpoint: SocketAddr,
 ) -> Result<()> {
-    let name = interface_name(interface)?;
     let update = DeviceUpdate::new()
         .add_peer(PeerConfigBuilder::new(&control_key(public_key)).set_endpoint(endpoint));
+    apply(interface, backend, namespace, update).context("updating the peer's endpoint")
+}
+
+/// A peer as it is put on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSettings {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: Vec<Cidr>,
+}
+
+/// Puts `new` in the place of the peer `old` in ONE device update: `old` is removed and `new`
+/// added with its allowed IPs in the same request, so the routes into the interface never
+/// change and no packet finds the namespace without a peer for longer than the request takes.
+/// `new` starts without a session: its next packet (or the keepalive WireGuard sends when a
+/// peer with keepalive is added) starts a handshake at once.
+pub fn replace_peer(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    old: &Key,
+    new: &PeerSettings,
+) -> Result<()> {
+    let mut peer = PeerConfigBuilder::new(&control_key(&new.public_key)).replace_allowed_ips();
+    for ip in &new.allowed_ips {
+        peer = peer.add_allowed_ip(ip.addr, ip.prefix);
+    }
+    if let Some(psk) = &new.preshared_key {
+        peer = peer.set_preshared_key(control_key(psk));
+    }
+    if let Some(endpoint) = new.endpoint {
+        peer = peer.set_endpoint(endpoint);
+    }
+    if let Some(keepalive) = new.persistent_keepalive {
+        peer = peer.set_persistent_keepalive_interval(keepalive);
+    }
+    let update = DeviceUpdate::new()
+        .remove_peer_by_key(&control_key(old))
+        .add_peer(peer);
+    apply(interface, backend, namespace, update).context("replacing the peer on the device")
+}
+
+/// Makes a peer handshake again now, at `endpoint` when given: the peer is replaced by itself
+/// with the settings it has on the device. Setting the endpoint alone would not do it: neither
+/// the kernel nor wireguard-go sends an initiation for that, and a session that died with a
+/// suspend or a route change would be used until its timers run out.
+pub fn rehandshake(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    public_key: &Key,
+    endpoint: Option<SocketAddr>,
+) -> Result<()> {
+    let device = show(interface, backend, namespace.as_fd())?;
+    let info = device
+        .peers
+        .iter()
+        .find(|p| p.config.public_key.0 == public_key.0)
+        .context("the peer is not on the device")?;
+    let zero = [0u8; 32];
+    let settings = PeerSettings {
+        public_key: public_key.clone(),
+        preshared_key: info
+            .config
+            .preshared_key
+            .as_ref()
+            .filter(|k| k.0 != zero)
+            .map(|k| Key(k.0)),
+        endpoint: endpoint.or(info.config.endpoint),
+        persistent_keepalive: info
+            .config
+            .persistent_keepalive_interval
+            .filter(|&k| k != 0),
+        allowed_ips: info
+            .config
+            .allowed_ips
+            .iter()
+            .map(|a| Cidr {
+                addr: a.address,
+                prefix: a.cidr,
+            })
+            .collect(),
+    };
+    replace_peer(interface, backend, namespace, public_key, &settings)
+}
+
+/// Applies one device update. The kernel backend would create a missing device and the
+/// userspace one would start a daemon nobody records: both are only asked when the device is
+/// there.
+fn apply(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    update: DeviceUpdate,
+) -> io::Result<()> {
+    let name = interface_name(interface).map_err(io::Error::other)?;
     match backend {
-        // The kernel backend would create a missing device: make sure it is there.
         Backend::Kernel => crate::system::netns::within(namespace, || {
             Device::get(&name, WgBackend::Kernel)?;
             update.apply(&name, WgBackend::Kernel)
-        })?,
+        })
+        .map_err(io::Error::other)?,
         Backend::Userspace => {
             ask_daemon(interface, move || update.apply(&name, WgBackend::Userspace))
         }
     }
-    .context("updating the peer's endpoint")
 }
 
 #[cfg(test)]
