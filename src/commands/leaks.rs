@@ -227,7 +227,7 @@ pub fn run(namespace: &str) -> Result<i32> {
             &|| udp_probe(v6),
         )?;
     }
-    probes.extend(resolver_probes(namespace, &state.dns_server)?);
+    probes.extend(resolver_probes(namespace, &state.dns_server.to_string())?);
 
     for probe in &probes {
         println!(

@@ -56,11 +56,7 @@ fn target(config: &Config) -> Result<Target> {
     let Some(state) = state else {
         bail!("namespace {ns:?} is not up");
     };
-    let backend = state
-        .backend
-        .as_deref()
-        .and_then(Backend::parse)
-        .context("the state file names no backend")?;
+    let backend = state.backend.context("the state file names no backend")?;
     Ok(Target {
         backend,
         fd: crate::system::netns::open(ns)?,

@@ -14,7 +14,7 @@ use crate::exit::code;
 use crate::system::firewall;
 use crate::system::link::Netlink;
 use crate::system::state::{Phase, Resource, State};
-use crate::system::wireguard::{self, Backend};
+use crate::system::wireguard;
 
 /// A peer without a handshake for this long makes the namespace degraded.
 pub const HANDSHAKE_STALE: Duration = Duration::from_secs(180);
@@ -146,9 +146,9 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
             return status;
         }
     };
-    status.backend = state.backend.clone();
+    status.backend = state.backend.map(|b| b.as_str().to_string());
     status.up_since = Some(state.started_at);
-    status.dns.server = Some(state.dns_server.clone());
+    status.dns.server = Some(state.dns_server.to_string());
     status.publish_ports = state.publish_ports.clone();
 
     let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
@@ -189,7 +189,7 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
                     );
                 }
             }
-            Resource::Publisher { process } if !process.is_alive() => {
+            Resource::Publisher { process, .. } if !process.is_alive() => {
                 status.verdict = status.verdict.max(Verdict::Degraded);
                 status
                     .reasons
@@ -228,7 +228,7 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         Resource::Daemon { process, .. } => process.is_alive() && !process.is_stopped(),
         _ => true,
     });
-    let backend = state.backend.as_deref().and_then(Backend::parse);
+    let backend = state.backend;
     if let (Some(backend), true, true) = (backend, status.interface.present, daemon_answers) {
         match wireguard::show(namespace, backend, &fd) {
             Ok(device) => peer_status(&mut status, &state, &device),
@@ -397,7 +397,10 @@ fn print_text(status: &NamespaceStatus) {
     for p in &status.publish_ports {
         println!(
             "  publish:   {} {}:{} -> namespace port {}",
-            p.protocol, p.host_address, p.host_port, p.namespace_port
+            p.protocol.as_str(),
+            p.host_address,
+            p.host_port,
+            p.namespace_port
         );
     }
     for peer in &status.peers {

@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::render;
 use crate::system::link::Netlink;
 use crate::system::relays as publish;
-use crate::system::state::{Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State};
+use crate::system::state::{
+    LinkKind, Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State,
+};
 use crate::system::wireguard::{self, Backend};
 use crate::system::{dns, firewall, netns};
 
@@ -84,11 +86,25 @@ impl Build {
         self.state.save()
     }
 
-    /// Notes that the WireGuard link now lives in the namespace.
-    fn link_moved(&mut self) -> Result<()> {
+    /// Notes the WireGuard link's index, and whether it now lives in the namespace.
+    fn link_at(&mut self, new_index: u32, in_namespace: bool) -> Result<()> {
         for resource in &mut self.state.resources {
-            if let Resource::Link { moved, .. } = resource {
-                *moved = true;
+            if let Resource::Link { moved, index, .. } = resource {
+                *moved = in_namespace;
+                *index = Some(new_index);
+            }
+        }
+        self.state.save()
+    }
+
+    /// Notes what the daemon runs now that it has started (a wrapper may have become
+    /// another program).
+    fn daemon_runs(&mut self, executable: std::path::PathBuf) -> Result<()> {
+        for resource in &mut self.state.resources {
+            if let Resource::Daemon { executables, .. } = resource
+                && !executables.contains(&executable)
+            {
+                executables.push(executable.clone());
             }
         }
         self.state.save()
@@ -158,7 +174,7 @@ fn build(
     let interface = config.interface();
 
     if let Some(previous) = State::load(ns)? {
-        if previous.phase == Phase::Up && netns::exists(ns) {
+        if previous.phase == Phase::Up && previous.open_netns().is_some() {
             bail!("namespace {ns:?} is already up; run `wg-namespace down --namespace {ns}` first");
         }
         // An `up` that was killed, or a namespace removed behind our back: clear the rest.
@@ -178,10 +194,9 @@ fn build(
         );
     }
 
-    let mut state = State::new(ns);
+    let mut state = State::new(ns, config.dns_server);
     state.config_path =
         config_path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-    state.dns_server = config.dns_server.to_string();
     state.strict_dns = config.strict_dns;
     state.ipv6 = config.ipv6_enabled();
     state.peers = config
@@ -196,8 +211,8 @@ fn build(
         .publish_ports
         .iter()
         .map(|p| PublishRecord {
-            protocol: p.protocol.as_str().into(),
-            host_address: p.host_address.to_string(),
+            protocol: p.protocol,
+            host_address: p.host_address,
             host_port: p.host_port,
             namespace_port: p.namespace_port,
         })
@@ -205,10 +220,17 @@ fn build(
     let mut build = Build::start(state)?;
 
     let (ns_fd, inner) = run_step(0, || {
-        build.create(Resource::Namespace { name: ns.into() }, || {
-            netns::create(ns)
-        })?;
-        let fd = netns::open(ns)?;
+        // Made first and named after its identity is on record, so that a record never
+        // names a namespace without saying which one.
+        let fd = netns::unshare_new()?;
+        let id = netns::identity(&fd)?;
+        build.create(
+            Resource::Namespace {
+                name: ns.into(),
+                id,
+            },
+            || netns::attach(&fd, ns),
+        )?;
         let inner = Netlink::inside(&fd)?;
         let lo = inner
             .index_of("lo")?
@@ -256,7 +278,9 @@ fn build(
                 .index_of(interface)?
                 .context("the WireGuard link disappeared")?;
             host.move_to(index, &ns_fd)?;
-            build.link_moved()?;
+            // Until the new index is on record, the one from the host stands: the kernel
+            // keeps an index across a move when it is free in the new namespace, as in ours.
+            build.link_at(index, true)?;
             // A daemon that opens its interface by name again after this point makes a twin
             // here, which would take part of the tunnel's traffic. Better no tunnel than that.
             if host.index_of(interface)?.is_some() {
@@ -269,6 +293,7 @@ fn build(
         let index = inner
             .index_of(interface)?
             .context("the WireGuard link did not arrive in the namespace")?;
+        build.link_at(index, true)?;
         inner.add_addresses(index, &config.ips)?;
         inner.set_up(index)?;
         // Without an IPv6 address IPv6 is switched off inside, and the kernel refuses IPv6
@@ -290,12 +315,13 @@ fn build(
         let relay = publish::spawn(ns, &listeners)?;
         build.record(Resource::Publisher {
             process: relay.process,
+            executables: relay.executables.clone(),
         })?;
         relay.release()
     })?;
 
     run_step(6, || {
-        build.state.backend = Some(backend.as_str().into());
+        build.state.backend = Some(backend);
         build.commit()
     })
 }
@@ -310,21 +336,29 @@ fn create_interface(
 ) -> Result<Backend> {
     use crate::config::BackendChoice;
     let interface = config.interface();
-    let link = |born_inside: bool| Resource::Link {
+    let link = |born_inside: bool, link_kind| Resource::Link {
         name: interface.into(),
         namespace: config.namespace.clone(),
         moved: born_inside,
+        index: None,
+        link_kind,
     };
     if config.backend == BackendChoice::Userspace {
         // The daemon makes the link; the record covers it from the start.
-        build.record(link(false))?;
+        build.record(link(false, LinkKind::Tun))?;
     } else {
-        let made = build.create(link(true), || {
+        let made = build.create(link(true, LinkKind::Wireguard), || {
             host.add_wireguard_in(interface, ns_fd)
                 .map_err(anyhow::Error::from)
         });
         let error = match made {
-            Ok(()) => return Ok(Backend::Kernel),
+            Ok(()) => {
+                let index = Netlink::inside(ns_fd)?
+                    .index_of(interface)?
+                    .context("the WireGuard link vanished right after creation")?;
+                build.link_at(index, true)?;
+                return Ok(Backend::Kernel);
+            }
             Err(e) => e,
         };
         let unsupported = error
@@ -334,7 +368,7 @@ fn create_interface(
             BackendChoice::Auto if unsupported => {
                 // The failed attempt made nothing; the userspace link gets its own record.
                 build.forget_last()?;
-                build.record(link(false))?;
+                build.record(link(false, LinkKind::Tun))?;
             }
             _ if unsupported => {
                 bail!(
@@ -349,10 +383,18 @@ fn create_interface(
     let process = daemon.process;
     build.record(Resource::Daemon {
         process,
+        executables: daemon.executables.clone(),
         interface: interface.into(),
     })?;
     daemon.release()?;
     wireguard::wait_for_daemon(process, &config.userspace_command, interface, host)?;
+    if let Some(executable) = process.executable() {
+        build.daemon_runs(executable)?;
+    }
+    let index = host
+        .index_of(interface)?
+        .context("the WireGuard daemon's link disappeared")?;
+    build.link_at(index, false)?;
     Ok(Backend::Userspace)
 }
 

@@ -8,12 +8,13 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType,
 };
@@ -25,6 +26,10 @@ use crate::system::netns;
 /// How many requests are in flight at once when adding many routes or addresses.
 const PIPELINE: usize = 64;
 
+/// How long one netlink request (or one pipelined batch) may take. The kernel answers in
+/// microseconds; a request it never answers must not hold `up`, `down` or `status` forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Netlink {
     runtime: tokio::runtime::Runtime,
     handle: Handle,
@@ -35,6 +40,8 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub up: bool,
+    /// `IFLA_INFO_KIND`: "wireguard", "tun", "dummy", ...; None for links without one (lo).
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +63,7 @@ impl Netlink {
     pub fn here() -> Result<Netlink> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .context("starting the netlink runtime")?;
         let (connection, handle, _) = {
@@ -71,25 +79,60 @@ impl Netlink {
         netns::within(fd, Netlink::here)?
     }
 
-    pub fn links(&self) -> Result<Vec<Link>> {
+    /// Runs one request (or batch) on this handle's runtime, giving up after
+    /// [`REQUEST_TIMEOUT`].
+    fn block<T, E: From<io::Error>>(
+        &self,
+        request: impl std::future::Future<Output = std::result::Result<T, E>>,
+    ) -> std::result::Result<T, E> {
+        self.block_within(REQUEST_TIMEOUT, request)
+    }
+
+    fn block_within<T, E: From<io::Error>>(
+        &self,
+        limit: Duration,
+        request: impl std::future::Future<Output = std::result::Result<T, E>>,
+    ) -> std::result::Result<T, E> {
         self.runtime
-            .block_on(async {
-                let mut stream = self.handle.link().get().execute();
-                let mut links = Vec::new();
-                while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                    let name = message.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some(n.clone()),
-                        _ => None,
-                    });
-                    links.push(Link {
-                        index: message.header.index,
-                        name: name.unwrap_or_default(),
-                        up: message.header.flags.contains(LinkFlags::Up),
-                    });
-                }
-                Ok::<_, io::Error>(links)
+            .block_on(async { tokio::time::timeout(limit, request).await })
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the kernel did not answer a netlink request within {}s",
+                        limit.as_secs_f32()
+                    ),
+                )
+                .into())
             })
-            .context("listing links")
+    }
+
+    pub fn links(&self) -> Result<Vec<Link>> {
+        self.block(async {
+            let mut stream = self.handle.link().get().execute();
+            let mut links = Vec::new();
+            while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                let name = message.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                });
+                let kind = message.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(kind) => Some(kind.to_string()),
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+                links.push(Link {
+                    index: message.header.index,
+                    name: name.unwrap_or_default(),
+                    up: message.header.flags.contains(LinkFlags::Up),
+                    kind,
+                });
+            }
+            Ok::<_, io::Error>(links)
+        })
+        .context("listing links")
     }
 
     pub fn index_of(&self, name: &str) -> Result<Option<u32>> {
@@ -123,15 +166,18 @@ impl Netlink {
     }
 
     fn add_link(&self, message: rtnetlink::packet_route::link::LinkMessage) -> io::Result<()> {
-        self.runtime
-            .block_on(async { self.handle.link().add(message).execute().await })
-            .map_err(to_io)
+        self.block(async {
+            self.handle
+                .link()
+                .add(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        })
     }
 
     pub fn delete(&self, index: u32) -> Result<()> {
-        self.runtime
-            .block_on(self.handle.link().del(index).execute())
-            .map_err(to_io)
+        self.block(async { self.handle.link().del(index).execute().await.map_err(to_io) })
             .with_context(|| format!("deleting link {index}"))
     }
 
@@ -140,18 +186,28 @@ impl Netlink {
         let message = LinkUnspec::new_with_index(index)
             .setns_by_fd(fd.as_fd().as_raw_fd())
             .build();
-        self.runtime
-            .block_on(self.handle.link().set(message).execute())
-            .map_err(to_io)
-            .context("moving the link into the namespace")
+        self.block(async {
+            self.handle
+                .link()
+                .set(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        })
+        .context("moving the link into the namespace")
     }
 
     pub fn set_up(&self, index: u32) -> Result<()> {
         let message = LinkUnspec::new_with_index(index).up().build();
-        self.runtime
-            .block_on(self.handle.link().set(message).execute())
-            .map_err(to_io)
-            .with_context(|| format!("bringing link {index} up"))
+        self.block(async {
+            self.handle
+                .link()
+                .set(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        })
+        .with_context(|| format!("bringing link {index} up"))
     }
 
     pub fn add_addresses(&self, index: u32, addresses: &[Cidr]) -> Result<()> {
@@ -166,8 +222,7 @@ impl Netlink {
                         .with_context(|| format!("adding address {a}"))
                 }
             });
-            self.runtime
-                .block_on(futures::future::try_join_all(requests))?;
+            self.block(futures::future::try_join_all(requests))?;
         }
         Ok(())
     }
@@ -192,8 +247,7 @@ impl Netlink {
                     }
                 }
             });
-            self.runtime
-                .block_on(futures::future::try_join_all(requests))?;
+            self.block(futures::future::try_join_all(requests))?;
         }
         Ok(())
     }
@@ -202,19 +256,27 @@ impl Netlink {
     /// default route off the machine.
     pub fn add_unreachable(&self, prefix: Cidr) -> Result<()> {
         let message = unreachable_route(prefix)?;
-        self.runtime
-            .block_on(self.handle.route().add(message).execute())
-            .map_err(to_io)
-            .with_context(|| format!("adding unreachable route {prefix}"))
+        self.block(async {
+            self.handle
+                .route()
+                .add(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        })
+        .with_context(|| format!("adding unreachable route {prefix}"))
     }
 
     pub fn delete_unreachable(&self, prefix: Cidr) -> Result<()> {
         let message = unreachable_route(prefix)?;
-        match self
-            .runtime
-            .block_on(self.handle.route().del(message).execute())
-            .map_err(to_io)
-        {
+        match self.block(async {
+            self.handle
+                .route()
+                .del(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        }) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
                 Err(e).with_context(|| format!("deleting unreachable route {prefix}"))
             }
@@ -223,34 +285,33 @@ impl Netlink {
     }
 
     pub fn addresses(&self, index: u32) -> Result<Vec<Cidr>> {
-        self.runtime
-            .block_on(async {
-                let mut stream = self
-                    .handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .execute();
-                let mut found = Vec::new();
-                while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                    let prefix = message.header.prefix_len;
-                    let addr = message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Local(ip) => Some(*ip),
+        self.block(async {
+            let mut stream = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            let mut found = Vec::new();
+            while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                let prefix = message.header.prefix_len;
+                let addr = message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let addr = addr.or_else(|| {
+                    message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
                         _ => None,
-                    });
-                    let addr = addr.or_else(|| {
-                        message.attributes.iter().find_map(|a| match a {
-                            AddressAttribute::Address(ip) => Some(*ip),
-                            _ => None,
-                        })
-                    });
-                    if let Some(addr) = addr {
-                        found.push(Cidr { addr, prefix });
-                    }
+                    })
+                });
+                if let Some(addr) = addr {
+                    found.push(Cidr { addr, prefix });
                 }
-                Ok::<_, io::Error>(found)
-            })
-            .context("listing addresses")
+            }
+            Ok::<_, io::Error>(found)
+        })
+        .context("listing addresses")
     }
 
     /// Unicast routes of the main table, both families.
@@ -263,8 +324,7 @@ impl Netlink {
             let family_v6 =
                 query.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
             let found = self
-                .runtime
-                .block_on(
+                .block(
                     self.handle
                         .route()
                         .get(query)
@@ -398,4 +458,21 @@ fn unreachable_route(prefix: Cidr) -> Result<rtnetlink::packet_route::route::Rou
         .with_context(|| format!("route to {net}"))?
         .kind(RouteType::Unreachable)
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Netlink;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_request_that_never_ends_times_out() {
+        let nl = Netlink::here().expect("a netlink socket");
+        let started = Instant::now();
+        let result: std::io::Result<()> =
+            nl.block_within(Duration::from_millis(200), std::future::pending());
+        let error = result.expect_err("a request without an answer must fail");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }

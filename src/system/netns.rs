@@ -6,14 +6,15 @@
 //! back on drop); sockets keep the namespace they were created in.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
+use serde::{Deserialize, Serialize};
 
 pub const RUN_DIR: &str = "/run/netns";
 
@@ -73,8 +74,76 @@ fn prepare_run_dir() -> Result<()> {
     }
 }
 
+/// Which namespace a descriptor or name stands for. The nsfs inode number alone is not enough:
+/// a namespace deleted and made again can get the same inode, never the same cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetnsId {
+    /// `SO_NETNS_COOKIE` of a socket made inside: unique for the whole uptime.
+    pub cookie: u64,
+    pub inode: u64,
+}
+
+pub fn identity(fd: impl AsFd) -> Result<NetnsId> {
+    let inode = File::from(fd.as_fd().try_clone_to_owned()?)
+        .metadata()
+        .context("inspecting a network namespace")?
+        .ino();
+    let cookie = within(fd, cookie_here)??;
+    Ok(NetnsId { cookie, inode })
+}
+
+/// The cookie of the calling thread's network namespace.
+fn cookie_here() -> Result<u64> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("making a socket to read the namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the namespace cookie (SO_NETNS_COOKIE needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
 /// Creates a new, empty network namespace named `name`. Fails when the name is taken.
 pub fn create(name: &str) -> Result<()> {
+    attach(&unshare_new()?, name)
+}
+
+/// A new network namespace with no name yet, alive as long as the descriptor is.
+pub fn unshare_new() -> Result<OwnedFd> {
+    // unshare() moves only the calling thread, so do it on a thread of its own, which hands
+    // the new namespace back as a descriptor and ends.
+    std::thread::spawn(|| -> Result<OwnedFd> {
+        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        Ok(File::open("/proc/thread-self/ns/net")
+            .context("opening the new network namespace")?
+            .into())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread creating the namespace panicked"))?
+}
+
+/// Gives the namespace `fd` the name `name` (`/run/netns/<name>`). Fails when the name is
+/// taken.
+pub fn attach(fd: &OwnedFd, name: &str) -> Result<()> {
     prepare_run_dir()?;
     let target = path(name);
     OpenOptions::new()
@@ -83,31 +152,60 @@ pub fn create(name: &str) -> Result<()> {
         .mode(0o000)
         .open(&target)
         .with_context(|| format!("creating {}", target.display()))?;
-
-    // unshare() moves only the calling thread, so do it on a thread of its own, which then pins
-    // the new namespace by bind-mounting its handle and ends.
-    let bind_target = target.clone();
-    let made = std::thread::spawn(move || -> Result<()> {
-        unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-        mount(
-            Some("/proc/thread-self/ns/net"),
-            &bind_target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .with_context(|| format!("bind-mounting the namespace onto {}", bind_target.display()))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the thread creating the namespace panicked"))?;
+    let made = mount(
+        Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mounting the namespace onto {}", target.display()));
     if made.is_err() {
         let _ = std::fs::remove_file(&target);
     }
     made
 }
 
-/// Removes the name. The namespace itself ends once no process and no socket holds it.
-/// Succeeds when there is nothing to remove.
+/// The namespace named `name` when it is the one `id` describes; None when the name is free
+/// or now stands for another namespace.
+pub fn open_matching(name: &str, id: NetnsId) -> Option<OwnedFd> {
+    let fd = open(name).ok()?;
+    (identity(&fd).ok()? == id).then_some(fd)
+}
+
+/// What [`delete_matching`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// Removed, or there was nothing to remove.
+    Done,
+    /// The name stands for another namespace, which stays.
+    NotOurs,
+}
+
+/// Removes the name `name` when it still stands for the namespace `id`; a namespace made
+/// under the same name since (by an admin, say) is left alone. An empty file at the name,
+/// left by an `attach` that was killed before its mount, goes too.
+pub fn delete_matching(name: &str, id: NetnsId) -> Result<Deleted> {
+    let target = path(name);
+    let meta = match std::fs::symlink_metadata(&target) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::Done),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", target.display())),
+    };
+    match open(name) {
+        Ok(fd) if identity(&fd)? == id => delete(name).map(|()| Deleted::Done),
+        Ok(_) => Ok(Deleted::NotOurs),
+        Err(_) if meta.is_file() && meta.len() == 0 && meta.uid() == 0 => {
+            crate::system::files::Dir::open(Path::new(RUN_DIR))?.remove_file(name)?;
+            Ok(Deleted::Done)
+        }
+        Err(_) => Ok(Deleted::NotOurs),
+    }
+}
+
+/// Removes the name, whatever namespace it stands for now; only for names the caller made
+/// itself in this run (tests, the demo). The namespace itself ends once no process and no
+/// socket holds it. Succeeds when there is nothing to remove.
 pub fn delete(name: &str) -> Result<()> {
     let target = path(name);
     match umount2(&target, MntFlags::MNT_DETACH) {

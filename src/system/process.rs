@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,9 +64,35 @@ impl ProcessId {
         self.state().is_some_and(|s| s == 'T' || s == 't')
     }
 
+    /// The program the process runs now, as `/proc/<pid>/exe` names it; a binary replaced
+    /// on disk since keeps its old path here.
+    pub fn executable(&self) -> Option<PathBuf> {
+        let link = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
+        // Checked after reading: the link was this very process's.
+        if !self.is_alive() {
+            return None;
+        }
+        let text = link.to_string_lossy();
+        Some(PathBuf::from(
+            text.strip_suffix(" (deleted)").unwrap_or(&text).to_string(),
+        ))
+    }
+
+    /// Whether this process runs one of `executables` (compared after resolving symlinks).
+    pub fn runs_one_of(&self, executables: &[PathBuf]) -> bool {
+        self.executable().is_some_and(|running| {
+            executables
+                .iter()
+                .any(|e| std::fs::canonicalize(e).unwrap_or_else(|_| e.clone()) == running)
+        })
+    }
+
     /// A pidfd pinning this very process (not whatever holds the PID later), or None when it
-    /// is gone or the PID now belongs to another process.
+    /// is gone or the PID now belongs to another process. PIDs 0 and 1 are never ours.
     fn pin(&self) -> Option<OwnedFd> {
+        if self.pid <= 1 {
+            return None;
+        }
         // SAFETY: pidfd_open returns a new descriptor we own, or -1.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
         if raw < 0 {
@@ -130,11 +157,17 @@ impl ProcessId {
     }
 
     fn reap(&self) {
+        if self.pid <= 1 {
+            return;
+        }
         let _ = waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG));
     }
 
     /// The exit status when the process is our child and has ended.
     pub fn exit_status(&self) -> Option<String> {
+        if self.pid <= 1 {
+            return None;
+        }
         match waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, 0)) => Some("exited".into()),
             Ok(WaitStatus::Exited(_, code)) => Some(format!("exited with status {code}")),
@@ -165,6 +198,8 @@ pub fn command_in(program: impl AsRef<std::ffi::OsStr>, netns: BorrowedFd<'_>) -
 /// A process waiting at its gate; see the module documentation.
 pub struct Gated {
     pub process: ProcessId,
+    /// What it may run: the gate (this program) until released, then the program.
+    pub executables: Vec<PathBuf>,
     gate: Option<File>,
 }
 
@@ -201,8 +236,12 @@ pub struct Detached<'a> {
 pub fn start_detached(spec: Detached<'_>) -> Result<Gated> {
     let program = spec.argv.first().context("empty command")?;
     // The gate would only find out after we let go; say it now, while it is clear.
-    find_program(program)?;
+    let found = find_program(program)?;
     let exe = std::env::current_exe().context("finding our own executable")?;
+    let executables = [exe.clone(), found]
+        .into_iter()
+        .map(|e| std::fs::canonicalize(&e).unwrap_or(e))
+        .collect();
     let (gate_read, gate_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the start gate")?;
     let quiet = std::env::var_os("JOURNAL_STREAM").is_none();
@@ -247,6 +286,7 @@ pub fn start_detached(spec: Detached<'_>) -> Result<Gated> {
     let process = ProcessId::of(pid).with_context(|| format!("{program} ended at once"))?;
     Ok(Gated {
         process,
+        executables,
         gate: Some(File::from(gate_write)),
     })
 }

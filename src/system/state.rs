@@ -8,6 +8,7 @@
 //! A per-namespace lock file serialises `up` and `down` of one namespace.
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,11 +16,14 @@ use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Protocol;
 use crate::system::files::{self, Dir};
+use crate::system::netns::{self, NetnsId};
 use crate::system::process::ProcessId;
+use crate::system::wireguard::Backend;
 
 pub const STATE_DIR: &str = "/run/wg-namespace";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 pub fn state_path(namespace: &str) -> PathBuf {
     Path::new(STATE_DIR).join(state_name(namespace))
@@ -50,6 +54,15 @@ pub fn state_dir(create: bool) -> Result<Option<Dir>> {
     }
 }
 
+/// This boot's id: PIDs, namespace cookies and link indexes mean nothing in another boot.
+pub fn boot_id() -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    let _ = File::open("/proc/sys/kernel/random/boot_id")
+        .and_then(|f| f.take(64).read_to_string(&mut text));
+    text.trim().to_string()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
@@ -58,60 +71,219 @@ pub enum Phase {
     Up,
 }
 
-/// Something `up` creates, with what it takes to remove it again.
+/// What made the WireGuard link, and so its kind as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LinkKind {
+    /// `ip link add type wireguard`.
+    Wireguard,
+    /// A userspace daemon's TUN device.
+    Tun,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Wireguard => "wireguard",
+            LinkKind::Tun => "tun",
+        }
+    }
+}
+
+/// Something `up` creates, with what it takes to remove it again. Every name and path in a
+/// record must be the one `up` derives from the namespace name, and every identity must still
+/// match, or [`Resource::undo`] leaves the thing alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Resource {
-    Namespace {
-        name: String,
-    },
+    /// Recorded after the namespace exists (unnamed) and before it gets its name.
+    Namespace { name: String, id: NetnsId },
     /// `/etc/netns/<ns>`; `created_parent` when `/etc/netns` itself was made too.
     #[serde(rename_all = "camelCase")]
-    EtcDir {
-        path: PathBuf,
-        created_parent: bool,
-    },
+    EtcDir { path: PathBuf, created_parent: bool },
     /// The WireGuard link: in the host namespace until `moved` (a userspace daemon makes it
-    /// there), then in `namespace`; a kernel link is born in `namespace` (`moved` from the start).
+    /// there), then in `namespace`; a kernel link is born in `namespace` (`moved` from the
+    /// start). `index` is known once the link exists (and again after a move).
+    #[serde(rename_all = "camelCase")]
     Link {
         name: String,
         namespace: String,
         #[serde(default)]
         moved: bool,
+        index: Option<u32>,
+        link_kind: LinkKind,
     },
     /// The userspace WireGuard daemon serving `interface`.
     Daemon {
         process: ProcessId,
+        /// What it may run (resolved paths); anything else at its PID is not it.
+        executables: Vec<PathBuf>,
         interface: String,
     },
     /// The relay for `publishPorts`.
     Publisher {
         process: ProcessId,
+        executables: Vec<PathBuf>,
     },
 }
 
+/// What a teardown may act on: the namespace the record is for, and the identity it recorded.
+pub struct Scope {
+    pub namespace: String,
+    /// From the record's `Namespace` resource.
+    pub netns: Option<NetnsId>,
+    /// The record was written during this boot; otherwise only files are ours to remove.
+    pub this_boot: bool,
+}
+
+impl Scope {
+    /// The recorded namespace, when its name still stands for it.
+    pub fn open_netns(&self) -> Option<std::os::fd::OwnedFd> {
+        netns::open_matching(&self.namespace, self.netns?)
+    }
+}
+
+/// The outcome of [`Resource::undo`] that is not an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undone {
+    /// Removed, or already gone.
+    Done,
+    /// Not provably ours (any more): left as it is, for this reason.
+    LeftAlone(String),
+}
+
 impl Resource {
-    /// Removes the resource. Errors are reported but never stop the rest of a teardown.
-    pub fn undo(&self) -> Result<()> {
+    /// Removes the resource when it is still provably the one recorded. Errors are reported
+    /// but never stop the rest of a teardown.
+    pub fn undo(&self, scope: &Scope) -> Result<Undone> {
+        let ns = scope.namespace.as_str();
+        let left = |why: String| Ok(Undone::LeftAlone(why));
+        if let Some(problem) = self.foreign_name(ns) {
+            return left(problem);
+        }
+        if !scope.this_boot && !matches!(self, Resource::EtcDir { .. }) {
+            return left(format!(
+                "{} was recorded in an earlier boot",
+                self.describe()
+            ));
+        }
         match self {
-            Resource::Namespace { name } => crate::system::netns::delete(name),
+            Resource::Namespace { name, id } => match netns::delete_matching(name, *id)? {
+                netns::Deleted::Done => Ok(Undone::Done),
+                netns::Deleted::NotOurs => left(format!(
+                    "network namespace {name:?} is not the one wg-namespace made (it was deleted and made again since)"
+                )),
+            },
             Resource::EtcDir {
                 path,
                 created_parent,
-            } => crate::system::dns::remove(path, *created_parent),
+            } => crate::system::dns::remove(path, *created_parent).map(|()| Undone::Done),
             Resource::Link {
                 name,
-                namespace,
                 moved,
-            } => crate::system::wireguard::delete_link(name, namespace, *moved),
-            Resource::Daemon { process, interface } => {
-                process.terminate(Duration::from_secs(2))?;
-                crate::system::wireguard::remove_stale_socket(interface);
-                Ok(())
+                index,
+                link_kind,
+                ..
+            } => {
+                let found = if *moved {
+                    // A moved link is never looked for on the host, where its name is free
+                    // again and may belong to someone else by now. When the namespace is gone
+                    // or another, the link went with ours.
+                    match scope.open_netns() {
+                        Some(fd) => {
+                            crate::system::wireguard::delete_link(fd, name, *index, *link_kind)?
+                        }
+                        None => return Ok(Undone::Done),
+                    }
+                } else {
+                    crate::system::wireguard::delete_link_here(name, *index, *link_kind)?
+                };
+                match found {
+                    crate::system::wireguard::LinkDeleted::Done => Ok(Undone::Done),
+                    crate::system::wireguard::LinkDeleted::NotOurs(what) => left(format!(
+                        "link {name:?} is not the one wg-namespace made ({what})"
+                    )),
+                }
             }
-            Resource::Publisher { process } => process.terminate(Duration::from_secs(2)),
+            Resource::Daemon {
+                process,
+                executables,
+                interface,
+            } => {
+                let undone = stop_process(process, executables, "userspace WireGuard daemon")?;
+                if undone == Undone::Done {
+                    crate::system::wireguard::remove_stale_socket(interface);
+                }
+                Ok(undone)
+            }
+            Resource::Publisher {
+                process,
+                executables,
+            } => stop_process(process, executables, "port relay"),
         }
     }
+
+    fn describe(&self) -> String {
+        match self {
+            Resource::Namespace { name, .. } => format!("network namespace {name:?}"),
+            Resource::EtcDir { path, .. } => path.display().to_string(),
+            Resource::Link { name, .. } => format!("link {name:?}"),
+            Resource::Daemon { process, .. } => {
+                format!("the userspace WireGuard daemon (pid {})", process.pid)
+            }
+            Resource::Publisher { process, .. } => format!("the port relay (pid {})", process.pid),
+        }
+    }
+
+    /// A name or path other than the one `up` derives from `namespace`, described.
+    fn foreign_name(&self, namespace: &str) -> Option<String> {
+        let expected_dir = crate::system::dns::dir(namespace);
+        let problem = match self {
+            Resource::Namespace { name, .. } if name != namespace => {
+                format!("names network namespace {name:?}")
+            }
+            Resource::EtcDir { path, .. } if *path != expected_dir => {
+                format!("names directory {}", path.display())
+            }
+            Resource::Link {
+                name, namespace: n, ..
+            } if name != namespace || n != namespace => {
+                format!("names link {name:?} in namespace {n:?}")
+            }
+            Resource::Daemon { interface, .. } if interface != namespace => {
+                format!("names a daemon for interface {interface:?}")
+            }
+            _ => return None,
+        };
+        Some(format!(
+            "the record of namespace {namespace:?} {problem}, which is not its own"
+        ))
+    }
+}
+
+/// Ends a recorded process when the PID still holds the very process (start time) running
+/// what it was recorded to run.
+fn stop_process(process: &ProcessId, executables: &[PathBuf], what: &str) -> Result<Undone> {
+    if process.pid <= 1 {
+        return Ok(Undone::LeftAlone(format!(
+            "the {what} is recorded as pid {}, which is never wg-namespace's",
+            process.pid
+        )));
+    }
+    if !process.is_alive() {
+        return Ok(Undone::Done);
+    }
+    if !process.runs_one_of(executables) {
+        let running = process
+            .executable()
+            .map_or_else(|| "something else".into(), |e| e.display().to_string());
+        return Ok(Undone::LeftAlone(format!(
+            "the {what} recorded as pid {} runs {running}, not what wg-namespace started",
+            process.pid
+        )));
+    }
+    process.terminate(Duration::from_secs(2))?;
+    Ok(Undone::Done)
 }
 
 /// A peer as `status` and `refresh` need to know it.
@@ -128,15 +300,17 @@ pub struct PeerRecord {
 pub struct State {
     pub version: u32,
     pub namespace: String,
+    /// [`boot_id`] when `up` ran.
+    pub boot_id: String,
     pub phase: Phase,
     /// The `up` that wrote this file.
     pub owner: ProcessId,
     /// Seconds since the Unix epoch when `up` started.
     pub started_at: u64,
     pub config_path: Option<PathBuf>,
-    /// "kernel" or "userspace", once chosen.
-    pub backend: Option<String>,
-    pub dns_server: String,
+    /// Once chosen.
+    pub backend: Option<Backend>,
+    pub dns_server: IpAddr,
     /// DNS is pinned to dns_server by the firewall.
     #[serde(default)]
     pub strict_dns: bool,
@@ -152,17 +326,18 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PublishRecord {
-    pub protocol: String,
-    pub host_address: String,
+    pub protocol: Protocol,
+    pub host_address: IpAddr,
     pub host_port: u16,
     pub namespace_port: u16,
 }
 
 impl State {
-    pub fn new(namespace: &str) -> State {
+    pub fn new(namespace: &str, dns_server: IpAddr) -> State {
         State {
             version: FORMAT_VERSION,
             namespace: namespace.to_string(),
+            boot_id: boot_id(),
             phase: Phase::Building,
             owner: ProcessId::current(),
             started_at: std::time::SystemTime::now()
@@ -170,7 +345,7 @@ impl State {
                 .map_or(0, |d| d.as_secs()),
             config_path: None,
             backend: None,
-            dns_server: String::new(),
+            dns_server,
             strict_dns: true,
             ipv6: false,
             peers: Vec::new(),
@@ -179,6 +354,8 @@ impl State {
         }
     }
 
+    /// Reads the record of `namespace`. The file is untrusted input: it must be for that
+    /// namespace, and [`State::teardown`] checks every resource again before acting.
     pub fn load(namespace: &str) -> Result<Option<State>> {
         let path = state_path(namespace);
         let Some(dir) = state_dir(false)? else {
@@ -187,13 +364,25 @@ impl State {
         let Some(text) = dir.read(&state_name(namespace), files::STATE_LIMIT)? else {
             return Ok(None);
         };
-        let state: State = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is not a wg-namespace state file", path.display()))?;
-        if state.version != FORMAT_VERSION {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let not_ours = || format!("{} is not a wg-namespace state file", path.display());
+        let version: Version = serde_json::from_slice(&text).with_context(not_ours)?;
+        if version.version != FORMAT_VERSION {
             bail!(
                 "{} has format version {}, this wg-namespace reads version {FORMAT_VERSION}",
                 path.display(),
-                state.version
+                version.version
+            );
+        }
+        let state: State = serde_json::from_slice(&text).with_context(not_ours)?;
+        if state.namespace != namespace {
+            bail!(
+                "{} records namespace {:?}, not {namespace:?}; left alone",
+                path.display(),
+                state.namespace
             );
         }
         Ok(Some(state))
@@ -207,16 +396,39 @@ impl State {
         Ok(())
     }
 
-    /// Undoes every resource, newest first, then removes the state file. When something
-    /// could not be undone, the file keeps just those resources so a later `down` can retry,
-    /// and the first error is returned.
+    /// What a teardown of this record may act on.
+    pub fn scope(&self) -> Scope {
+        Scope {
+            namespace: self.namespace.clone(),
+            netns: self.resources.iter().find_map(|r| match r {
+                Resource::Namespace { id, .. } => Some(*id),
+                _ => None,
+            }),
+            this_boot: self.boot_id == boot_id(),
+        }
+    }
+
+    /// The recorded namespace, when its name still stands for it.
+    pub fn open_netns(&self) -> Option<std::os::fd::OwnedFd> {
+        self.scope().open_netns()
+    }
+
+    /// Undoes every resource, newest first, then removes the state file. What is not (any
+    /// more) provably ours is reported on stderr and left alone. When something could not be
+    /// undone, the file keeps just those resources so a later `down` can retry, and the first
+    /// error is returned.
     pub fn teardown(&self) -> Result<()> {
+        let scope = self.scope();
         let mut left = Vec::new();
         let mut first_error = None;
         for resource in self.resources.iter().rev() {
-            if let Err(e) = resource.undo() {
-                first_error.get_or_insert(e);
-                left.insert(0, resource.clone());
+            match resource.undo(&scope) {
+                Ok(Undone::Done) => {}
+                Ok(Undone::LeftAlone(why)) => eprintln!("warning: {why}; left alone"),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    left.insert(0, resource.clone());
+                }
             }
         }
         match first_error {
@@ -323,5 +535,28 @@ impl Lock {
         {
             let _ = parent.remove_dir("wg-namespace");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Undone, stop_process};
+    use crate::system::process::ProcessId;
+
+    #[test]
+    fn pid_1_is_never_signalled_whatever_the_record_says() {
+        let Some(init) = ProcessId::of(1) else {
+            return;
+        };
+        // Even a record that matches init's start time and program leaves it alone.
+        let executables = init.executable().into_iter().collect::<Vec<_>>();
+        let undone = stop_process(&init, &executables, "daemon").expect("no error");
+        assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
+        let zero = ProcessId {
+            pid: 0,
+            start_time: 0,
+        };
+        let undone = stop_process(&zero, &[], "daemon").expect("no error");
+        assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
     }
 }

@@ -18,13 +18,15 @@ use crate::config::{Cidr, Config, Endpoint, EndpointHost, Key, Peer, PresharedKe
 use crate::system::files;
 use crate::system::link::Netlink;
 use crate::system::process::{Detached, Gated, ProcessId};
+use crate::system::state::LinkKind;
 
 /// Where wireguard-go and boringtun put their configuration sockets.
 const UAPI_DIR: &str = "/var/run/wireguard";
 /// How long a userspace daemon may take to create its interface and socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     Kernel,
     Userspace,
@@ -185,23 +187,54 @@ pub fn remove_stale_socket(interface: &str) {
     }
 }
 
-/// Deletes the WireGuard link `name`: inside `namespace` once it was moved there, else in the
-/// calling thread's namespace. A moved link is never looked for on the host, where its name is
-/// free again and may belong to someone else by now. Nothing to delete is not an error.
-pub fn delete_link(name: &str, namespace: &str, moved: bool) -> Result<()> {
-    let nl = if moved {
-        match crate::system::netns::open(namespace) {
-            Ok(fd) => Netlink::inside(fd)?,
-            // The namespace is gone, and its links went with it.
-            Err(_) => return Ok(()),
-        }
-    } else {
-        Netlink::here()?
+/// What [`delete_link`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkDeleted {
+    /// Deleted, or no such link.
+    Done,
+    /// A link is there but not the recorded one: described, and left alone.
+    NotOurs(String),
+}
+
+/// Deletes the WireGuard link recorded as `name`, `index` and `kind` inside the namespace
+/// `netns`: the link at `index` when it still has that name and kind; without an index (a
+/// run killed before it learnt it), the link of that name when it has that kind.
+pub fn delete_link(
+    netns: impl AsFd,
+    name: &str,
+    index: Option<u32>,
+    kind: LinkKind,
+) -> Result<LinkDeleted> {
+    delete_matching_link(&Netlink::inside(netns)?, name, index, kind)
+}
+
+/// [`delete_link`] in the calling thread's namespace (the host's, before the move).
+pub fn delete_link_here(name: &str, index: Option<u32>, kind: LinkKind) -> Result<LinkDeleted> {
+    delete_matching_link(&Netlink::here()?, name, index, kind)
+}
+
+fn delete_matching_link(
+    nl: &Netlink,
+    name: &str,
+    index: Option<u32>,
+    kind: LinkKind,
+) -> Result<LinkDeleted> {
+    let links = nl.links()?;
+    let found = match index {
+        Some(index) => links.into_iter().find(|l| l.index == index),
+        None => links.into_iter().find(|l| l.name == name),
     };
-    match nl.index_of(name)? {
-        Some(index) => nl.delete(index),
-        None => Ok(()),
+    let Some(link) = found else {
+        return Ok(LinkDeleted::Done);
+    };
+    let link_kind = link.kind.as_deref().unwrap_or("none");
+    if link.name != name || link_kind != kind.as_str() {
+        return Ok(LinkDeleted::NotOurs(format!(
+            "index {} is now {:?} of kind {link_kind}",
+            link.index, link.name
+        )));
     }
+    nl.delete(link.index).map(|()| LinkDeleted::Done)
 }
 
 /// Reads a key file at run time, refusing files others can tamper with: the file, every
