@@ -8,7 +8,8 @@
 //! `boot`. The console log stays in `target/tmp/kernel-vm/console.log`.
 //!
 //! Run alone: `cargo test --test kernel_vm -- --nocapture` (or `scripts/vm/run`).
-//! `WG_NAMESPACE_VM_SKIP=1` skips it, saying so.
+//! `WG_NAMESPACE_VM_SKIP=1`, a missing qemu or running without root skip it: it is then reported
+//! as ignored, with the reason, never as passed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -250,12 +251,49 @@ fn bash(script: &Path) -> Command {
     cmd
 }
 
-#[test]
-fn kernel_wireguard_in_a_vm() {
-    if std::env::var_os("WG_NAMESPACE_VM_SKIP").is_some_and(|v| v != "0" && !v.is_empty()) {
-        eprintln!("kernel-vm: SKIPPED because WG_NAMESPACE_VM_SKIP is set");
-        return;
+fn main() {
+    let skip = skip_reason();
+    if let Some(reason) = &skip {
+        eprintln!("kernel-vm: SKIPPED: {reason}");
     }
+    let trials = vec![
+        libtest_mimic::Trial::test("kernel_wireguard_in_a_vm", || {
+            kernel_wireguard_in_a_vm();
+            Ok(())
+        })
+        .with_ignored_flag(skip.is_some()),
+        libtest_mimic::Trial::test("result_lines_are_parsed_and_judged", || {
+            result_lines_are_parsed_and_judged();
+            Ok(())
+        }),
+        libtest_mimic::Trial::test("a_skipped_vm_run_is_reported_as_ignored", || {
+            a_skipped_vm_run_is_reported_as_ignored().map_err(Into::into)
+        }),
+    ];
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), trials).exit()
+}
+
+/// Why the VM cannot run here, if it cannot.
+fn skip_reason() -> Option<String> {
+    if std::env::var_os("WG_NAMESPACE_VM_SKIP").is_some_and(|v| v != "0" && !v.is_empty()) {
+        return Some("WG_NAMESPACE_VM_SKIP is set".into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some(
+            "it needs root (prepare-kernel runs apt-get); run it as root (CI does)".into(),
+        );
+    }
+    let on_path = |program: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+    };
+    if !on_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 is not installed (scripts/setup installs it)".into());
+    }
+    None
+}
+
+fn kernel_wireguard_in_a_vm() {
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-vm");
     std::fs::create_dir_all(&out_dir).expect("create the output directory");
     let log_path = out_dir.join("console.log");
@@ -354,7 +392,6 @@ fn kernel_wireguard_in_a_vm() {
     );
 }
 
-#[test]
 fn result_lines_are_parsed_and_judged() {
     let mut log = String::from("SeaBIOS\r\nBooting from ROM..WGNS-RESULT up PASS up exited 0\r\n");
     for check in &CHECKS[1..] {
@@ -380,4 +417,28 @@ fn result_lines_are_parsed_and_judged() {
     log.push_str("WGNS-RESULT netns-links PASS links in vpn: lo vpn\n");
     let (results, _) = parse_results(&log);
     assert_eq!(results["netns-links"].0, "FAIL");
+}
+
+/// The VM test asked to skip must say "ignored": a skipped run counted as a pass would hide
+/// that the kernel path was never tested.
+fn a_skipped_vm_run_is_reported_as_ignored() -> Result<(), String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(me)
+        .args(["--exact", "kernel_wireguard_in_a_vm"])
+        .env("WG_NAMESPACE_VM_SKIP", "1")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success()
+        && stdout.contains("0 passed")
+        && stdout.contains("1 ignored")
+        && stderr.contains("SKIPPED: WG_NAMESPACE_VM_SKIP is set")
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "a skipped VM run reported:\nstdout: {stdout}\nstderr: {stderr}"
+        ))
+    }
 }
