@@ -6,15 +6,19 @@
 //! answered outside the tunnel.
 
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
+use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::{SigHandler, Signal};
+use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::exit::{Failure, code};
-use crate::system::dns;
+use crate::system::{dns, terminal};
 
 /// Enters the namespace for the rest of this process's life: network namespace, a private
 /// mount namespace with the namespace's `/etc` files, the host resolvers hidden, and the
@@ -73,23 +77,56 @@ pub fn enter(namespace: &str, uid: Uid) -> Result<()> {
         })?;
     }
     for path in dns::HOST_RESOLVER_PATHS {
-        hide(Path::new(path))?;
+        hide_host(Path::new(path))?;
     }
     for path in ["bus", "systemd/private"] {
-        hide(&Path::new("/run/user").join(uid.to_string()).join(path))?;
+        hide_users_socket(
+            &Path::new("/run/user").join(uid.to_string()).join(path),
+            uid,
+        )?;
     }
     Ok(())
 }
 
-/// Covers a directory with an empty read-only tmpfs, or a socket or file with /dev/null.
-fn hide(path: &Path) -> Result<()> {
-    let Ok(meta) = std::fs::metadata(path) else {
+/// Hides one of the host's resolver paths. They lie in directories only root can change, so a
+/// symlink among them is root's own choice and is followed.
+fn hide_host(path: &Path) -> Result<()> {
+    let Ok(fd) = open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) else {
         return Ok(());
     };
-    let result = if meta.is_dir() {
+    cover(&fd, path)
+}
+
+/// Hides a socket in the user's runtime directory. The user owns that directory and can put
+/// anything there, so nothing is followed: a symlink, or anything that is not a socket of the
+/// user's (or root's), is left alone rather than having whatever it names masked in a mount
+/// namespace where setuid programs then run.
+fn hide_users_socket(path: &Path, uid: Uid) -> Result<()> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let Ok(fd) = openat2(AT_FDCWD, path, how) else {
+        return Ok(());
+    };
+    let stat = fstat(&fd).with_context(|| format!("examining {}", path.display()))?;
+    let is_socket = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK;
+    if !is_socket || (stat.st_uid != uid.as_raw() && stat.st_uid != 0) {
+        return Ok(());
+    }
+    cover(&fd, path)
+}
+
+/// Covers what `fd` (opened with O_PATH) is: a directory with an empty read-only tmpfs, a
+/// socket or file with /dev/null. Mounting onto /proc/self/fd/N covers the very object that
+/// was checked, whatever its path names by now.
+fn cover(fd: &OwnedFd, shown_as: &Path) -> Result<()> {
+    let stat = fstat(fd).with_context(|| format!("examining {}", shown_as.display()))?;
+    let target = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+    let result = if is_dir {
         mount(
             Some("tmpfs"),
-            path,
+            target.as_str(),
             Some("tmpfs"),
             MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some("size=4k,mode=755"),
@@ -97,13 +134,13 @@ fn hide(path: &Path) -> Result<()> {
     } else {
         mount(
             Some("/dev/null"),
-            path,
+            target.as_str(),
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
     };
-    result.with_context(|| format!("hiding {}", path.display()))
+    result.with_context(|| format!("hiding {}", shown_as.display()))
 }
 
 struct Identity {
@@ -153,18 +190,17 @@ fn become_user(who: &Identity) -> Result<()> {
     Ok(())
 }
 
-/// Replaces this process with `command` inside the namespace. Returns only on failure, with
-/// the exit code a shell would give (126 cannot run, 127 not found).
+/// Runs `command` inside the namespace and returns its exit status, or the one a shell would
+/// give (126 cannot run, 127 not found). As root it replaces this process. As another user it
+/// runs in a session of its own, on a pseudo-terminal of its own when ours is a terminal (see
+/// [`terminal`]), with no descriptor but 0-2 and no capability: root's terminal and whatever
+/// root had open are out of its reach.
 pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i32, Failure> {
     // Look the user up while the host's NSS (and nscd) are still in place.
     let identity = user.map(lookup_user).transpose()?;
     let uid = identity
         .as_ref()
         .map_or_else(nix::unistd::geteuid, |who| who.uid);
-    enter(namespace, uid).map_err(|e| anyhow!("exec: {e:#}"))?;
-    if let Some(who) = &identity {
-        become_user(who).map_err(|e| anyhow!("exec: becoming {}: {e:#}", who.name))?;
-    }
     let args: Vec<CString> = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -173,14 +209,44 @@ pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i3
             code: code::USAGE,
             message: "exec: an argument holds a NUL byte".into(),
         })?;
-    let error = match nix::unistd::execvp(&args[0], &args) {
+    enter(namespace, uid).map_err(|e| anyhow!("exec: {e:#}"))?;
+    let Some(who) = identity else {
+        return Ok(replace_with(&args));
+    };
+    let status = terminal::run_in_own_session(who.uid, || {
+        // What root had open (including descriptors it let us inherit) stays with root.
+        // SAFETY: close_range only closes descriptors; nothing after this uses them.
+        if unsafe { libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0) } == -1 {
+            eprintln!(
+                "error: exec: closing inherited descriptors: {}",
+                std::io::Error::last_os_error()
+            );
+            return 126;
+        }
+        if let Err(e) = become_user(&who) {
+            eprintln!("error: exec: becoming {}: {e:#}", who.name);
+            return 126;
+        }
+        replace_with(&args)
+    })
+    .map_err(|e| anyhow!("exec: {e:#}"))?;
+    Ok(status)
+}
+
+/// Becomes the command; returns only when that fails, with the shell's status for it.
+fn replace_with(args: &[CString]) -> i32 {
+    // We ignore SIGPIPE (as every Rust program does); an ignored signal stays ignored across
+    // exec, and `yes | head` in the namespace should end as it does outside.
+    // SAFETY: restoring a default disposition.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let error = match nix::unistd::execvp(&args[0], args) {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    eprintln!("error: exec: {}: {error}", command[0]);
-    Ok(if error == nix::errno::Errno::ENOENT {
+    eprintln!("error: exec: {}: {error}", args[0].to_string_lossy());
+    if error == nix::errno::Errno::ENOENT {
         127
     } else {
         126
-    })
+    }
 }

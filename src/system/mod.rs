@@ -10,4 +10,5 @@ pub mod netns;
 pub mod process;
 pub mod relays;
 pub mod state;
+pub mod terminal;
 pub mod wireguard;
