@@ -86,14 +86,26 @@ enum Command {
     /// Build a throwaway peer and a confined namespace, show traffic going only through the
     /// tunnel, and tear everything down again.
     Demo,
-    /// Relay published ports into a namespace (started by `up`; not for direct use).
+    /// Relay one publishPorts or hostServices entry (started by `up`; not for direct use).
     #[command(hide = true)]
-    Publish {
+    Relay {
+        /// The namespace the relay serves (for `ps` and for people reading it).
         #[arg(long, value_name = "NAME")]
         namespace: String,
-        /// An inherited listening socket and the namespace port it relays to.
-        #[arg(long = "relay", value_name = "FD=PROTO:PORT")]
-        relays: Vec<String>,
+        /// The inherited listening socket.
+        #[arg(long, value_name = "FD")]
+        listen_fd: i32,
+        #[arg(long, value_name = "tcp|udp")]
+        protocol: String,
+        /// Where every connection is relayed to, from the namespace the relay runs in.
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        to: std::net::SocketAddr,
+        #[arg(long, value_name = "SECONDS")]
+        idle_timeout: u32,
+        #[arg(long, value_name = "UID")]
+        uid: u32,
+        #[arg(long, value_name = "GID")]
+        gid: u32,
     },
     /// Report what a process inside sees (run through `exec` by `check-leaks`).
     #[command(hide = true)]
@@ -212,10 +224,30 @@ fn run(command: Command) -> Result<i32, Failure> {
             crate::commands::demo::run()?;
             Ok(code::OK)
         }
-        Command::Publish { namespace, relays } => {
-            let namespace = namespace_arg(&namespace)?;
-            crate::system::relays::serve(&namespace, &relays)?;
-            Ok(code::OK)
+        Command::Relay {
+            namespace,
+            listen_fd,
+            protocol,
+            to,
+            idle_timeout,
+            uid,
+            gid,
+        } => {
+            namespace_arg(&namespace)?;
+            let protocol = match protocol.as_str() {
+                "tcp" => crate::config::Protocol::Tcp,
+                "udp" => crate::config::Protocol::Udp,
+                other => return Err(usage(format!("--protocol: {other:?} is not tcp or udp"))),
+            };
+            crate::system::relays::serve(&crate::system::relays::RelayArgs {
+                listen_fd,
+                protocol,
+                to,
+                idle_timeout: std::time::Duration::from_secs(idle_timeout.into()),
+                uid,
+                gid,
+            })?;
+            Ok(code::FAILURE)
         }
         Command::ProbeInside => Ok(crate::commands::leaks::probe_inside()),
         Command::Gate { fd, command } => {

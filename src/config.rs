@@ -25,6 +25,7 @@ pub const NAMESPACE_KEYS: &[&str] = &[
     "userspaceCommand",
     "strictDns",
     "publishPorts",
+    "hostServices",
 ];
 
 /// Keys of one entry of `peers`.
@@ -39,7 +40,28 @@ pub const PEER_KEYS: &[&str] = &[
 ];
 
 /// Keys of one entry of `publishPorts`.
-pub const PUBLISH_KEYS: &[&str] = &["protocol", "hostAddress", "hostPort", "namespacePort"];
+pub const PUBLISH_KEYS: &[&str] = &[
+    "protocol",
+    "hostAddress",
+    "hostPort",
+    "namespacePort",
+    "idleTimeoutSeconds",
+];
+
+/// Keys of one entry of `hostServices`.
+pub const HOST_SERVICE_KEYS: &[&str] = &[
+    "protocol",
+    "namespacePort",
+    "hostAddress",
+    "hostPort",
+    "idleTimeoutSeconds",
+];
+
+/// Long enough for a web UI left open between clicks, short enough that idle connections
+/// cannot hold an entry's sessions for long.
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 300;
+/// The longest `idleTimeoutSeconds`: a day. Nothing waits forever.
+pub const MAX_IDLE_TIMEOUT_SECONDS: u64 = 86_400;
 
 pub const DEFAULT_NAMESPACE: &str = "vpn";
 pub const DEFAULT_USERSPACE_COMMAND: &str = "wireguard-go";
@@ -350,6 +372,19 @@ pub struct PublishPort {
     pub host_address: IpAddr,
     pub host_port: u16,
     pub namespace_port: u16,
+    /// A connection (or UDP client) with nothing sent either way for this long is closed.
+    pub idle_timeout_seconds: u32,
+}
+
+/// A service in the host namespace made reachable from inside at 127.0.0.1:namespacePort, by
+/// a relay process: exactly this destination, and no route, forwarding or NAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HostService {
+    pub protocol: Protocol,
+    pub namespace_port: u16,
+    pub host_address: IpAddr,
+    pub host_port: u16,
+    pub idle_timeout_seconds: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,6 +400,7 @@ pub struct Config {
     pub userspace_command: Vec<String>,
     pub strict_dns: bool,
     pub publish_ports: Vec<PublishPort>,
+    pub host_services: Vec<HostService>,
 }
 
 impl Config {
@@ -482,6 +518,40 @@ impl Config {
             }
         }
 
+        let host_services = root
+            .opt_list("hostServices")?
+            .iter()
+            .map(parse_host_service)
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = HashSet::new();
+        for (i, s) in host_services.iter().enumerate() {
+            let field = format!("hostServices[{i}].namespacePort");
+            if !seen.insert((s.protocol, s.namespace_port)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} port {} inside is already taken by an earlier entry",
+                        s.protocol.as_str(),
+                        s.namespace_port
+                    ),
+                ));
+            }
+            // The published port's relay would connect to this listener and back out again.
+            if let Some(j) = publish_ports
+                .iter()
+                .position(|p| (p.protocol, p.namespace_port) == (s.protocol, s.namespace_port))
+            {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} port {} inside is also the target of publishPorts[{j}]; a port inside is either a service's or a host service's",
+                        s.protocol.as_str(),
+                        s.namespace_port
+                    ),
+                ));
+            }
+        }
+
         let config = Config {
             namespace,
             dns_server,
@@ -493,6 +563,7 @@ impl Config {
             userspace_command,
             strict_dns,
             publish_ports,
+            host_services,
         };
         if config.dns_server.is_ipv6() && !config.ipv6_enabled() {
             return Err(ConfigError::new(
@@ -635,13 +706,7 @@ fn parse_peer(item: &Item) -> Result<Peer> {
 fn parse_publish_port(item: &Item) -> Result<PublishPort> {
     let entry = item.object()?;
     entry.reject_unknown(PUBLISH_KEYS)?;
-    let protocol = match entry.opt_str("protocol")? {
-        None | Some("tcp") => Protocol::Tcp,
-        Some("udp") => Protocol::Udp,
-        Some(other) => {
-            return Err(entry.error("protocol", format!("{other:?} is not \"tcp\" or \"udp\"")));
-        }
-    };
+    let protocol = parse_protocol(&entry)?;
     let host_address = match entry.opt_str("hostAddress")? {
         None => IpAddr::V4(Ipv4Addr::LOCALHOST),
         Some(text) => text
@@ -657,7 +722,51 @@ fn parse_publish_port(item: &Item) -> Result<PublishPort> {
         host_address,
         host_port,
         namespace_port,
+        idle_timeout_seconds: idle_timeout(&entry)?,
     })
+}
+
+fn parse_host_service(item: &Item) -> Result<HostService> {
+    let entry = item.object()?;
+    entry.reject_unknown(HOST_SERVICE_KEYS)?;
+    let protocol = parse_protocol(&entry)?;
+    let host_address: IpAddr = match entry.opt_str("hostAddress")? {
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(text) => text
+            .parse()
+            .map_err(|_| entry.error("hostAddress", format!("{text:?} is not an IP address")))?,
+    };
+    if host_address.is_unspecified() || host_address.is_multicast() {
+        return Err(entry.error(
+            "hostAddress",
+            format!("{host_address} is not the address of one host; give the address the service listens on"),
+        ));
+    }
+    let host_port = entry.req_int("hostPort", 1, 65535)? as u16;
+    let namespace_port = entry
+        .opt_int("namespacePort", 1, 65535)?
+        .map_or(host_port, |p| p as u16);
+    Ok(HostService {
+        protocol,
+        namespace_port,
+        host_address,
+        host_port,
+        idle_timeout_seconds: idle_timeout(&entry)?,
+    })
+}
+
+fn parse_protocol(entry: &Object) -> Result<Protocol> {
+    match entry.opt_str("protocol")? {
+        None | Some("tcp") => Ok(Protocol::Tcp),
+        Some("udp") => Ok(Protocol::Udp),
+        Some(other) => Err(entry.error("protocol", format!("{other:?} is not \"tcp\" or \"udp\""))),
+    }
+}
+
+fn idle_timeout(entry: &Object) -> Result<u32> {
+    Ok(entry
+        .opt_int("idleTimeoutSeconds", 1, MAX_IDLE_TIMEOUT_SECONDS)?
+        .map_or(DEFAULT_IDLE_TIMEOUT_SECONDS, |s| s as u32))
 }
 
 fn quoted(value: Option<&Value>) -> String {
@@ -981,5 +1090,49 @@ mod tests {
         assert!(check_name("a/b").is_err());
         assert!(check_name("-x").is_err());
         assert!(check_name("..").is_err());
+    }
+
+    #[test]
+    fn host_services_default_and_validate() {
+        let mut v = minimal();
+        v["hostServices"] = serde_json::json!([{ "hostPort": 5432 }]);
+        v["publishPorts"] = serde_json::json!([{ "hostPort": 9091 }]);
+        let config = Config::parse(&v.to_string()).unwrap();
+        assert_eq!(
+            config.host_services,
+            vec![HostService {
+                protocol: Protocol::Tcp,
+                namespace_port: 5432,
+                host_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                host_port: 5432,
+                idle_timeout_seconds: DEFAULT_IDLE_TIMEOUT_SECONDS,
+            }]
+        );
+        assert_eq!(config.publish_ports[0].idle_timeout_seconds, 300);
+
+        for (entries, expected) in [
+            (
+                serde_json::json!([{ "hostPort": 1, "hostAddress": "0.0.0.0" }]),
+                "hostServices[0].hostAddress: 0.0.0.0 is not the address of one host",
+            ),
+            (
+                serde_json::json!([{ "hostPort": 1 }, { "hostPort": 2, "namespacePort": 1 }]),
+                "hostServices[1].namespacePort: tcp port 1 inside is already taken",
+            ),
+            (
+                serde_json::json!([{ "hostPort": 5432, "namespacePort": 9091 }]),
+                "hostServices[0].namespacePort: tcp port 9091 inside is also the target of publishPorts[0]",
+            ),
+            (
+                serde_json::json!([{ "hostPort": 1, "idleTimeoutSeconds": 0 }]),
+                "hostServices[0].idleTimeoutSeconds: 0 is not a whole number between 1 and 86400",
+            ),
+            (serde_json::json!([{ "port": 1 }]), "hostServices[0].port"),
+        ] {
+            let mut v = v.clone();
+            v["hostServices"] = entries;
+            let e = error_of(v);
+            assert!(e.starts_with(expected), "{e}");
+        }
     }
 }

@@ -646,7 +646,7 @@ fn bad_configs() -> Result<()> {
             "published port in use",
             Set("publishPorts", json!([{"hostPort": busy_port}])),
             1,
-            "step 6/7 (publish): publishPorts[0]: binding tcp",
+            "step 6/7 (publish): publishPorts tcp 127.0.0.1:",
         ),
     ];
     ensure!(cases.len() >= 25, "the table must hold at least 25 cases");

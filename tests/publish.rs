@@ -2,18 +2,43 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn main() {
-    run(vec![trial(
-        "published_ports_reach_in_and_nothing_reaches_out",
-        published_ports,
-    )])
+    run(vec![
+        trial(
+            "published_ports_reach_in_and_nothing_reaches_out",
+            published_ports,
+        ),
+        trial(
+            "relays_run_unprivileged_in_the_namespace_they_connect_from",
+            relays_unprivileged,
+        ),
+        trial(
+            "idle_tcp_sessions_close_and_the_session_cap_turns_new_ones_away",
+            idle_and_cap,
+        ),
+        trial(
+            "a_udp_client_that_starts_before_the_service_gets_answers_once_it_is_up",
+            udp_recovers,
+        ),
+        trial(
+            "host_services_reach_exactly_the_given_host_service",
+            host_services,
+        ),
+        trial(
+            "a_killed_relay_degrades_status_and_heal_brings_it_back",
+            killed_relay,
+        ),
+    ])
 }
 
 const WEB_UI: &str = "web ui inside the namespace";
@@ -170,4 +195,434 @@ fn published_ports() -> Result<()> {
         "the relay outlived down"
     );
     Ok(())
+}
+
+/// `status --json` for the rig's namespace: its exit code and its one namespace object.
+fn status(rig: &Rig) -> Result<(i32, Value)> {
+    let out = rig.helper(&["status", "--json", "--namespace", &rig.confined])?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("status --json: {}", text(&out)))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        report["namespaces"][0].clone(),
+    ))
+}
+
+fn relay_pids(rig: &Rig) -> Result<Vec<(u32, Value)>> {
+    let (_, ns) = status(rig)?;
+    ns["relays"]
+        .as_array()
+        .context("status --json has no relays")?
+        .iter()
+        .map(|r| Ok((r["pid"].as_u64().context("relay pid")? as u32, r.clone())))
+        .collect()
+}
+
+/// The whitespace-separated values of a `/proc/<pid>/status` line.
+fn proc_status(pid: u32, key: &str) -> Result<Vec<String>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .with_context(|| format!("/proc/{pid}/status has no {key}"))
+}
+
+fn ns_inode(fd: &OwnedFd) -> Result<u64> {
+    Ok(std::fs::File::from(fd.try_clone()?).metadata()?.ino())
+}
+
+/// A TCP echo service in the namespace `fd` that notes where each connection came from.
+fn serve_echo(fd: &OwnedFd, addr: SocketAddr) -> Result<Arc<Mutex<Vec<SocketAddr>>>> {
+    let listener = Rig::within(fd, || TcpListener::bind(addr))??;
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&peers);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            if let Ok(peer) = stream.peer_addr() {
+                seen.lock().unwrap().push(peer);
+            }
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(peers)
+}
+
+/// Sends `message` on `stream` and reads the echo.
+fn echo_through(stream: &mut TcpStream, message: &[u8]) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(message)?;
+    let mut buf = vec![0u8; message.len()];
+    stream.read_exact(&mut buf)?;
+    ensure!(buf == message, "echoed {buf:?}");
+    Ok(())
+}
+
+/// A UDP echo service in the namespace `fd` until the returned socket is shut down.
+fn serve_udp_echo(fd: &OwnedFd, addr: SocketAddr) -> Result<Arc<UdpSocket>> {
+    let socket = Arc::new(Rig::within(fd, || UdpSocket::bind(addr))??);
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let serving = Arc::clone(&socket);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        // Two owners while serving: the caller dropping its handle ends the service.
+        while Arc::strong_count(&serving) > 1 {
+            if let Ok((n, from)) = serving.recv_from(&mut buf) {
+                let _ = serving.send_to(&buf[..n], from);
+            }
+        }
+    });
+    Ok(socket)
+}
+
+fn relays_unprivileged() -> Result<()> {
+    let rig = Rig::new(180)?;
+    let lan = rig.host_underlay();
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([
+        {"hostAddress": lan.to_string(), "hostPort": 18080, "namespacePort": 8080},
+        {"protocol": "udp", "hostPort": 18081, "namespacePort": 8081},
+    ]);
+    config["hostServices"] = json!([{"namespacePort": 8090, "hostPort": 7090}]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let peers = serve_echo(&inside, "127.0.0.1:8080".parse()?)?;
+
+    let (inside_ino, host_ino) = (ns_inode(&inside)?, ns_inode(rig.host_fd())?);
+    let relays = relay_pids(&rig)?;
+    ensure!(relays.len() == 3, "one relay per entry, got {relays:?}");
+    for (pid, relay) in &relays {
+        for key in ["Uid", "Gid"] {
+            let ids = proc_status(*pid, key)?;
+            ensure!(
+                ids.len() == 4 && ids.iter().all(|id| id == "65534"),
+                "relay {pid} {key}: {ids:?} (want nobody everywhere)"
+            );
+        }
+        ensure!(
+            proc_status(*pid, "Groups")?.is_empty(),
+            "relay {pid} keeps supplementary groups"
+        );
+        for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            let caps = proc_status(*pid, key)?;
+            ensure!(caps == ["0000000000000000"], "relay {pid} {key}: {caps:?}");
+        }
+        ensure!(
+            proc_status(*pid, "NoNewPrivs")? == ["1"],
+            "relay {pid} may gain privileges"
+        );
+        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino();
+        let want = if relay["direction"] == "publish" {
+            inside_ino
+        } else {
+            host_ino
+        };
+        ensure!(
+            ino == want,
+            "relay {pid} ({relay}) is in network namespace {ino}, want {want}"
+        );
+    }
+
+    // A connection from the LAN (the peer's side of the underlay) arrives from 127.0.0.1.
+    let mut stream = Rig::within(rig.peer_fd(), || {
+        TcpStream::connect_timeout(&SocketAddr::new(lan.into(), 18080), Duration::from_secs(5))
+    })??;
+    echo_through(&mut stream, b"from the lan")?;
+    let seen = peers.lock().unwrap().clone();
+    ensure!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|p| p.ip() == IpAddr::from(Ipv4Addr::LOCALHOST)),
+        "connections inside came from {seen:?}, want 127.0.0.1"
+    );
+    drop(stream);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn idle_and_cap() -> Result<()> {
+    const CAP: usize = 256;
+    let rig = Rig::new(181)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([
+        {"hostPort": 18080, "namespacePort": 8080, "idleTimeoutSeconds": 3},
+    ]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    serve_echo(&inside, "127.0.0.1:8080".parse()?)?;
+    let published: SocketAddr = "127.0.0.1:18080".parse()?;
+    let connect = || -> Result<TcpStream> {
+        Ok(Rig::within(rig.host_fd(), || {
+            TcpStream::connect_timeout(&published, Duration::from_secs(5))
+        })??)
+    };
+
+    // A session in use stays open past the idle time.
+    let mut busy = connect()?;
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for i in 0..CAP - 1 {
+        let mut stream = connect()?;
+        echo_through(&mut stream, b"hi").with_context(|| format!("session {i}"))?;
+        idle.push(stream);
+    }
+    echo_through(&mut busy, b"busy")?;
+
+    // At the cap a new connection is accepted and closed at once, without data.
+    let mut over = connect()?;
+    over.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let _ = over.write_all(b"one too many");
+    let mut buf = [0u8; 16];
+    let read = over.read(&mut buf);
+    ensure!(
+        matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a connection over the cap of {CAP} was served: {read:?}"
+    );
+
+    // After the idle time the silent sessions are closed, the busy one is not.
+    while started.elapsed() < Duration::from_secs(5) {
+        echo_through(&mut busy, b"still here")?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (i, stream) in idle.iter_mut().enumerate() {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let read = stream.read(&mut buf);
+        ensure!(
+            matches!(read, Ok(0)),
+            "idle session {i} still open after the idle time: {read:?}"
+        );
+    }
+    echo_through(&mut busy, b"busy after the others closed")?;
+    // The freed sessions take new connections again.
+    echo_through(&mut connect()?, b"a new one")?;
+    drop((busy, idle));
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn udp_recovers() -> Result<()> {
+    let rig = Rig::new(182)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([{"protocol": "udp", "hostPort": 18082, "namespacePort": 8082}]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let service: SocketAddr = "127.0.0.1:8082".parse()?;
+    let client = Rig::within(rig.host_fd(), || UdpSocket::bind("127.0.0.1:0"))??;
+    client.connect("127.0.0.1:18082")?;
+    client.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // Asks until an answer comes; true when one came within `limit`.
+    let answered = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline {
+            let _ = client.send(b"anyone there?");
+            if matches!(client.recv(&mut buf), Ok(n) if &buf[..n] == b"anyone there?") {
+                return true;
+            }
+        }
+        false
+    };
+
+    // The client starts first: its datagrams meet a closed port inside.
+    ensure!(
+        !answered(Duration::from_secs(1)),
+        "an answer came with no service inside"
+    );
+    let echo = serve_udp_echo(&inside, service)?;
+    ensure!(
+        answered(Duration::from_secs(5)),
+        "no answer after the service inside came up"
+    );
+    // The service restarts: answers come again, from the same client socket.
+    drop(echo);
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        !answered(Duration::from_secs(1)),
+        "an answer came while the service was away"
+    );
+    let _echo = serve_udp_echo(&inside, service)?;
+    ensure!(
+        answered(Duration::from_secs(5)),
+        "no answer after the service inside came back"
+    );
+    rig.down()?;
+    rig.assert_clean()
+}
+
+const HOST_SERVICE: &str = "a media server on the host";
+
+fn host_services() -> Result<()> {
+    let rig = Rig::new(183)?;
+    let veth = rig.host_underlay();
+    // The service on the host's loopback, and others the namespace must not reach.
+    Rig::serve_tcp(rig.host_fd(), "127.0.0.1:7001".parse()?, HOST_SERVICE)?;
+    let udp_echo = serve_udp_echo(rig.host_fd(), "127.0.0.1:7001".parse()?)?;
+    let others: Vec<TcpListener> = [
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 7002),
+        SocketAddr::new(veth.into(), 7001),
+        SocketAddr::new(veth.into(), 7002),
+    ]
+    .iter()
+    .map(|addr| Ok(Rig::within(rig.host_fd(), || TcpListener::bind(addr))??))
+    .collect::<Result<_>>()?;
+    for listener in &others {
+        listener.set_nonblocking(true)?;
+    }
+    let mut config = rig.config()?;
+    config["hostServices"] = json!([
+        {"namespacePort": 8001, "hostPort": 7001},
+        {"protocol": "udp", "namespacePort": 8001, "hostAddress": "127.0.0.1", "hostPort": 7001},
+    ]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let capture = Capture::start(rig.host_fd(), &rig.host_veth)?;
+
+    let answer = Rig::tcp_request(&inside, "127.0.0.1:8001".parse()?, Duration::from_secs(5))?;
+    ensure!(
+        answer == HOST_SERVICE,
+        "the host service answered {answer:?}"
+    );
+    let echoed = Rig::within(&inside, || -> Result<Vec<u8>> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.send_to(b"udp to the host", "127.0.0.1:8001")?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })??;
+    ensure!(
+        echoed == b"udp to the host",
+        "the UDP host service echoed {echoed:?}"
+    );
+
+    // Nothing else on the host: its veth address, another port there, another port on the
+    // loopback the service uses (the namespace has its own loopback).
+    for target in [
+        SocketAddr::new(veth.into(), 7001),
+        SocketAddr::new(veth.into(), 7002),
+        "127.0.0.1:7002".parse()?,
+        "127.0.0.1:7001".parse()?,
+    ] {
+        let probe = Rig::tcp_request(&inside, target, Duration::from_secs(2));
+        ensure!(probe.is_err(), "from inside, {target} answered: {probe:?}");
+        Rig::within(&inside, || -> std::io::Result<()> {
+            UdpSocket::bind("0.0.0.0:0")?
+                .send_to(b"probe", target)
+                .map(drop)
+        })?
+        .ok();
+    }
+    for listener in &others {
+        ensure!(
+            listener.accept().is_err(),
+            "a connection from inside reached {:?}",
+            listener.local_addr()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let leaks: Vec<String> = capture.leaks().iter().map(Frame::describe).collect();
+    ensure!(
+        leaks.is_empty(),
+        "packets on the underlay: {}",
+        leaks.join("; ")
+    );
+
+    // status and check-leaks know the host service.
+    let (_, ns) = status(&rig)?;
+    ensure!(
+        ns["hostServices"]
+            == json!([
+                {"protocol": "tcp", "namespacePort": 8001, "hostAddress": "127.0.0.1", "hostPort": 7001},
+                {"protocol": "udp", "namespacePort": 8001, "hostAddress": "127.0.0.1", "hostPort": 7001},
+            ]),
+        "status --json hostServices: {}",
+        ns["hostServices"]
+    );
+    let plain = rig.helper(&["status", "--namespace", &rig.confined])?;
+    ensure!(
+        String::from_utf8_lossy(&plain.stdout)
+            .contains("to host:   tcp 127.0.0.1:8001 inside -> 127.0.0.1:7001"),
+        "status does not show the host service: {}",
+        text(&plain)
+    );
+    let leaks = rig.helper(&["check-leaks", "--namespace", &rig.confined])?;
+    let report = String::from_utf8_lossy(&leaks.stdout);
+    ensure!(
+        leaks.status.success()
+            && report.contains("PASS relays")
+            && report.contains("tcp 127.0.0.1:8001 -> 127.0.0.1:7001"),
+        "check-leaks: {}",
+        text(&leaks)
+    );
+    drop(udp_echo);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn killed_relay() -> Result<()> {
+    let rig = Rig::new(184)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    Rig::serve_tcp(&inside, "127.0.0.1:8080".parse()?, WEB_UI)?;
+    let published: SocketAddr = "127.0.0.1:18080".parse()?;
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
+
+    let (pid, _) = relay_pids(&rig)?
+        .into_iter()
+        .next()
+        .context("no relay in status")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    wait_for(Duration::from_secs(5), "the relay to die", || {
+        !std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+            || proc_status(pid, "State").is_ok_and(|s| s.first().is_some_and(|s| s == "Z"))
+    })?;
+    let (code, ns) = status(&rig)?;
+    let reason = format!(
+        "the relay for publishPorts tcp 127.0.0.1:18080 -> namespace port 8080 (pid {pid}) is gone"
+    );
+    ensure!(
+        code == 3
+            && ns["verdict"] == "degraded"
+            && ns["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == &json!(reason))),
+        "status after the relay was killed: exit {code}, {ns}"
+    );
+    ensure!(
+        Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(2)).is_err(),
+        "the published port answers with its relay dead"
+    );
+
+    // heal, where it exists; else the restart that always repairs.
+    let heal = rig.helper(&["heal", "--namespace", &rig.confined])?;
+    if String::from_utf8_lossy(&heal.stderr).contains("unrecognized subcommand") {
+        rig.down()?;
+        rig.up_with(&config)?;
+        Rig::serve_tcp(&rig.confined_fd()?, "127.0.0.1:8080".parse()?, WEB_UI)?;
+    } else {
+        ensure!(heal.status.success(), "heal: {}", text(&heal));
+    }
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
+    let (_, ns) = status(&rig)?;
+    ensure!(
+        !ns["reasons"].to_string().contains("relay"),
+        "status still names a relay: {ns}"
+    );
+    rig.down()?;
+    rig.assert_clean()
 }

@@ -6,6 +6,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
@@ -13,7 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::exit::code;
-use crate::system::state::{Phase, State};
+use crate::system::process::ProcessId;
+use crate::system::relays::{Direction, Entry};
+use crate::system::state::{Phase, Resource, State};
 use crate::system::{dns, firewall, netns};
 
 /// A resolver that is not `dns_server` (TEST-NET-2).
@@ -148,6 +152,95 @@ fn resolver_probes(namespace: &str, dns_server: &str) -> Result<Vec<Probe>> {
     ])
 }
 
+/// The relays are the only ways between host and namespace: each must run unprivileged and on
+/// the side it connects from (publishPorts inside, hostServices on the host). Lists the host
+/// services, the destinations on the host that processes inside can reach on purpose.
+fn relay_probe(state: &State, ns_fd: &OwnedFd) -> Option<Probe> {
+    let relays: Vec<(&ProcessId, &Entry)> = state
+        .resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Relay { process, entry, .. } => Some((process, entry)),
+            _ => None,
+        })
+        .collect();
+    if relays.is_empty() {
+        return None;
+    }
+    let inode = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let inside = std::fs::File::from(ns_fd.try_clone().ok()?)
+        .metadata()
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let host = inode("/proc/self/ns/net");
+    let mut problems = Vec::new();
+    for (process, entry) in &relays {
+        let pid = process.pid;
+        if !process.is_alive() {
+            problems.push(format!("the relay for {entry} (pid {pid}) is gone"));
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let uids = field("Uid:");
+        if uids.is_empty() || uids.contains(&"0") {
+            problems.push(format!("the relay for {entry} (pid {pid}) runs as root"));
+        }
+        if field("CapEff:")
+            .first()
+            .is_none_or(|caps| !caps.trim_start_matches('0').is_empty())
+        {
+            problems.push(format!(
+                "the relay for {entry} (pid {pid}) has capabilities"
+            ));
+        }
+        let expected = match entry.direction {
+            Direction::Publish => inside,
+            Direction::HostService => host,
+        };
+        if inode(&format!("/proc/{pid}/ns/net")) != expected || expected.is_none() {
+            problems.push(format!(
+                "the relay for {entry} (pid {pid}) is not in the namespace it should connect from"
+            ));
+        }
+    }
+    let services: Vec<String> = relays
+        .iter()
+        .filter(|(_, e)| e.direction == Direction::HostService)
+        .map(|(_, e)| {
+            format!(
+                "{} 127.0.0.1:{} -> {}",
+                e.protocol.as_str(),
+                e.namespace_port,
+                e.host()
+            )
+        })
+        .collect();
+    let detail = if problems.is_empty() {
+        let mut text = format!("{} relays run unprivileged, none as root", relays.len());
+        if !services.is_empty() {
+            text.push_str(&format!(
+                "; host services reachable from inside on purpose: {}",
+                services.join(", ")
+            ));
+        }
+        text
+    } else {
+        problems.join("; ")
+    };
+    Some(Probe {
+        name: "relays",
+        passed: problems.is_empty(),
+        detail,
+    })
+}
+
 pub fn run(namespace: &str) -> Result<i32> {
     let Some(state) = State::load(namespace)?.filter(|s| s.phase == Phase::Up) else {
         bail!("check-leaks: namespace {namespace:?} is not up");
@@ -228,6 +321,7 @@ pub fn run(namespace: &str) -> Result<i32> {
         )?;
     }
     probes.extend(resolver_probes(namespace, &state.dns_server.to_string())?);
+    probes.extend(relay_probe(&state, &fd));
 
     for probe in &probes {
         println!(

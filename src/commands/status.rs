@@ -4,15 +4,17 @@
 //! means it is whole but a peer looks unhealthy. The JSON form is a stable interface; see the
 //! README for its shape.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::{Endpoint, Key};
+use crate::config::{Endpoint, Key, Protocol};
 use crate::exit::code;
 use crate::system::firewall;
 use crate::system::link::Netlink;
+use crate::system::relays::{Direction, Entry};
 use crate::system::state::{Phase, Resource, State};
 use crate::system::wireguard;
 
@@ -83,7 +85,29 @@ pub struct NamespaceStatus {
     pub dns: DnsStatus,
     pub peers: Vec<PeerStatus>,
     pub publish_ports: Vec<crate::system::state::PublishRecord>,
+    pub host_services: Vec<HostServiceStatus>,
+    /// One per publishPorts and hostServices entry.
+    pub relays: Vec<RelayStatus>,
     pub up_since: Option<u64>,
+}
+
+/// A host service reachable from inside at 127.0.0.1:namespacePort.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostServiceStatus {
+    pub protocol: Protocol,
+    pub namespace_port: u16,
+    pub host_address: IpAddr,
+    pub host_port: u16,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayStatus {
+    #[serde(flatten)]
+    pub entry: Entry,
+    pub pid: u32,
+    pub running: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -120,6 +144,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         dns: DnsStatus::default(),
         peers: Vec::new(),
         publish_ports: Vec::new(),
+        host_services: Vec::new(),
+        relays: Vec::new(),
         up_since: None,
     };
     let down = |status: &mut NamespaceStatus, reason: String| {
@@ -194,6 +220,29 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
                 status
                     .reasons
                     .push(format!("the port relay (pid {}) is gone", process.pid));
+            }
+            Resource::Relay { process, entry, .. } => {
+                let running = process.is_alive();
+                if !running {
+                    status.verdict = status.verdict.max(Verdict::Degraded);
+                    status.reasons.push(format!(
+                        "the relay for {entry} (pid {}) is gone",
+                        process.pid
+                    ));
+                }
+                if entry.direction == Direction::HostService {
+                    status.host_services.push(HostServiceStatus {
+                        protocol: entry.protocol,
+                        namespace_port: entry.namespace_port,
+                        host_address: entry.host_address,
+                        host_port: entry.host_port,
+                    });
+                }
+                status.relays.push(RelayStatus {
+                    entry: *entry,
+                    pid: process.pid,
+                    running,
+                });
             }
             _ => {}
         }
@@ -401,6 +450,14 @@ fn print_text(status: &NamespaceStatus) {
             p.host_address,
             p.host_port,
             p.namespace_port
+        );
+    }
+    for s in &status.host_services {
+        println!(
+            "  to host:   {} 127.0.0.1:{} inside -> {}",
+            s.protocol.as_str(),
+            s.namespace_port,
+            SocketAddr::new(s.host_address, s.host_port)
         );
     }
     for peer in &status.peers {

@@ -6,7 +6,7 @@
 //! in reverse. The namespace and its firewall exist before the interface is moved in, so no
 //! process inside ever sees the namespace without its ruleset.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::config::Config;
 use crate::render;
 use crate::system::link::Netlink;
-use crate::system::relays as publish;
+use crate::system::relays;
 use crate::system::state::{
     LinkKind, Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State,
 };
@@ -308,16 +308,10 @@ fn build(
     })?;
 
     run_step(5, || {
-        if config.publish_ports.is_empty() {
-            return Ok(());
+        for entry in relays::entries(config) {
+            relays::start(&entry, ns, ns_fd.as_fd(), &mut |r| build.record(r))?;
         }
-        let listeners = publish::bind(&config.publish_ports)?;
-        let relay = publish::spawn(ns, &listeners)?;
-        build.record(Resource::Publisher {
-            process: relay.process,
-            executables: relay.executables.clone(),
-        })?;
-        relay.release()
+        Ok(())
     })?;
 
     run_step(6, || {

@@ -120,10 +120,17 @@ pub enum Resource {
         executables: Vec<PathBuf>,
         interface: String,
     },
-    /// The relay for `publishPorts`.
+    /// The relay of every `publishPorts` entry at once, as versions before per-entry relays
+    /// wrote it; kept so that their state files still tear down.
     Publisher {
         process: ProcessId,
         executables: Vec<PathBuf>,
+    },
+    /// The relay of one `publishPorts` or `hostServices` entry.
+    Relay {
+        process: ProcessId,
+        executables: Vec<PathBuf>,
+        entry: crate::system::relays::Entry,
     },
 }
 
@@ -220,6 +227,11 @@ impl Resource {
                 process,
                 executables,
             } => stop_process(process, executables, "port relay"),
+            Resource::Relay {
+                process,
+                executables,
+                entry,
+            } => stop_process(process, executables, &format!("relay for {entry}")),
         }
     }
 
@@ -232,6 +244,9 @@ impl Resource {
                 format!("the userspace WireGuard daemon (pid {})", process.pid)
             }
             Resource::Publisher { process, .. } => format!("the port relay (pid {})", process.pid),
+            Resource::Relay { process, entry, .. } => {
+                format!("the relay for {entry} (pid {})", process.pid)
+            }
         }
     }
 
