@@ -147,10 +147,17 @@ let
     hostAddress = mkOption {
       type = types.str;
       default = "127.0.0.1";
-      example = "::1";
+      example = "192.168.1.10";
       description = ''
         Host address to listen on. The default keeps the port local to this machine; use an
         address of a LAN interface to offer it to other machines.
+
+        ::: {.warning}
+        Every relayed connection arrives inside the namespace from `127.0.0.1`, whoever made it.
+        With a LAN address here, programs that trust localhost (Transmission's
+        `rpc-whitelist`, say) trust every machine that can reach this address; the module
+        warns about such entries. Protect the service with its own authentication.
+        :::
       '';
     };
 
@@ -169,7 +176,70 @@ let
         `null` means the same number as {option}`hostPort`.
       '';
     };
+
+    idleTimeoutSeconds = mkOption {
+      type = types.ints.between 1 86400;
+      default = 300;
+      example = 3600;
+      description = ''
+        A relayed TCP connection, or a UDP client, with nothing sent either way for this many
+        seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
+        beyond that a new TCP connection is accepted and closed at once, and datagrams from a
+        new UDP client are dropped, until an older one ends or goes idle.
+      '';
+    };
   };
+
+  hostServiceOptions = {
+    protocol = mkOption {
+      type = types.enum [
+        "tcp"
+        "udp"
+      ];
+      default = "tcp";
+      description = "Transport protocol of the host service.";
+    };
+
+    namespacePort = mkOption {
+      type = types.nullOr (types.ints.between 1 65535);
+      default = null;
+      example = 5432;
+      description = ''
+        Port on the namespace's loopback address (`127.0.0.1`) where programs inside reach the
+        host service. `null` means the same number as {option}`hostPort`.
+      '';
+    };
+
+    hostAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "192.168.1.20";
+      description = ''
+        Address of the service, as seen from the host: the host's loopback for a service on
+        this machine, or another machine's address. Connections to it are made in the host's
+        network namespace, outside the tunnel.
+      '';
+    };
+
+    hostPort = mkOption {
+      type = types.ints.between 1 65535;
+      example = 8096;
+      description = "Port of the service at {option}`hostAddress`.";
+    };
+
+    idleTimeoutSeconds = mkOption {
+      type = types.ints.between 1 86400;
+      default = 300;
+      example = 3600;
+      description = ''
+        A relayed TCP connection, or a UDP client, with nothing sent either way for this many
+        seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
+        beyond that a new TCP connection is accepted and closed at once, and datagrams from a
+        new UDP client are dropped, until an older one ends or goes idle.
+      '';
+    };
+  };
+
 
   # Shared by services.wireguard-namespace (nameDefault = "vpn", as in the seed) and every
   # services.wireguard-namespaces.<name> (nameDefault = the attribute name).
@@ -298,9 +368,31 @@ let
       '';
       description = ''
         Ports of programs inside the namespace to make reachable on the host, for example a web
-        interface. A relay process on the host accepts the connections and opens new ones inside
-        the namespace, so no routing, forwarding or NAT joins the two and the namespace still
-        reaches the outside only through the tunnel.
+        interface. For each entry, the host listener is handed to a relay process that runs
+        inside the namespace, as the unprivileged user `wg-namespace` (created by this module)
+        without capabilities, and opens a new connection to `127.0.0.1` there for each one it
+        accepts. No routing, forwarding or NAT joins the two, and the namespace still reaches
+        the outside only through the tunnel. Every connection arrives inside from `127.0.0.1`.
+      '';
+    };
+
+    hostServices = mkOption {
+      type = types.listOf (types.submodule { options = hostServiceOptions; });
+      default = [ ];
+      example = literalExpression ''
+        [
+          { hostPort = 8096; }
+          { namespacePort = 5432; hostAddress = "192.168.1.20"; hostPort = 5432; }
+        ]
+      '';
+      description = ''
+        Services in the host's network namespace that programs inside may reach, for example a
+        media server or a database on this machine: each becomes reachable inside at
+        `127.0.0.1:namespacePort`, and only that exact address and port of the host. A relay
+        process in the host namespace, unprivileged and without capabilities, holds the listener
+        inside and connects to {option}`hostAddress`:{option}`hostPort` for each connection. No
+        route, forwarding or NAT joins host and namespace; the leak guard still drops everything
+        else that would leave other than through the tunnel.
       '';
     };
 
@@ -372,7 +464,7 @@ let
   );
 
   # The JSON document for the helper: exactly the keys of NAMESPACE_KEYS, PEER_KEYS and
-  # PUBLISH_KEYS in src/config.rs (tests/nix_module.rs checks that).
+  # PUBLISH_KEYS and HOST_SERVICE_KEYS in src/config.rs (tests/nix_module.rs checks that).
   peerJson = peer: {
     inherit (peer)
       publicKey
@@ -391,6 +483,17 @@ let
       hostAddress
       hostPort
       namespacePort
+      idleTimeoutSeconds
+      ;
+  };
+
+  hostServiceJson = service: {
+    inherit (service)
+      protocol
+      namespacePort
+      hostAddress
+      hostPort
+      idleTimeoutSeconds
       ;
   };
 
@@ -407,6 +510,7 @@ let
       ;
     peers = map peerJson ns.peers;
     publishPorts = map publishPortJson ns.publishPorts;
+    hostServices = map hostServiceJson ns.hostServices;
   };
 
   configFile =
@@ -626,6 +730,26 @@ let
       )
     ) declared
   );
+
+  isLoopback = address: lib.hasPrefix "127." address || address == "::1";
+
+  publishWarnings = concatLists (
+    map (
+      { loc, ns }:
+      concatLists (
+        imap0 (
+          i: port:
+          optional (!isLoopback port.hostAddress) (oneLine ''
+            ${loc}.publishPorts.${toString i}.hostAddress = "${port.hostAddress}" is not a
+            loopback address. Every connection relayed to port ${toString port.hostPort} arrives
+            inside the namespace from 127.0.0.1, so a program there that trusts localhost (such
+            as Transmission's rpc-whitelist) trusts every machine that reaches
+            ${port.hostAddress}. Use 127.0.0.1 and a reverse proxy, or make sure the service
+            asks for a password.'')
+        ) ns.publishPorts
+      )
+    ) declared
+  );
 in
 {
   options = {
@@ -692,8 +816,16 @@ in
 
     (mkIf (declared != [ ]) {
       assertions = concatLists (map namespaceAssertions declared) ++ duplicateAssertions;
-      warnings = presharedKeyWarnings;
+      warnings = presharedKeyWarnings ++ publishWarnings;
       environment.systemPackages = [ cfg.package ];
+      # The relays of publishPorts and hostServices run as this user, not as root (the helper
+      # falls back to nobody where it does not exist).
+      users.users.wg-namespace = {
+        isSystemUser = true;
+        group = "wg-namespace";
+        description = "wg-namespace port relays";
+      };
+      users.groups.wg-namespace = { };
       systemd.services = listToAttrs serviceUnits;
       systemd.timers = listToAttrs timerUnits;
     })

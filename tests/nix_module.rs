@@ -1,7 +1,8 @@
 //! Keeps the NixOS module (`nix/module.nix`) in step with the helper and with its documentation:
 //!
 //! 1. the module's option names, and the keys it writes into the JSON file, are the keys the
-//!    helper accepts (`wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS}`);
+//!    helper accepts (`wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
+//!    HOST_SERVICE_KEYS}`);
 //! 2. `docs/options.md` is what the module's options render to; regenerate it with
 //!    `UPDATE_OPTIONS_DOC=1 cargo test --test nix_module`;
 //! 3. every `.nix` file in the repository parses with `nix-instantiate --parse`.
@@ -19,7 +20,7 @@ use std::process::Command;
 
 use rnix::SyntaxNode;
 use rnix::ast::{self, HasEntry};
-use wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS};
+use wg_namespace::config::{HOST_SERVICE_KEYS, NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS};
 
 /// Options that exist only in the module and never reach the helper's JSON.
 const MODULE_ONLY_OPTIONS: &[&str] = &["package", "restartOnUnhealthy"];
@@ -638,6 +639,12 @@ fn option_names_match_the_helper_config_keys() {
             PUBLISH_KEYS,
             &[],
         );
+        assert_same_keys(
+            &format!("options {prefix}.hostServices.*.*"),
+            names_below(&options, &format!("{prefix}.hostServices.*")),
+            HOST_SERVICE_KEYS,
+            &[],
+        );
     }
     assert!(
         options
@@ -654,6 +661,7 @@ fn json_document_keys_match_the_helper_config_keys() {
         ("namespaceJson", NAMESPACE_KEYS),
         ("peerJson", PEER_KEYS),
         ("publishPortJson", PUBLISH_KEYS),
+        ("hostServiceJson", HOST_SERVICE_KEYS),
     ] {
         let written = module.returned_keys(binding);
         let unique: BTreeSet<String> = written.iter().cloned().collect();

@@ -61,6 +61,7 @@ let
     userspaceCommand = null;
     strictDns = true;
     publishPorts = [ ];
+    hostServices = [ ];
   };
   peerDefaults = {
     presharedKey = null;
@@ -73,7 +74,10 @@ let
     protocol = "tcp";
     hostAddress = "127.0.0.1";
     namespacePort = null;
+    idleTimeoutSeconds = 300;
   };
+  # hostServices entries have the same keys and defaults.
+  hostServiceDefaults = publishDefaults;
 
   check = name: ok: {
     inherit name ok;
@@ -136,6 +140,11 @@ let
       (equal "seed: wantedBy" [ "multi-user.target" ] unit.wantedBy)
       (check "seed: nftables on PATH" (hasPackage pkgs.nftables unit))
       (check "seed: wireguard-go on PATH for the auto backend" (hasPackage pkgs.wireguard-go unit))
+      (equal "seed: relay user" {
+        isSystemUser = true;
+        group = "wg-namespace";
+      } { inherit (config.users.users.wg-namespace) isSystemUser group; })
+      (check "seed: relay group" (config.users.groups ? wg-namespace))
       (check "seed: helper installed" (
         builtins.elem config.services.wireguard-namespace.package config.environment.systemPackages
       ))
@@ -188,6 +197,16 @@ let
             hostAddress = "::1";
             hostPort = 5353;
             namespacePort = 53;
+          })
+        ];
+        hostServices = [
+          (hostServiceDefaults // { hostPort = 8096; })
+          (hostServiceDefaults // {
+            protocol = "udp";
+            namespacePort = 5432;
+            hostAddress = "192.168.1.20";
+            hostPort = 5432;
+            idleTimeoutSeconds = 60;
           })
         ];
         peers = [
@@ -304,7 +323,12 @@ let
     ++ map (text: equal "failing: one message starts with: ${text}" 1 (length (matching text)))
       expected
     ++ [
-      (equal "failing: inline presharedKey warnings" 2 (length warnings))
+      (equal "failing: two inline presharedKey warnings and one LAN hostAddress" 3 (length warnings))
+      (check "failing: warning names the published port" (
+        builtins.any (hasPrefix
+          ''services.wireguard-namespace.publishPorts.0.hostAddress = "192.168.1.10" is not a loopback address''
+        ) warnings
+      ))
       (check "failing: warning names the option" (
         builtins.any (hasPrefix
           "services.wireguard-namespace.peers.0.presharedKey is written to the world-readable Nix store"

@@ -1,5 +1,5 @@
 # A configuration with one of each mistake the module's assertions catch, and an inline
-# preshared key (a warning, not an error).
+# preshared key and a port published on a LAN address (warnings, not errors).
 {
   # namespace_name defaults to "vpn" ...
   services.wireguard-namespace = {
@@ -10,6 +10,12 @@
         publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=";
         presharedKey = "8mylWJMwkttlNSmi+ZD81nCbWrCPFOfHk1//82TN4SY=";
         allowedIPs = [ "0.0.0.0/0" ];
+      }
+    ];
+    publishPorts = [
+      {
+        hostAddress = "192.168.1.10";
+        hostPort = 9091;
       }
     ];
   };

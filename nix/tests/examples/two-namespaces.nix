@@ -50,6 +50,16 @@
         namespacePort = 53;
       }
     ];
+    hostServices = [
+      { hostPort = 8096; }
+      {
+        protocol = "udp";
+        namespacePort = 5432;
+        hostAddress = "192.168.1.20";
+        hostPort = 5432;
+        idleTimeoutSeconds = 60;
+      }
+    ];
     peers = [
       {
         publicKey = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
