@@ -18,7 +18,7 @@ use crate::exit::code;
 use crate::system::process::ProcessId;
 use crate::system::relays::{Direction, Entry};
 use crate::system::state::{Phase, Resource, State};
-use crate::system::{dns, firewall, netns};
+use crate::system::{dns, files, firewall, netns};
 
 /// A resolver that is not `dns_server` (TEST-NET-2).
 const OTHER_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
@@ -180,7 +180,12 @@ fn relay_probe(state: &State, ns_fd: &OwnedFd) -> Option<Probe> {
             problems.push(format!("the relay for {entry} (pid {pid}) is gone"));
             continue;
         }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let status = files::read_regular(
+            std::path::Path::new(&format!("/proc/{pid}/status")),
+            files::PROC_LIMIT,
+        )
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
         let field = |key: &str| {
             status
                 .lines()

@@ -21,6 +21,7 @@ use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -31,9 +32,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Protocol};
-use crate::system::netns;
 use crate::system::process::{self, Detached, ProcessId};
 use crate::system::state::Resource;
+use crate::system::{files, netns};
 
 /// The system user relays run as, when it exists (the NixOS module creates it).
 pub const RELAY_USER: &str = "wg-namespace";
@@ -44,7 +45,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// is accepted and closed at once, and a datagram from a new UDP client is dropped, so that one
 /// entry cannot exhaust the relay's threads and descriptors.
 pub const MAX_SESSIONS: usize = 256;
-const PASSWD_LIMIT: u64 = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -189,10 +189,8 @@ pub fn start(
 /// The relay user's uid and gid from /etc/passwd, else nobody's. Read as a file rather than
 /// through NSS, so that no directory service can hold `up` up.
 fn relay_user() -> Result<(u32, u32)> {
-    let mut text = String::new();
-    std::fs::File::open("/etc/passwd")
-        .and_then(|f| f.take(PASSWD_LIMIT).read_to_string(&mut text))
-        .context("reading /etc/passwd")?;
+    let bytes = files::read_regular(Path::new("/etc/passwd"), files::CONFIG_LIMIT)?;
+    let text = String::from_utf8_lossy(&bytes);
     let found = text.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         (fields.len() >= 4 && fields[0] == RELAY_USER)
