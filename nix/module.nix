@@ -262,8 +262,55 @@ let
         IP address of the DNS server that programs in the namespace use, usually one reached
         through the tunnel. It goes into the namespace's own `resolv.conf`, and with
         {option}`strictDns` the namespace's firewall lets DNS go to this address only.
-        For {option}`services.wireguard-namespace`, defining this option is what turns the
-        namespace on.
+        For {option}`services.wireguard-namespace`, defining this option (or
+        {option}`configFile`) is what turns the namespace on. May be left undefined when
+        {option}`configFile` has a `DNS` line.
+      '';
+    };
+
+    dnsServers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "10.64.0.2"
+        "fc00:bbbb:bbbb:bb01::1"
+      ];
+      description = ''
+        Further DNS servers, IPv4 or IPv6, after {option}`dns_server`: all of them go into the
+        namespace's `resolv.conf` in this order, and with {option}`strictDns` the firewall lets
+        DNS go to exactly these and {option}`dns_server`. An IPv6 server needs an IPv6 address in
+        {option}`ips`.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/agenix/mullvad-se1.conf";
+      description = ''
+        Absolute path of a WireGuard configuration in wg-quick format, as VPN providers hand
+        them out (`[Interface]` with `PrivateKey`, `Address`, `DNS`, `MTU`; `[Peer]` sections
+        with `PublicKey`, `PresharedKey`, `AllowedIPs`, `Endpoint`, `PersistentKeepalive`). It is
+        read by root when the namespace comes up, with the same checks as a key file (owned by
+        root, writable by nobody else), and never copied to the Nix store, so it can be a secret
+        managed by agenix or sops-nix. Every option set here overrides the file's value for it:
+        {option}`dns_server` and {option}`dnsServers` its `DNS`, {option}`ips` its `Address`,
+        {option}`privateKeyFile` its `PrivateKey`, {option}`mtu` its `MTU`, and a non-empty
+        {option}`peers` all of its `[Peer]` sections. `PreUp`, `PostUp`, `PreDown` and
+        `PostDown` (shell commands run as root) make the file refused; `Table`, `FwMark`,
+        `SaveConfig` and `ListenPort` are ignored with a warning. `wg-namespace import FILE`
+        prints the options a file stands for, for a configuration without it.
+      '';
+    };
+
+    mtu = mkOption {
+      type = types.nullOr (types.ints.between 576 65456);
+      default = null;
+      example = 1320;
+      description = ''
+        MTU of the WireGuard interface, for providers that recommend one (a lower value helps on
+        links that drop large packets). `null` keeps the `MTU` of {option}`configFile`, or else
+        leaves the choice to the WireGuard backend.
       '';
     };
 
@@ -301,7 +348,8 @@ let
       description = ''
         Absolute path of the file holding this end's private key, as written by `wg genkey`. It
         is read when the namespace comes up and never copied to the Nix store, so it can be a
-        secret managed by agenix or sops-nix.
+        secret managed by agenix or sops-nix. May be left undefined when {option}`configFile`
+        holds the private key.
       '';
     };
 
@@ -441,9 +489,9 @@ let
   };
 
   # Every configured namespace with the option path it came from (for messages). The
-  # seed-shaped one is active once its required dns_server is defined.
+  # seed-shaped one is active once its required dns_server, or a configFile, is defined.
   declared =
-    optional options.services.wireguard-namespace.dns_server.isDefined {
+    optional (options.services.wireguard-namespace.dns_server.isDefined || cfg.configFile != null) {
       loc = "services.wireguard-namespace";
       ns = cfg;
     }
@@ -497,23 +545,39 @@ let
       ;
   };
 
+  # dns_server and privateKeyFile keep the seed's types, with no default; with a configFile
+  # they may be left undefined (the file has them), and are written as null then. Reading an
+  # undefined option throws, which is what tryEval catches.
+  orFromFile =
+    ns: value:
+    if ns.configFile == null then
+      value
+    else
+      let
+        tried = builtins.tryEval value;
+      in
+      if tried.success then tried.value else null;
+
   namespaceJson = ns: {
     inherit (ns)
       namespace_name
-      dns_server
+      dnsServers
       extraFirewallRules
       ips
-      privateKeyFile
       backend
       userspaceCommand
       strictDns
+      configFile
+      mtu
       ;
+    dns_server = orFromFile ns ns.dns_server;
+    privateKeyFile = orFromFile ns ns.privateKeyFile;
     peers = map peerJson ns.peers;
     publishPorts = map publishPortJson ns.publishPorts;
     hostServices = map hostServiceJson ns.hostServices;
   };
 
-  configFile =
+  jsonDocument =
     ns:
     pkgs.writeText "wg-namespace-${ns.namespace_name}.json" (builtins.toJSON (namespaceJson ns));
 
@@ -535,7 +599,7 @@ let
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
-      ExecStart = "${helper} up --config ${configFile ns}";
+      ExecStart = "${helper} up --config ${jsonDocument ns}";
       ExecStop = "${helper} down --namespace ${name}";
       # Also after an `up` killed half-way (timeout): `down` does nothing when nothing is up.
       ExecStopPost = "${helper} down --namespace ${name}";
@@ -556,7 +620,7 @@ let
     after = [ "${unitName name}.service" ];
     wantedBy = [ "${unitName name}.service" ];
     serviceConfig = {
-      ExecStart = "${helper} refresh --config ${configFile ns}";
+      ExecStart = "${helper} refresh --config ${jsonDocument ns}";
       Restart = "always";
       RestartSec = "10s";
     };
@@ -602,7 +666,8 @@ let
 
   # The refresh loop also handshakes anew when the host's routes or addresses change and after
   # resume from sleep, so every namespace with a server to reach runs it.
-  hasEndpoint = ns: any (p: p.endpoint != null) ns.peers;
+  # A configFile's peers are known only at run time; providers' peers have endpoints.
+  hasEndpoint = ns: ns.configFile != null || any (p: p.endpoint != null) ns.peers;
 
   serviceUnits = concatLists (
     mapAttrsToList (
@@ -645,6 +710,8 @@ let
         BindReadOnlyPaths = [
           "/etc/netns/${name}/resolv.conf:/etc/resolv.conf"
           "/etc/netns/${name}/nsswitch.conf:/etc/nsswitch.conf"
+          # Only the loopback names; the host's /etc/hosts stays outside.
+          "/etc/netns/${name}/hosts:/etc/hosts"
         ];
         # Each of these would resolve names outside the tunnel: the host's nscd, the NSS
         # socket of systemd-resolved, and D-Bus (resolved's bus API).
@@ -670,11 +737,22 @@ let
           a digit or '_'.'';
       }
       {
-        assertion = ns.privateKeyFile != null;
+        assertion = ns.configFile != null || ns.privateKeyFile != null;
         message = oneLine ''
           ${loc}.privateKeyFile is null. Set it to the absolute path of a file holding the
           private key (as written by `wg genkey`), for example a secret managed by agenix or
-          sops-nix; the file is read at run time and never copied to the Nix store.'';
+          sops-nix; the file is read at run time and never copied to the Nix store. Or set
+          ${loc}.configFile to a provider's wg-quick file that holds the key.'';
+      }
+      {
+        assertion =
+          ns.configFile == null
+          || (lib.hasPrefix "/" ns.configFile && !lib.hasPrefix builtins.storeDir ns.configFile);
+        message = oneLine ''
+          ${loc}.configFile = "${toString ns.configFile}" must be an absolute path outside the Nix
+          store: the file holds the private key, and everything in the store is readable by every
+          local user. Point it at a secret managed by agenix or sops-nix, for example
+          /run/agenix/vpn.conf.'';
       }
     ]
     ++ concatLists (
@@ -808,6 +886,7 @@ in
           (
             options.services.wireguard-namespace.privateKeyFile.isDefined
             && !options.services.wireguard-namespace.dns_server.isDefined
+            && cfg.configFile == null
           )
           (oneLine ''
             services.wireguard-namespace has settings but no dns_server, so no namespace is set

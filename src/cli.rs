@@ -22,11 +22,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate a config file and exit: 0 when valid, 2 with one line naming the field otherwise.
+    /// A configFile it names is read and checked too (so check needs the rights up has); key
+    /// files are left to up.
     Check {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Write resolv.conf, nsswitch.conf and <namespace>.nft for a config into a directory.
+    /// Write resolv.conf, nsswitch.conf, hosts and <namespace>.nft for a config into a directory.
     Render {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -82,6 +84,18 @@ enum Command {
     CheckLeaks {
         #[arg(long, value_name = "NAME")]
         namespace: String,
+    },
+    /// Print the options a wg-quick .conf file (as VPN providers hand out) stands for, with the
+    /// private key replaced by a privateKeyFile placeholder.
+    Import {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Print a Nix attribute set for services.wireguard-namespace (the default).
+        #[arg(long, conflicts_with = "json")]
+        nix: bool,
+        /// Print the helper's JSON config instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Build a throwaway peer and a confined namespace, show traffic going only through the
     /// tunnel, and tear everything down again.
@@ -172,7 +186,9 @@ fn namespace_arg(name: &str) -> Result<String, Failure> {
 fn run(command: Command) -> Result<i32, Failure> {
     match command {
         Command::Check { config } => {
-            Config::load(&config)?;
+            for warning in Config::load(&config)?.warnings {
+                eprintln!("warning: {warning}");
+            }
             Ok(code::OK)
         }
         Command::Render { config, out } => {
@@ -219,6 +235,11 @@ fn run(command: Command) -> Result<i32, Failure> {
         Command::CheckLeaks { namespace } => {
             let namespace = namespace_arg(&namespace)?;
             Ok(crate::commands::leaks::run(&namespace)?)
+        }
+        Command::Import { file, nix: _, json } => {
+            use crate::commands::import::Format;
+            let format = if json { Format::Json } else { Format::Nix };
+            crate::commands::import::run(&file, format)
         }
         Command::Demo => {
             crate::commands::demo::run()?;

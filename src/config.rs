@@ -2,8 +2,10 @@
 //!
 //! Parsing walks a `serde_json::Value` by hand instead of deriving `Deserialize`, so that every
 //! error names the exact field (`peers[1].allowedIPs[0]`) and unknown keys get a suggestion.
-//! Nothing here touches the system: a config that passes [`Config::parse`] is statically sound;
-//! key files and host names are looked at only by `up`.
+//! Nothing here touches the system but the reading of a `configFile` (a provider's wg-quick
+//! file, see [`crate::wgquick`]), whose values fill in what the JSON leaves unset: a config that
+//! passes [`Config::load`] is sound as far as files can tell; key files and host names are
+//! looked at only by `up`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -26,6 +28,9 @@ pub const NAMESPACE_KEYS: &[&str] = &[
     "strictDns",
     "publishPorts",
     "hostServices",
+    "configFile",
+    "mtu",
+    "dnsServers",
 ];
 
 /// Keys of one entry of `peers`.
@@ -387,13 +392,26 @@ pub struct HostService {
     pub idle_timeout_seconds: u32,
 }
 
+/// Where this end's private key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivateKeySource {
+    /// `privateKeyFile`, read by `up` at run time.
+    File(PathBuf),
+    /// The `PrivateKey` of `configFile`, already read (as root, from a file only root can change).
+    ConfigFile(Key),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub namespace: String,
+    /// The first DNS server: `dns_server`, or the first `DNS` of `configFile`.
     pub dns_server: IpAddr,
+    /// Every DNS server, `dns_server` first; resolv.conf lists them and the leak guard lets DNS
+    /// go to exactly these.
+    pub dns_servers: Vec<IpAddr>,
     pub extra_firewall_rules: String,
     pub ips: Vec<Cidr>,
-    pub private_key_file: PathBuf,
+    pub private_key: PrivateKeySource,
     pub peers: Vec<Peer>,
     pub backend: BackendChoice,
     /// Program and arguments; the helper appends `-f <interface>`.
@@ -401,7 +419,17 @@ pub struct Config {
     pub strict_dns: bool,
     pub publish_ports: Vec<PublishPort>,
     pub host_services: Vec<HostService>,
+    /// `configFile` as given, when there is one.
+    pub config_file: Option<PathBuf>,
+    /// The WireGuard interface's MTU; `None` leaves the backend's choice.
+    pub mtu: Option<u16>,
+    /// What the user should hear about the config (keys of `configFile` that were ignored).
+    pub warnings: Vec<String>,
 }
+
+/// How [`Config::parse_with`] gets the bytes of `configFile`: the problem alone on failure.
+pub type ReadConfigFile<'a> =
+    &'a dyn Fn(&Path) -> std::result::Result<crate::system::files::SecretFile, String>;
 
 impl Config {
     /// Reads and validates a config file. A file that cannot be read is reported against the
@@ -411,7 +439,7 @@ impl Config {
             .map_err(|e| ConfigError::new(path.display().to_string(), e.problem))?;
         let text = String::from_utf8(bytes)
             .map_err(|_| ConfigError::new(path.display().to_string(), "is not UTF-8 text"))?;
-        Config::parse(&text).map_err(|e| {
+        Config::parse_with(&text, &read_config_file).map_err(|e| {
             if e.field.is_empty() {
                 ConfigError::new(path.display().to_string(), e.problem)
             } else {
@@ -421,8 +449,18 @@ impl Config {
     }
 
     /// Parses and validates the JSON text. Errors with an empty field are about the document
-    /// as a whole (malformed JSON).
+    /// as a whole (malformed JSON). A `configFile` is refused here: only [`Config::load`] and
+    /// [`Config::parse_with`] read files.
     pub fn parse(text: &str) -> Result<Config> {
+        Config::parse_with(text, &|_| {
+            Err("is read only when a config is loaded from a file".into())
+        })
+    }
+
+    /// [`Config::parse`], with `read` for the bytes of `configFile`. The file's values fill in
+    /// what the JSON leaves unset (null, or an empty list): the module's options override the
+    /// file.
+    pub fn parse_with(text: &str, read: ReadConfigFile) -> Result<Config> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
         let root = Object::new("config", &value)?;
@@ -434,32 +472,112 @@ impl Config {
         };
         check_name(&namespace).map_err(|p| ConfigError::new("namespace_name", p))?;
 
-        let dns_server = root.req_str("dns_server")?.parse::<IpAddr>().map_err(|_| {
-            ConfigError::new(
-                "dns_server",
-                format!("{} is not an IP address", quoted(root.get("dns_server"))),
-            )
-        })?;
+        let config_file = match root.opt_str("configFile")? {
+            Some(text) => Some(absolute_path("configFile", text)?),
+            None => None,
+        };
+        let mut warnings = Vec::new();
+        let file = match &config_file {
+            Some(path) => {
+                let read = read(path).map_err(|problem| {
+                    ConfigError::new(format!("configFile: {}", path.display()), problem)
+                })?;
+                warnings.extend(read.warning.map(|w| format!("configFile: {w}")));
+                let file = crate::wgquick::parse(&read.bytes).map_err(|e| {
+                    ConfigError::new(format!("{}:{}", path.display(), e.line), e.problem)
+                })?;
+                warnings.extend(
+                    file.warnings
+                        .iter()
+                        .map(|w| format!("{}:{}", path.display(), w.trim_start_matches("line "))),
+                );
+                file
+            }
+            None => crate::wgquick::WgQuick::default(),
+        };
+        let from_file = |key: &str, problem: &str| match &config_file {
+            Some(path) => ConfigError::new(
+                key,
+                format!("is required, and {} {problem}", path.display()),
+            ),
+            None => ConfigError::new(key, "is required"),
+        };
+
+        let dns_server = match root.opt_str("dns_server")? {
+            Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+                ConfigError::new(
+                    "dns_server",
+                    format!("{} is not an IP address", quoted(root.get("dns_server"))),
+                )
+            })?),
+            None => None,
+        };
+        let more_dns = root
+            .opt_list("dnsServers")?
+            .iter()
+            .map(|item| item.ip())
+            .collect::<Result<Vec<_>>>()?;
+        let mut dns_servers: Vec<IpAddr> = Vec::new();
+        if dns_server.is_none() && more_dns.is_empty() {
+            dns_servers.extend(&file.dns);
+        } else {
+            for ip in dns_server.iter().chain(&more_dns) {
+                if !dns_servers.contains(ip) {
+                    dns_servers.push(*ip);
+                }
+            }
+        }
+        let dns_server = *dns_servers
+            .first()
+            .ok_or_else(|| from_file("dns_server", "has no DNS line"))?;
 
         let extra_firewall_rules = root
             .opt_str("extraFirewallRules")?
             .unwrap_or_default()
             .to_string();
 
-        let ips = root
+        let mut ips = root
             .opt_list("ips")?
             .iter()
             .map(|item| item.cidr())
             .collect::<Result<Vec<_>>>()?;
+        if ips.is_empty() {
+            ips = file.addresses.clone();
+        }
 
-        let private_key_file = root.req_str("privateKeyFile")?;
-        let private_key_file = absolute_path("privateKeyFile", private_key_file)?;
+        let private_key = match (root.opt_str("privateKeyFile")?, &file.private_key) {
+            (Some(text), _) => PrivateKeySource::File(absolute_path("privateKeyFile", text)?),
+            (None, Some(key)) => PrivateKeySource::ConfigFile(key.clone()),
+            (None, None) => return Err(from_file("privateKeyFile", "has no PrivateKey line")),
+        };
 
-        let peers = root
+        let mut peers = root
             .opt_list("peers")?
             .iter()
             .map(parse_peer)
             .collect::<Result<Vec<_>>>()?;
+        if peers.is_empty() {
+            peers = file.peers.clone();
+        }
+        let mtu = match root.opt_int("mtu", 0, u64::from(u16::MAX))? {
+            Some(v)
+                if (u64::from(crate::wgquick::MTU_MIN)..=u64::from(crate::wgquick::MTU_MAX))
+                    .contains(&v) =>
+            {
+                Some(v as u16)
+            }
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "mtu",
+                    format!(
+                        "{v} is not between {} and {}",
+                        crate::wgquick::MTU_MIN,
+                        crate::wgquick::MTU_MAX
+                    ),
+                ));
+            }
+            None => file.mtu,
+        };
         let mut seen = HashSet::new();
         for (i, peer) in peers.iter().enumerate() {
             if !seen.insert(peer.public_key.0) {
@@ -555,23 +673,31 @@ impl Config {
         let config = Config {
             namespace,
             dns_server,
+            dns_servers,
             extra_firewall_rules,
             ips,
-            private_key_file,
+            private_key,
             peers,
             backend,
             userspace_command,
             strict_dns,
             publish_ports,
             host_services,
+            config_file,
+            mtu,
+            warnings,
         };
-        if config.dns_server.is_ipv6() && !config.ipv6_enabled() {
+        if let Some(ipv6) = config.dns_servers.iter().find(|ip| ip.is_ipv6())
+            && !config.ipv6_enabled()
+        {
+            let field = if *ipv6 == config.dns_server {
+                "dns_server"
+            } else {
+                "dnsServers"
+            };
             return Err(ConfigError::new(
-                "dns_server",
-                format!(
-                    "{} is IPv6, but IPv6 is dropped because ips has no IPv6 address",
-                    config.dns_server
-                ),
+                field,
+                format!("{ipv6} is IPv6, but IPv6 is dropped because ips has no IPv6 address"),
             ));
         }
         Ok(config)
@@ -586,6 +712,14 @@ impl Config {
     pub fn interface(&self) -> &str {
         &self.namespace
     }
+}
+
+/// Reads `configFile` as root reads key files: only when no other user can change it, and at
+/// most [`crate::wgquick::MAX_FILE_BYTES`]. A world-readable file is read, with a warning: it
+/// holds the private key.
+fn read_config_file(path: &Path) -> std::result::Result<crate::system::files::SecretFile, String> {
+    crate::system::files::read_secret(path, "wg-quick file", crate::wgquick::MAX_FILE_BYTES)
+        .map_err(|e| e.problem)
 }
 
 /// Checks a namespace name, which is also the interface name, a path component and part of a
@@ -922,6 +1056,22 @@ impl<'a> Item<'a> {
         Object::new(&self.path, self.value)
     }
 
+    fn ip(&self) -> Result<IpAddr> {
+        match self.value {
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::new(&self.path, format!("{s:?} is not an IP address"))),
+            other => Err(ConfigError::new(
+                &self.path,
+                format!(
+                    "expected a string like \"10.64.0.1\", got {}",
+                    kind_of(other)
+                ),
+            )),
+        }
+    }
+
     fn cidr(&self) -> Result<Cidr> {
         match self.value {
             Value::String(s) => s
@@ -1080,6 +1230,141 @@ mod tests {
         assert_eq!(c.network().to_string(), "10.192.124.0/24");
         let c: Cidr = "fd77::1/0".parse().unwrap();
         assert_eq!(c.network().to_string(), "::/0");
+    }
+
+    /// A Mullvad-shaped provider file, for the `configFile` tests below.
+    fn provider_file() -> crate::system::files::SecretFile {
+        crate::system::files::SecretFile {
+            bytes: format!(
+                "\u{feff}# Mullvad\r\n[Interface]\r\nPrivateKey = {PSK_LIKE}\r\nAddress = 10.66.1.2/32, fc00:bbbb::2/128\r\nDNS = 10.64.0.1, fc00:bbbb::1\r\nMTU = 1380\r\nListenPort = 51820\r\n[Peer]\r\nPublicKey = {KEY}\r\nAllowedIPs = 0.0.0.0/0, ::/0\r\nEndpoint = 185.65.135.224:51820\r\n"
+            )
+            .into_bytes(),
+            warning: None,
+        }
+    }
+
+    const PSK_LIKE: &str = "rVXs/Ni9tu3oDBLS4hOyAUAa1qTWVA3loR8eL20os3I=";
+
+    fn with_file(json: Value) -> Result<Config> {
+        Config::parse_with(&json.to_string(), &|path| {
+            assert_eq!(path, Path::new("/run/secrets/mullvad.conf"));
+            Ok(provider_file())
+        })
+    }
+
+    #[test]
+    fn a_config_file_alone_is_a_whole_config() {
+        // As the module writes it: every option null or empty but the file.
+        let config = with_file(serde_json::json!({
+            "namespace_name": "mullvad", "configFile": "/run/secrets/mullvad.conf",
+            "dns_server": null, "dnsServers": [], "privateKeyFile": null, "ips": [], "peers": [],
+            "mtu": null
+        }))
+        .unwrap();
+        assert_eq!(
+            config.private_key,
+            PrivateKeySource::ConfigFile(Key::from_base64(PSK_LIKE).unwrap())
+        );
+        assert_eq!(config.dns_server.to_string(), "10.64.0.1");
+        let dns: Vec<String> = config.dns_servers.iter().map(ToString::to_string).collect();
+        assert_eq!(dns, ["10.64.0.1", "fc00:bbbb::1"]);
+        let ips: Vec<String> = config.ips.iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.66.1.2/32", "fc00:bbbb::2/128"]);
+        assert_eq!(config.mtu, Some(1380));
+        assert_eq!(config.peers.len(), 1);
+        assert_eq!(config.peers[0].public_key_text, KEY);
+        assert_eq!(
+            config.warnings,
+            ["/run/secrets/mullvad.conf:7: ListenPort has no meaning inside a namespace; ignored"]
+        );
+        assert_eq!(
+            config.config_file,
+            Some(PathBuf::from("/run/secrets/mullvad.conf"))
+        );
+    }
+
+    #[test]
+    fn options_override_the_config_file() {
+        let config = with_file(serde_json::json!({
+            "configFile": "/run/secrets/mullvad.conf",
+            "dns_server": "10.64.0.3", "privateKeyFile": "/run/keys/wg",
+            "ips": ["10.66.9.9/32"], "mtu": 1280,
+            "peers": [{ "publicKey": KEY, "allowedIPs": ["10.0.0.0/8"] }]
+        }))
+        .unwrap();
+        assert_eq!(
+            config.dns_servers,
+            vec!["10.64.0.3".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            config.private_key,
+            PrivateKeySource::File("/run/keys/wg".into())
+        );
+        assert_eq!(config.ips, vec!["10.66.9.9/32".parse().unwrap()]);
+        assert_eq!(config.mtu, Some(1280));
+        assert_eq!(
+            config.peers[0].allowed_ips,
+            vec!["10.0.0.0/8".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_line() {
+        let e = Config::parse_with(
+            &serde_json::json!({ "configFile": "/etc/wg/p.conf" }).to_string(),
+            &|_| {
+                Ok(crate::system::files::SecretFile {
+                    bytes: b"[Interface]\nPostUp = x\n".to_vec(),
+                    warning: None,
+                })
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/etc/wg/p.conf:2: PostUp runs shell commands as root"),
+            "{e}"
+        );
+        let e = Config::parse_with(
+            &serde_json::json!({ "configFile": "/etc/wg/p.conf" }).to_string(),
+            &|_| Err("cannot read it: No such file or directory".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "configFile: /etc/wg/p.conf: cannot read it: No such file or directory"
+        );
+        let e = error_of(serde_json::json!({ "configFile": "relative.conf" }));
+        assert_eq!(e, "configFile: \"relative.conf\" is not an absolute path");
+    }
+
+    #[test]
+    fn several_dns_servers() {
+        let mut v = minimal();
+        v["dnsServers"] = serde_json::json!(["10.2.0.2", "10.2.0.1"]);
+        let config = Config::parse(&v.to_string()).unwrap();
+        let dns: Vec<String> = config.dns_servers.iter().map(ToString::to_string).collect();
+        assert_eq!(dns, ["10.2.0.1", "10.2.0.2"]);
+        v["dnsServers"] = serde_json::json!(["fd00::53"]);
+        assert_eq!(
+            error_of(v.clone()),
+            "dnsServers: fd00::53 is IPv6, but IPv6 is dropped because ips has no IPv6 address"
+        );
+        v["dnsServers"] = serde_json::json!(["resolver"]);
+        assert_eq!(
+            error_of(v),
+            "dnsServers[0]: \"resolver\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn mtu_is_checked() {
+        let mut v = minimal();
+        v["mtu"] = 1420.into();
+        assert_eq!(Config::parse(&v.to_string()).unwrap().mtu, Some(1420));
+        v["mtu"] = 100.into();
+        assert_eq!(error_of(v), "mtu: 100 is not between 576 and 65456");
     }
 
     #[test]

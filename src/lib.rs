@@ -12,3 +12,4 @@ pub mod config;
 pub mod exit;
 pub mod render;
 pub mod system;
+pub mod wgquick;

@@ -1,5 +1,7 @@
 //! The namespace's files, rendered from the templates in `templates/` (embedded at build time).
 
+use std::net::IpAddr;
+
 use anyhow::{Context, Result};
 use minijinja::{AutoEscape, Environment, context};
 
@@ -15,14 +17,27 @@ const TEMPLATES: &[(&str, &str)] = &[
         "namespace.nft",
         include_str!("../templates/namespace.nft.j2"),
     ),
+    ("hosts", include_str!("../templates/hosts.j2")),
 ];
 
-/// The three files of a namespace, as text.
+/// The files of a namespace, as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
     pub resolv_conf: String,
     pub nsswitch_conf: String,
+    pub hosts: String,
     pub ruleset: String,
+}
+
+/// The DNS servers of one family as nft writes a destination: one address, or a set.
+fn nft_addresses(servers: &[IpAddr]) -> String {
+    match servers {
+        [one] => one.to_string(),
+        many => {
+            let items: Vec<String> = many.iter().map(ToString::to_string).collect();
+            format!("{{ {} }}", items.join(", "))
+        }
+    }
 }
 
 fn environment() -> Environment<'static> {
@@ -46,11 +61,19 @@ fn environment() -> Environment<'static> {
 
 pub fn render(config: &Config) -> Result<Rendered> {
     let env = environment();
+    let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) =
+        config.dns_servers.iter().partition(|ip| ip.is_ipv6());
+    let dns_by_family: Vec<(&str, String)> = [("ip", v4), ("ip6", v6)]
+        .into_iter()
+        .filter(|(_, servers)| !servers.is_empty())
+        .map(|(family, servers)| (family, nft_addresses(&servers)))
+        .collect();
     let ctx = context! {
         namespace => &config.namespace,
         interface => config.interface(),
-        dns_server => config.dns_server.to_string(),
-        dns_family => if config.dns_server.is_ipv6() { "ip6" } else { "ip" },
+        dns_servers => config.dns_servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        dns_by_family => dns_by_family,
+        dns_comment => if config.dns_servers.len() == 1 { "dns_server" } else { "dns_server and dnsServers" },
         ipv6 => config.ipv6_enabled(),
         strict_dns => config.strict_dns,
         extra_rules => config.extra_firewall_rules.trim_end(),
@@ -63,6 +86,7 @@ pub fn render(config: &Config) -> Result<Rendered> {
     Ok(Rendered {
         resolv_conf: get("resolv.conf")?,
         nsswitch_conf: get("nsswitch.conf")?,
+        hosts: get("hosts")?,
         ruleset: get("namespace.nft")?,
     })
 }

@@ -34,6 +34,10 @@ fn main() {
         ),
         trial("up_twice_is_a_clear_error_and_harms_nothing", up_twice),
         trial("bad_configs_fail_cleanly", bad_configs),
+        trial(
+            "bad_conf_files_fail_with_file_and_line_and_touch_nothing",
+            bad_conf_files,
+        ),
         trial("boringtun_works_as_userspace_command", boringtun),
         trial("demo_works_and_cleans_up_also_on_ctrl_c", demo),
         trial(
@@ -734,6 +738,165 @@ fn bad_configs() -> Result<()> {
     Ok(())
 }
 
+/// Broken wg-quick files named by `configFile`: `up` and `check` both refuse each with exit 2
+/// and one line `error: <file>:<line>: <problem>`, and nothing on the system changes.
+fn bad_conf_files() -> Result<()> {
+    let rig = Rig::new(172)?;
+    let head = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {}/32\nDNS = {}\n",
+        rig.confined_key.to_base64(),
+        rig.confined_ip(),
+        rig.peer_tunnel_ip()
+    );
+    let peer = format!(
+        "[Peer]\nPublicKey = {}\nAllowedIPs = 0.0.0.0/0\n",
+        rig.peer_key.get_public().to_base64()
+    );
+    let cases: Vec<(String, usize, &str)> = vec![
+        (
+            format!("{head}PostUp = iptables -I OUTPUT -j ACCEPT\n{peer}"),
+            5,
+            "PostUp runs shell commands as root",
+        ),
+        (
+            format!("{head}PreUp = true\n{peer}"),
+            5,
+            "PreUp runs shell commands as root",
+        ),
+        (
+            format!("{head}PreDown = true\n{peer}"),
+            5,
+            "PreDown runs shell commands as root",
+        ),
+        (
+            format!("{head}PostDown = true\n{peer}"),
+            5,
+            "PostDown runs shell commands as root",
+        ),
+        (
+            format!("{head}MTU = 9\n{peer}"),
+            5,
+            "MTU 9 is not a whole number between 576 and 65456",
+        ),
+        (
+            format!("{head}Address = 10.200.172.300/32\n{peer}"),
+            5,
+            "Address 10.200.172.300/32 is not an address",
+        ),
+        (
+            format!("{head}DNS = resolver.lan\n{peer}"),
+            5,
+            "DNS resolver.lan is not an IP address",
+        ),
+        (
+            format!("{head}Adress = 10.0.0.1/32\n{peer}"),
+            5,
+            "unknown key Adress in [Interface]",
+        ),
+        (
+            format!("{head}{peer}Endpoint = 10.200.172.2\n"),
+            8,
+            "Endpoint 10.200.172.2 needs a port",
+        ),
+        (
+            format!("{head}{peer}PersistentKeepalive = 1e3\n"),
+            8,
+            "PersistentKeepalive 1e3 is not a whole number",
+        ),
+        (
+            format!("{head}{peer}PresharedKey = hunter2\n"),
+            8,
+            "PresharedKey is not a base64 WireGuard key",
+        ),
+        (
+            format!("{head}{peer}{peer}"),
+            8,
+            "appears in an earlier [Peer] too",
+        ),
+        (
+            format!("{head}[Peer]\nAllowedIPs = 0.0.0.0/0\n"),
+            5,
+            "[Peer] has no PublicKey",
+        ),
+        (
+            format!("{head}{peer}AllowedIPs = 10.0.0.0/8,\n"),
+            8,
+            "AllowedIPs has an empty item",
+        ),
+        (format!("{head}[Pier]\n"), 5, "unknown section [Pier]"),
+        (
+            format!("DNS = 10.0.0.1\n{head}"),
+            1,
+            "DNS comes before any [Interface] or [Peer]",
+        ),
+        (peer.clone(), 1, "has no [Interface] section"),
+        (
+            "[Interface]\r\nPrivateKey = hunter2\r\n".into(),
+            2,
+            "PrivateKey is not a base64 WireGuard key",
+        ),
+        (
+            format!("{head}{peer}Endpoint 10.200.172.2:51820\n"),
+            8,
+            "Endpoint is not `Key = value`",
+        ),
+    ];
+    ensure!(
+        cases.len() >= 15,
+        "the table must hold at least 15 bad files"
+    );
+    let before = snapshot(&rig)?;
+    let conf = rig.dir.join("provider.conf");
+    let config = rig.write_config(
+        "from-file.json",
+        &json!({"namespace_name": rig.confined, "configFile": conf, "backend": "userspace"}),
+    )?;
+    let config = config.to_str().context("path")?;
+    let mut failures = Vec::new();
+    for (body, line, problem) in &cases {
+        rig.write_secret("provider.conf", body)?;
+        let expected = format!("error: {}:{line}: ", conf.display());
+        for command in ["up", "check"] {
+            let out = rig.helper(&[command, "--config", config])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = stderr.lines().collect();
+            if out.status.code() != Some(2)
+                || lines.len() != 1
+                || !lines[0].starts_with(&expected)
+                || !lines[0].contains(problem)
+                || stderr.contains("hunter2")
+            {
+                failures.push(format!(
+                    "{command} {body:?}: want {expected}...{problem}, got {}",
+                    text(&out)
+                ));
+            }
+        }
+        let after = snapshot(&rig)?;
+        if after != before {
+            failures.push(format!(
+                "{body:?}: the system changed: {before:?} -> {after:?}"
+            ));
+        }
+    }
+    // Control: the same document with a good file passes check, so the failures are the files'.
+    rig.write_secret("provider.conf", &format!("{head}{peer}"))?;
+    let out = rig.helper(&["check", "--config", config])?;
+    ensure!(
+        out.status.success(),
+        "a good file fails check: {}",
+        text(&out)
+    );
+    ensure!(
+        failures.is_empty(),
+        "{} of {} bad files were not refused cleanly:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
 /// boringtun-cli, when installed, must work as the userspace daemon (CI installs it). It opens
 /// one TUN queue per thread, by name, after its socket answers: moving the link before the last
 /// one made a twin link on the host that swallowed the replies those threads decrypted.
@@ -792,6 +955,17 @@ fn render_golden() -> Result<()> {
             }),
         ),
         (
+            "several-dns",
+            json!({
+                "namespace_name": "mullvad",
+                "dns_server": "10.64.0.1",
+                "dnsServers": ["10.64.0.2", "fc00:bbbb:bbbb:bb01::1"],
+                "ips": ["10.66.12.34/32", "fc00:bbbb:bbbb:bb01::3:c21/128"],
+                "privateKeyFile": "/run/keys/mullvad",
+                "peers": [{"publicKey": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "allowedIPs": ["0.0.0.0/0", "::/0"]}]
+            }),
+        ),
+        (
             "extended",
             json!({
                 "namespace_name": "se1",
@@ -826,6 +1000,7 @@ fn render_golden() -> Result<()> {
         for file in [
             "resolv.conf".to_string(),
             "nsswitch.conf".to_string(),
+            "hosts".to_string(),
             format!("{namespace}.nft"),
         ] {
             let actual = std::fs::read_to_string(out.join(&file))?;

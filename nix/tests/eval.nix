@@ -62,6 +62,9 @@ let
     strictDns = true;
     publishPorts = [ ];
     hostServices = [ ];
+    configFile = null;
+    mtu = null;
+    dnsServers = [ ];
   };
   peerDefaults = {
     presharedKey = null;
@@ -269,6 +272,32 @@ let
       ))
     ];
 
+  # Only configFile set: the namespace is on, and the helper gets the path (never the file's
+  # contents) with dns_server and privateKeyFile left to the file.
+  configFileChecks =
+    let
+      config = example "config-file";
+      document = namespaceDefaults // {
+        configFile = "/run/agenix/mullvad-se1.conf";
+        dns_server = null;
+        privateKeyFile = null;
+      };
+    in
+    complete "config-file" config
+    ++ [
+      (equal "config-file: units (refresh for the file's endpoints)"
+        [
+          "wireguard-namespace-vpn"
+          "wireguard-namespace-vpn-refresh"
+        ]
+        (ours (attrNames config.systemd.services))
+      )
+      (equal "config-file: ExecStart runs up on a document naming only the file"
+        "${helper config} up --config ${jsonFile "vpn" document}"
+        config.systemd.services.wireguard-namespace-vpn.serviceConfig.ExecStart
+      )
+    ];
+
   confinedChecks =
     let
       config = example "confined";
@@ -282,6 +311,7 @@ let
       )
       (equal "confined: BindReadOnlyPaths (the service's own kept)"
         [
+          "/etc/netns/vpn/hosts:/etc/hosts"
           "/etc/netns/vpn/nsswitch.conf:/etc/nsswitch.conf"
           "/etc/netns/vpn/resolv.conf:/etc/resolv.conf"
           "/var/lib/media"
@@ -314,6 +344,7 @@ let
         "${long}.privateKeyFile is null"
         "${long}.peers.0.allowedIPs is empty"
         "${long}.peers.0 sets both presharedKey and presharedKeyFile"
+        "services.wireguard-namespaces.stored.configFile = \"/nix/store/00000000000000000000000000000000-mullvad.conf\" must be an absolute path outside the Nix store"
         ''services.wireguard-namespace and services.wireguard-namespaces.vpn use the same namespace''
       ];
       matching = text: filter (hasPrefix text) failed;
@@ -336,7 +367,8 @@ let
       ))
     ];
 
-  checks = noneChecks ++ seedChecks ++ twoChecks ++ confinedChecks ++ failingChecks;
+  checks =
+    noneChecks ++ seedChecks ++ twoChecks ++ configFileChecks ++ confinedChecks ++ failingChecks;
   failures = filter (c: !c.ok) checks;
 
   # The option documentation as the NixOS manual would build it (descriptions must be valid

@@ -91,6 +91,14 @@ pub fn probe_inside() -> i32 {
         .map(|h| h.split_whitespace().collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     println!("hosts {hosts}");
+    // Any address in /etc/hosts that is not loopback: the host's hosts file showing through.
+    let hosts_file = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let foreign: Vec<&str> = hosts_file
+        .lines()
+        .filter_map(|l| l.split('#').next()?.split_whitespace().next())
+        .filter(|addr| !addr.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+        .collect();
+    println!("hosts-file-foreign {}", foreign.join(","));
     for path in [
         "/run/nscd/socket",
         dns::HOST_RESOLVER_PATHS[1],
@@ -103,7 +111,7 @@ pub fn probe_inside() -> i32 {
     code::OK
 }
 
-fn resolver_probes(namespace: &str, dns_server: &str) -> Result<Vec<Probe>> {
+fn resolver_probes(namespace: &str, dns_servers: &str) -> Result<Vec<Probe>> {
     let exe = std::env::current_exe().context("finding our own executable")?;
     let output = Command::new(&exe)
         .args(["exec", "--namespace", namespace, "--"])
@@ -125,6 +133,7 @@ fn resolver_probes(namespace: &str, dns_server: &str) -> Result<Vec<Probe>> {
     };
     let nameservers = field("nameservers ");
     let hosts = field("hosts ");
+    let foreign_hosts = field("hosts-file-foreign ");
     let reachable: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("reachable "))
@@ -132,13 +141,24 @@ fn resolver_probes(namespace: &str, dns_server: &str) -> Result<Vec<Probe>> {
     Ok(vec![
         Probe {
             name: "resolv-conf",
-            passed: nameservers == dns_server,
-            detail: format!("processes inside use nameserver {nameservers:?} (want {dns_server})"),
+            passed: nameservers == dns_servers,
+            detail: format!("processes inside use nameserver {nameservers:?} (want {dns_servers})"),
         },
         Probe {
             name: "nsswitch-hosts",
-            passed: hosts == "dns",
-            detail: format!("hosts: {hosts:?} (want \"dns\": no resolved, mDNS or nscd module)"),
+            passed: hosts == "files dns",
+            detail: format!(
+                "hosts: {hosts:?} (want \"files dns\": no resolved, mDNS or nscd module)"
+            ),
+        },
+        Probe {
+            name: "hosts-file",
+            passed: foreign_hosts.is_empty(),
+            detail: if foreign_hosts.is_empty() {
+                "/etc/hosts inside names loopback addresses only".into()
+            } else {
+                format!("/etc/hosts inside names {foreign_hosts} (the host's hosts file?)")
+            },
         },
         Probe {
             name: "host-resolver-sockets",
@@ -325,7 +345,13 @@ pub fn run(namespace: &str) -> Result<i32> {
             &|| udp_probe(v6),
         )?;
     }
-    probes.extend(resolver_probes(namespace, &state.dns_server.to_string())?);
+    let dns_servers = if state.dns_servers.is_empty() {
+        state.dns_server.to_string()
+    } else {
+        let all: Vec<String> = state.dns_servers.iter().map(ToString::to_string).collect();
+        all.join(",")
+    };
+    probes.extend(resolver_probes(namespace, &dns_servers)?);
     probes.extend(relay_probe(&state, &fd));
 
     for probe in &probes {

@@ -146,7 +146,7 @@ fn up_inner(config: &Config, config_path: Option<&Path>) -> Result<()> {
     let ns = config.namespace.as_str();
     let prepared = wireguard::prepare(config)?;
     let rendered = render::render(config)?;
-    for warning in &prepared.warnings {
+    for warning in config.warnings.iter().chain(&prepared.warnings) {
         eprintln!("warning: {warning}");
     }
 
@@ -197,6 +197,7 @@ fn build(
     let mut state = State::new(ns, config.dns_server);
     state.config_path =
         config_path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    state.dns_servers = config.dns_servers.clone();
     state.strict_dns = config.strict_dns;
     state.ipv6 = config.ipv6_enabled();
     state.peers = config
@@ -295,6 +296,9 @@ fn build(
             .context("the WireGuard link did not arrive in the namespace")?;
         build.link_at(index, true)?;
         inner.add_addresses(index, &config.ips)?;
+        if let Some(mtu) = config.mtu {
+            inner.set_mtu(index, mtu)?;
+        }
         inner.set_up(index)?;
         // Without an IPv6 address IPv6 is switched off inside, and the kernel refuses IPv6
         // routes; `::/0` in allowedIPs (common in providers' configs) then routes nothing.

@@ -1,4 +1,4 @@
-//! Name resolution inside the namespace: `/etc/netns/<ns>/{resolv.conf,nsswitch.conf}`, which
+//! Name resolution inside the namespace: `/etc/netns/<ns>/{resolv.conf,nsswitch.conf,hosts}`, which
 //! `ip netns exec`, `wg-namespace exec` and confined services bind over `/etc`, and the host
 //! sockets that would resolve names outside the tunnel.
 
@@ -12,7 +12,7 @@ use crate::system::files::{Dir, FileErrorKind};
 pub const ETC_NETNS: &str = "/etc/netns";
 
 /// The files `up` writes into the namespace's `/etc` directory.
-pub const FILES: [&str; 2] = ["resolv.conf", "nsswitch.conf"];
+pub const FILES: [&str; 3] = ["resolv.conf", "nsswitch.conf", "hosts"];
 
 /// Host sockets through which a lookup would be answered in the host namespace: nscd, the
 /// varlink socket of systemd-resolved's NSS module, and D-Bus (resolved's D-Bus API). Hidden
@@ -32,7 +32,7 @@ pub fn parent_missing() -> bool {
     !Path::new(ETC_NETNS).exists()
 }
 
-/// Writes resolv.conf and nsswitch.conf, each atomically and mode 0644, into a directory
+/// Writes resolv.conf, nsswitch.conf and hosts, each atomically and mode 0644, into a directory
 /// checked to be root's own (never through a symlink).
 pub fn install(namespace: &str, rendered: &Rendered) -> Result<()> {
     let dir = Dir::create(&dir(namespace), 0o755)?;
@@ -40,6 +40,7 @@ pub fn install(namespace: &str, rendered: &Rendered) -> Result<()> {
     dir.set_mode(0o755)?;
     dir.write_atomically("resolv.conf", rendered.resolv_conf.as_bytes(), 0o644)?;
     dir.write_atomically("nsswitch.conf", rendered.nsswitch_conf.as_bytes(), 0o644)?;
+    dir.write_atomically("hosts", rendered.hosts.as_bytes(), 0o644)?;
     Ok(())
 }
 

@@ -375,6 +375,54 @@ pub fn open_trusted(path: &Path) -> Result<File> {
     }
 }
 
+/// A file read by [`read_secret`], with a warning for the user when everyone may read it.
+pub struct SecretFile {
+    pub bytes: Vec<u8>,
+    pub warning: Option<String>,
+}
+
+/// Reads a file whose contents are secret or steer what root does (a key file, a provider's
+/// wg-quick file): opened as [`open_trusted`] does, then refused unless owned by the caller and
+/// writable by no one else, and refused when larger than `limit`. The checks and the read use
+/// one descriptor, so the file cannot be swapped in between. `what` names the kind of file in
+/// messages, which never quote the contents.
+pub fn read_secret(path: &Path, what: &str, limit: u64) -> Result<SecretFile> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = open_trusted(path)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| FileError::from_io(path, "cannot read it", e))?;
+    if meta.uid() != euid() {
+        return Err(FileError::refused(
+            path,
+            format!(
+                "is owned by uid {}, not by uid {} who runs wg-namespace; another user could swap the {what}",
+                meta.uid(),
+                euid()
+            ),
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(FileError::refused(
+            path,
+            format!(
+                "is writable by other users (mode {:o}); chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    let warning = (mode & 0o004 != 0).then(|| {
+        format!(
+            "{} is readable by every user (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )
+    });
+    let bytes = read_bounded(file, path, limit)?;
+    Ok(SecretFile { bytes, warning })
+}
+
 /// Reads a whole file that is input, not ours (a config file, a `/proc` file): opened without
 /// blocking, so that a FIFO cannot stall us, refused unless it is a regular file, and refused
 /// when it holds more than `limit` bytes.

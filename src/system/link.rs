@@ -210,6 +210,21 @@ impl Netlink {
         .with_context(|| format!("bringing link {index} up"))
     }
 
+    pub fn set_mtu(&self, index: u32, mtu: u16) -> Result<()> {
+        let message = LinkUnspec::new_with_index(index)
+            .mtu(u32::from(mtu))
+            .build();
+        self.block(async {
+            self.handle
+                .link()
+                .set(message)
+                .execute()
+                .await
+                .map_err(to_io)
+        })
+        .with_context(|| format!("setting the MTU of link {index} to {mtu}"))
+    }
+
     pub fn add_addresses(&self, index: u32, addresses: &[Cidr]) -> Result<()> {
         for chunk in addresses.chunks(PIPELINE) {
             let requests = chunk.iter().map(|a| {

@@ -326,6 +326,9 @@ pub struct State {
     /// Once chosen.
     pub backend: Option<Backend>,
     pub dns_server: IpAddr,
+    /// Every DNS server in resolv.conf, dns_server first (absent in files of older versions).
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
     /// DNS is pinned to dns_server by the firewall.
     #[serde(default)]
     pub strict_dns: bool,
@@ -361,6 +364,7 @@ impl State {
             config_path: None,
             backend: None,
             dns_server,
+            dns_servers: Vec::new(),
             strict_dns: true,
             ipv6: false,
             peers: Vec::new(),

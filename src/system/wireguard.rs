@@ -4,7 +4,6 @@
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,7 +13,9 @@ use wireguard_control::{
     Backend as WgBackend, Device, DeviceUpdate, InterfaceName, PeerConfigBuilder,
 };
 
-use crate::config::{Cidr, Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::config::{
+    Cidr, Config, Endpoint, EndpointHost, Key, Peer, PresharedKey, PrivateKeySource,
+};
 use crate::system::files;
 use crate::system::link::Netlink;
 use crate::system::process::{Detached, Gated, ProcessId};
@@ -237,50 +238,23 @@ fn delete_matching_link(
     nl.delete(link.index).map(|()| LinkDeleted::Done)
 }
 
-/// Reads a key file at run time, refusing files others can tamper with: the file, every
-/// directory on its path and every symlink followed to it must belong to root or the caller
-/// (see [`files::open_trusted`]). Returns the key and, when the file is readable by everyone,
-/// a warning for the user. The checks and the read use one open descriptor, so the file cannot
-/// be swapped in between.
+/// Reads a key file at run time through [`files::read_secret`] (the file, every directory on
+/// its path and every symlink followed to it root's or the caller's, the file writable by no
+/// one else). Returns the key and, when the file is readable by everyone, a warning.
 pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> {
-    use std::io::Read;
-    let fail = |problem: String| anyhow!("{field}: {}: {problem}", path.display());
-    let mut file = files::open_trusted(path).map_err(|e| anyhow!("{field}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid {
-        return Err(fail(format!(
-            "is owned by uid {}, not by uid {euid} who runs wg-namespace; another user could swap the key",
-            meta.uid()
-        )));
-    }
-    let mode = meta.permissions().mode();
-    if mode & 0o022 != 0 {
-        return Err(fail(format!(
-            "is writable by other users (mode {:o}); chmod 600 it",
-            mode & 0o777
-        )));
-    }
-    let warning = (mode & 0o004 != 0).then(|| {
-        format!(
-            "{field}: {} is readable by every user (mode {:o}); chmod 600 it",
-            path.display(),
-            mode & 0o777
-        )
-    });
-    let mut text = String::new();
-    // A key is 44 characters; anything much longer is not one, and need not be read whole.
-    file.by_ref()
-        .take(4096)
-        .read_to_string(&mut text)
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    // A key is 44 characters; a much longer file is not one.
+    let file = files::read_secret(path, "key", 4096).map_err(|e| anyhow!("{field}: {e}"))?;
     // The content is secret: never quote it.
-    let key = Key::from_base64(&text).ok_or_else(|| {
-        fail("does not hold a base64 WireGuard key (as `wg genkey` writes)".into())
-    })?;
-    Ok((key, warning))
+    let key = std::str::from_utf8(&file.bytes)
+        .ok()
+        .and_then(Key::from_base64)
+        .ok_or_else(|| {
+            anyhow!(
+                "{field}: {}: does not hold a base64 WireGuard key (as `wg genkey` writes)",
+                path.display()
+            )
+        })?;
+    Ok((key, file.warning.map(|w| format!("{field}: {w}"))))
 }
 
 /// Resolves an endpoint in the calling thread's namespace (the host's: DNS works there).
@@ -311,8 +285,14 @@ pub struct Prepared {
 
 pub fn prepare(config: &Config) -> Result<Prepared> {
     let mut warnings = Vec::new();
-    let (private_key, warning) = read_key_file("privateKeyFile", &config.private_key_file)?;
-    warnings.extend(warning);
+    let private_key = match &config.private_key {
+        PrivateKeySource::File(path) => {
+            let (key, warning) = read_key_file("privateKeyFile", path)?;
+            warnings.extend(warning);
+            key
+        }
+        PrivateKeySource::ConfigFile(key) => key.clone(),
+    };
     let mut peers = Vec::with_capacity(config.peers.len());
     for (i, peer) in config.peers.iter().enumerate() {
         let preshared_key = match &peer.preshared_key {

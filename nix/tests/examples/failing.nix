@@ -42,6 +42,9 @@
     };
   };
 
+  # A provider's file put into the Nix store, where every user can read its private key.
+  services.wireguard-namespaces.stored.configFile = "/nix/store/00000000000000000000000000000000-mullvad.conf";
+
   systemd.services.downloader = {
     wantedBy = [ "multi-user.target" ];
     serviceConfig.ExecStart = "/run/current-system/sw/bin/sleep infinity";
