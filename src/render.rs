@@ -59,30 +59,72 @@ fn environment() -> Environment<'static> {
     env
 }
 
-pub fn render(config: &Config) -> Result<Rendered> {
-    let env = environment();
+/// What the templates are rendered from.
+struct Inputs<'a> {
+    namespace: &'a str,
+    interface: &'a str,
+    /// dns_server first, then dnsServers.
+    dns_servers: &'a [IpAddr],
+    ipv6: bool,
+    strict_dns: bool,
+    extra_rules: &'a str,
+}
+
+fn render_one(env: &Environment<'_>, name: &str, inputs: &Inputs<'_>) -> Result<String> {
     let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) =
-        config.dns_servers.iter().partition(|ip| ip.is_ipv6());
+        inputs.dns_servers.iter().partition(|ip| ip.is_ipv6());
     let dns_by_family: Vec<(&str, String)> = [("ip", v4), ("ip6", v6)]
         .into_iter()
         .filter(|(_, servers)| !servers.is_empty())
         .map(|(family, servers)| (family, nft_addresses(&servers)))
         .collect();
     let ctx = context! {
-        namespace => &config.namespace,
-        interface => config.interface(),
-        dns_servers => config.dns_servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        namespace => inputs.namespace,
+        interface => inputs.interface,
+        dns_servers => inputs.dns_servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         dns_by_family => dns_by_family,
-        dns_comment => if config.dns_servers.len() == 1 { "dns_server" } else { "dns_server and dnsServers" },
-        ipv6 => config.ipv6_enabled(),
-        strict_dns => config.strict_dns,
-        extra_rules => config.extra_firewall_rules.trim_end(),
+        dns_comment => if inputs.dns_servers.len() == 1 { "dns_server" } else { "dns_server and dnsServers" },
+        ipv6 => inputs.ipv6,
+        strict_dns => inputs.strict_dns,
+        extra_rules => inputs.extra_rules,
     };
-    let get = |name: &str| -> Result<String> {
-        env.get_template(name)
-            .and_then(|t| t.render(&ctx))
-            .with_context(|| format!("rendering {name}"))
+    env.get_template(name)
+        .and_then(|t| t.render(&ctx))
+        .with_context(|| format!("rendering {name}"))
+}
+
+/// The ruleset of a namespace as its state file records it, without extraFirewallRules. The
+/// leak guard in it is the very one `up` loaded: extraFirewallRules cannot reach the guard's
+/// table, and the guard depends on nothing else. `status` compares it with what is loaded.
+pub fn guard_ruleset(
+    namespace: &str,
+    dns_servers: &[IpAddr],
+    ipv6: bool,
+    strict_dns: bool,
+) -> Result<String> {
+    let inputs = Inputs {
+        namespace,
+        // As Config::interface: the WireGuard interface carries the namespace's name.
+        interface: namespace,
+        dns_servers,
+        ipv6,
+        strict_dns,
+        extra_rules: "",
     };
+    render_one(&environment(), "namespace.nft", &inputs)
+}
+
+pub fn render(config: &Config) -> Result<Rendered> {
+    let env = environment();
+    let inputs = Inputs {
+        namespace: &config.namespace,
+        interface: config.interface(),
+        dns_servers: &config.dns_servers,
+        ipv6: config.ipv6_enabled(),
+        strict_dns: config.strict_dns,
+        extra_rules: config.extra_firewall_rules.trim_end(),
+    };
+    let get = |name: &str| render_one(&env, name, &inputs);
     Ok(Rendered {
         resolv_conf: get("resolv.conf")?,
         nsswitch_conf: get("nsswitch.conf")?,

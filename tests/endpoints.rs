@@ -18,6 +18,10 @@ fn main() {
             endpoint_follows_moved_name,
         ),
         trial("status_verdicts_follow_what_breaks", status_verdicts),
+        trial(
+            "status_says_down_when_the_leak_guard_is_altered",
+            status_sees_an_altered_guard,
+        ),
     ])
 }
 
@@ -289,5 +293,64 @@ fn status_verdicts() -> Result<()> {
     // A namespace that is not up is down.
     rig.down()?;
     expect_verdict(&rig, 4, "down", "not up")?;
+    Ok(())
+}
+
+/// The guard table still there but flushed, dormant, opened by a rule or by its policy: it
+/// leaks as if it were gone, and `status` must say so, naming what changed.
+fn status_sees_an_altered_guard() -> Result<()> {
+    let rig = Rig::new(123)?;
+    let path = rig.up_with(&rig.config()?)?;
+    let rendered = rig.dir.join("rendered");
+    let out = rig.helper(&[
+        "render",
+        "--config",
+        path.to_str().context("path")?,
+        "--out",
+        rendered.to_str().context("path")?,
+    ])?;
+    ensure!(out.status.success(), "render: {}", text(&out));
+    let ruleset = rendered.join(format!("{}.nft", rig.confined));
+    let ruleset = ruleset.to_str().context("path")?;
+    let fd = rig.confined_fd()?;
+    let nft = |args: &[&str]| -> Result<()> {
+        let mut argv = vec!["nft"];
+        argv.extend_from_slice(args);
+        let out = rig.command_in(&fd, &argv).output()?;
+        ensure!(out.status.success(), "{argv:?}: {}", text(&out));
+        Ok(())
+    };
+
+    expect_verdict(&rig, 0, "healthy", "")?;
+    let guard = "wg_namespace_guard";
+    let tamperings: [(&[&str], &str); 4] = [
+        (
+            &["flush", "chain", "inet", guard, "output"],
+            "chain output has no rules (it was flushed)",
+        ),
+        (
+            &["add", "table", "inet", guard, "{ flags dormant; }"],
+            "marked `flags dormant`",
+        ),
+        (
+            &["insert", "rule", "inet", guard, "output", "accept"],
+            "chain output has an added rule 1: accept",
+        ),
+        (
+            &["chain", "inet", guard, "output", "{ policy accept; }"],
+            "chain output has policy accept instead of drop",
+        ),
+    ];
+    for (tamper, reason) in tamperings {
+        nft(tamper)?;
+        let down = expect_verdict(&rig, 4, "down", reason)
+            .with_context(|| format!("after nft {}", tamper.join(" ")));
+        nft(&["-f", ruleset])?;
+        let down = down?;
+        ensure!(down["firewall"]["guardIntact"] == false, "{down:#}");
+        let healthy = expect_verdict(&rig, 0, "healthy", "")
+            .with_context(|| format!("after restoring from nft {}", tamper.join(" ")))?;
+        ensure!(healthy["firewall"]["guardIntact"] == true, "{healthy:#}");
+    }
     Ok(())
 }

@@ -114,6 +114,9 @@ pub struct RelayStatus {
 #[serde(rename_all = "camelCase")]
 pub struct FirewallStatus {
     pub loaded: bool,
+    /// The leak guard as loaded is the one rendered for this namespace (see the reasons when
+    /// it is not).
+    pub guard_intact: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -248,17 +251,36 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         }
     }
 
-    let fd = match crate::system::netns::open(namespace) {
-        Ok(fd) => fd,
-        Err(_) => {
-            down(&mut status, "the network namespace is gone".into());
-            return status;
-        }
+    let Some(fd) = state.open_netns() else {
+        down(
+            &mut status,
+            "the network namespace is gone (or is no longer the one `up` made)".into(),
+        );
+        return status;
     };
     status.firewall.loaded = firewall::has_table(&fd, firewall::GUARD_TABLE).unwrap_or(false)
         && firewall::has_table(&fd, firewall::POLICY_TABLE).unwrap_or(false);
     if !status.firewall.loaded {
         down(&mut status, "the firewall ruleset is not loaded".into());
+    }
+    // A guard that is there but flushed, dormant or opened up leaks as if it were not.
+    // (State files of older versions name dns_server alone.)
+    let dns_servers = if state.dns_servers.is_empty() {
+        vec![state.dns_server]
+    } else {
+        state.dns_servers.clone()
+    };
+    let differences =
+        crate::render::guard_ruleset(namespace, &dns_servers, state.ipv6, state.strict_dns)
+            .and_then(|ruleset| firewall::guard_differences(&fd, &ruleset));
+    match differences {
+        Ok(differences) => {
+            status.firewall.guard_intact = differences.is_empty();
+            for difference in differences {
+                down(&mut status, difference);
+            }
+        }
+        Err(e) => down(&mut status, format!("cannot verify the leak guard: {e:#}")),
     }
 
     match Netlink::inside(&fd).and_then(|nl| interface_status(&nl, namespace)) {
@@ -426,10 +448,10 @@ fn print_text(status: &NamespaceStatus) {
     if status.backend.is_some() {
         println!(
             "  firewall:  {}",
-            if status.firewall.loaded {
-                "loaded"
-            } else {
-                "MISSING"
+            match (status.firewall.loaded, status.firewall.guard_intact) {
+                (true, true) => "loaded",
+                (true, false) => "loaded, but the leak guard is ALTERED",
+                (false, _) => "MISSING",
             }
         );
         if let Some(server) = &status.dns.server {

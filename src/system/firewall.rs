@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::process::{Output, Stdio};
 
 use anyhow::{Context, Result, bail};
+use serde_json::Value;
 
 /// The leak guard's table; its presence is what `status` calls "ruleset loaded".
 pub const GUARD_TABLE: &str = "wg_namespace_guard";
@@ -55,23 +56,31 @@ pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
         .success())
 }
 
+/// The leak guard's table as nft lists it (`nft -j list table`): its table, chain, rule and
+/// other objects, in nft's order. None when the table is not there.
+fn guard_items(fd: BorrowedFd<'_>) -> Result<Option<Vec<Value>>> {
+    let output = nft(fd, &["-j", "list", "table", "inet", GUARD_TABLE], None)?;
+    if !output.status.success() {
+        return Ok(None);
+    }
+    let mut document: Value =
+        serde_json::from_slice(&output.stdout).context("reading nft's JSON output")?;
+    let items = match document["nftables"].take() {
+        Value::Array(items) => items,
+        _ => bail!("nft's JSON output holds no \"nftables\" list"),
+    };
+    Ok(Some(
+        items
+            .into_iter()
+            .filter(|item| item.get("metainfo").is_none())
+            .collect(),
+    ))
+}
+
 /// Packets dropped so far by each counted rule of the leak guard, keyed by the rule's comment.
 pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
-    let output = nft(
-        fd.as_fd(),
-        &["-j", "list", "table", "inet", GUARD_TABLE],
-        None,
-    )?;
-    if !output.status.success() {
-        bail!("the leak guard table is not loaded");
-    }
-    let document: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("reading nft's JSON output")?;
+    let items = guard_items(fd.as_fd())?.context("the leak guard table is not loaded")?;
     let mut drops = HashMap::new();
-    let items = document["nftables"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
     for rule in items.iter().filter_map(|item| item.get("rule")) {
         let comment = rule["comment"].as_str().unwrap_or_default();
         let packets = rule["expr"]
@@ -84,6 +93,295 @@ pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
         }
     }
     Ok(drops)
+}
+
+/// How the loaded leak guard differs from the one `ruleset` (as rendered for the namespace)
+/// makes: one line per difference, empty when they are the same. Compared is what decides
+/// verdicts on packets: the table's flags (a dormant table filters nothing), each chain's
+/// type, hook, priority and policy, and every rule in order. Handles and counter values are
+/// not (they differ between loads and grow with traffic).
+///
+/// What `ruleset` makes is what nft itself lists after loading it into a throwaway network
+/// namespace, so both sides are in nft's own words whatever its version prints.
+pub fn guard_differences(fd: impl AsFd, ruleset: &str) -> Result<Vec<String>> {
+    let Some(loaded) = guard_items(fd.as_fd())? else {
+        return Ok(vec![format!(
+            "the leak guard table {GUARD_TABLE} is missing"
+        )]);
+    };
+    let scratch = crate::system::netns::unshare_new()
+        .context("making a throwaway namespace to load the expected guard into")?;
+    load(&scratch, ruleset).context("loading the expected guard into a throwaway namespace")?;
+    let expected =
+        guard_items(scratch.as_fd())?.context("the rendered ruleset holds no leak guard table")?;
+    let mut differences = Guard::of(&expected).differences_to(&Guard::of(&loaded));
+    if differences.iter().any(|d| d.starts_with(FLAGS_DIFFER)) {
+        // nft's JSON names table flags wrongly in some versions (1.0.6 says "inet" for
+        // dormant); its text listing names them right.
+        if let Some(flags) = table_flags_text(fd.as_fd()) {
+            differences = differences
+                .into_iter()
+                .map(|d| {
+                    if d.starts_with(FLAGS_DIFFER) {
+                        format!("the leak guard table is marked `{flags}` (a dormant table filters nothing)")
+                    } else {
+                        d
+                    }
+                })
+                .collect();
+        }
+    }
+    Ok(differences)
+}
+
+const FLAGS_DIFFER: &str = "the leak guard table's flags";
+
+/// The `flags ...` line of the guard table's text listing.
+fn table_flags_text(fd: BorrowedFd<'_>) -> Option<String> {
+    let output = nft(fd, &["list", "table", "inet", GUARD_TABLE], None).ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("flags "))
+        .map(str::to_string)
+}
+
+/// A leak guard reduced to what decides verdicts; see [`guard_differences`].
+struct Guard {
+    flags: Value,
+    chains: Vec<Chain>,
+    /// Sets, maps and other objects: the rendered guard has none.
+    others: Vec<Value>,
+}
+
+struct Chain {
+    name: String,
+    /// Type, hook, priority and policy (all null for a regular chain).
+    head: [Value; 4],
+    rules: Vec<Value>,
+}
+
+impl Guard {
+    fn of(items: &[Value]) -> Guard {
+        let mut guard = Guard {
+            flags: Value::Null,
+            chains: Vec::new(),
+            others: Vec::new(),
+        };
+        for item in items {
+            if let Some(table) = item.get("table") {
+                guard.flags = table.get("flags").cloned().unwrap_or(Value::Null);
+            } else if let Some(chain) = item.get("chain") {
+                guard.chains.push(Chain {
+                    name: chain["name"].as_str().unwrap_or_default().to_string(),
+                    head: ["type", "hook", "prio", "policy"].map(|k| chain[k].clone()),
+                    rules: Vec::new(),
+                });
+            } else if let Some(rule) = item.get("rule") {
+                let name = rule["chain"].as_str().unwrap_or_default();
+                let mut rule = rule.clone();
+                if let Some(fields) = rule.as_object_mut() {
+                    fields.remove("handle");
+                }
+                zero_counters(&mut rule);
+                match guard.chains.iter_mut().find(|c| c.name == name) {
+                    Some(chain) => chain.rules.push(rule),
+                    None => guard.others.push(rule),
+                }
+            } else {
+                let mut other = item.clone();
+                if let Some(fields) = other
+                    .as_object_mut()
+                    .and_then(|o| o.values_mut().next())
+                    .and_then(Value::as_object_mut)
+                {
+                    fields.remove("handle");
+                }
+                guard.others.push(other);
+            }
+        }
+        guard
+    }
+
+    /// What `loaded` has that `self` (the expected guard) has not, and the reverse.
+    fn differences_to(&self, loaded: &Guard) -> Vec<String> {
+        let mut out = Vec::new();
+        if loaded.flags != self.flags {
+            out.push(format!(
+                "{FLAGS_DIFFER} are {} instead of {}",
+                loaded.flags, self.flags
+            ));
+        }
+        for expected in &self.chains {
+            let Some(chain) = loaded.chains.iter().find(|c| c.name == expected.name) else {
+                out.push(format!("the leak guard chain {} is missing", expected.name));
+                continue;
+            };
+            let name = &expected.name;
+            if chain.head[3] != expected.head[3] {
+                out.push(format!(
+                    "the leak guard chain {name} has policy {} instead of {}",
+                    plain(&chain.head[3]),
+                    plain(&expected.head[3])
+                ));
+            }
+            if chain.head[..3] != expected.head[..3] {
+                let describe = |h: &[Value; 4]| {
+                    format!(
+                        "type {} hook {} priority {}",
+                        plain(&h[0]),
+                        plain(&h[1]),
+                        plain(&h[2])
+                    )
+                };
+                out.push(format!(
+                    "the leak guard chain {name} is {} instead of {}",
+                    describe(&chain.head),
+                    describe(&expected.head)
+                ));
+            }
+            out.extend(rule_differences(name, &expected.rules, &chain.rules));
+        }
+        for chain in &loaded.chains {
+            if !self.chains.iter().any(|c| c.name == chain.name) {
+                out.push(format!(
+                    "the leak guard has a chain {} it was not loaded with",
+                    chain.name
+                ));
+            }
+        }
+        for other in &loaded.others {
+            if !self.others.contains(other) {
+                out.push(format!(
+                    "the leak guard holds an object it was not loaded with: {other}"
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The first place where a chain's rules part from the expected ones, told as an added, a
+/// missing or a changed rule.
+fn rule_differences(chain: &str, expected: &[Value], loaded: &[Value]) -> Option<String> {
+    if loaded.is_empty() && !expected.is_empty() {
+        return Some(format!(
+            "the leak guard chain {chain} has no rules (it was flushed); it was loaded with {}",
+            expected.len()
+        ));
+    }
+    let at = expected
+        .iter()
+        .zip(loaded)
+        .take_while(|(e, l)| e == l)
+        .count();
+    if at == expected.len() && at == loaded.len() {
+        return None;
+    }
+    let number = at + 1;
+    if loaded.len() > at && loaded[at + 1..] == expected[at..] {
+        return Some(format!(
+            "the leak guard chain {chain} has an added rule {number}: {}",
+            describe_rule(&loaded[at])
+        ));
+    }
+    if expected.len() > at && loaded[at..] == expected[at + 1..] {
+        return Some(format!(
+            "the leak guard chain {chain} lacks its rule {number}: {}",
+            describe_rule(&expected[at])
+        ));
+    }
+    Some(match (loaded.get(at), expected.get(at)) {
+        (Some(got), Some(want)) => format!(
+            "the leak guard chain {chain} has rule {number} `{}` instead of `{}`",
+            describe_rule(got),
+            describe_rule(want)
+        ),
+        (Some(got), None) => format!(
+            "the leak guard chain {chain} has an added rule {number}: {}",
+            describe_rule(got)
+        ),
+        (None, _) => format!(
+            "the leak guard chain {chain} has {} rules instead of {}",
+            loaded.len(),
+            expected.len()
+        ),
+    })
+}
+
+fn zero_counters(value: &mut Value) {
+    match value {
+        Value::Object(fields) => {
+            if let Some(Value::Object(counter)) = fields.get_mut("counter") {
+                for key in ["packets", "bytes"] {
+                    if counter.contains_key(key) {
+                        counter.insert(key.into(), Value::from(0));
+                    }
+                }
+            }
+            fields.values_mut().for_each(zero_counters);
+        }
+        Value::Array(items) => items.iter_mut().for_each(zero_counters),
+        _ => {}
+    }
+}
+
+/// A string without its JSON quotes, anything else as JSON.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A rule in something close to nft's own syntax, for a reason line; expressions this does
+/// not know are shown as nft's JSON.
+fn describe_rule(rule: &Value) -> String {
+    let operand = |v: &Value| -> String {
+        if let Some(key) = v["meta"]["key"].as_str() {
+            return format!("meta {key}");
+        }
+        if let (Some(protocol), Some(field)) = (
+            v["payload"]["protocol"].as_str(),
+            v["payload"]["field"].as_str(),
+        ) {
+            return format!("{protocol} {field}");
+        }
+        if let Some(items) = v["set"].as_array() {
+            let items: Vec<String> = items.iter().map(plain).collect();
+            return format!("{{ {} }}", items.join(", "));
+        }
+        plain(v)
+    };
+    let mut words: Vec<String> = rule["expr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            if let Some(m) = e.get("match") {
+                let op = match m["op"].as_str() {
+                    Some("==") | Some("in") => String::new(),
+                    Some(op) => format!("{op} "),
+                    None => String::new(),
+                };
+                return format!("{} {op}{}", operand(&m["left"]), operand(&m["right"]));
+            }
+            if e.get("counter").is_some() {
+                return "counter".into();
+            }
+            match e.as_object().map(|o| o.iter().next()) {
+                Some(Some((verb, Value::Null))) => verb.clone(),
+                Some(Some((verb, Value::Object(target)))) if target.contains_key("target") => {
+                    format!("{verb} {}", plain(&target["target"]))
+                }
+                _ => e.to_string(),
+            }
+        })
+        .collect();
+    if let Some(comment) = rule["comment"].as_str() {
+        words.push(format!("comment \"{comment}\""));
+    }
+    words.join(" ")
 }
 
 /// Condenses nft's multi-line error report to its first `Error:` line, and translates a line
@@ -126,6 +424,64 @@ fn explain(stderr: &str, ruleset: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule(expr: Value, comment: Option<&str>) -> Value {
+        let mut rule = serde_json::json!({ "family": "inet", "chain": "output", "expr": expr });
+        if let Some(comment) = comment {
+            rule["comment"] = comment.into();
+        }
+        rule
+    }
+
+    #[test]
+    fn tells_which_rule_was_added_removed_or_changed() {
+        let lo = rule(
+            serde_json::json!([
+                { "match": { "op": "==", "left": { "meta": { "key": "oif" } }, "right": "lo" } },
+                { "accept": null }
+            ]),
+            None,
+        );
+        let dns = rule(
+            serde_json::json!([
+                { "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } },
+                             "right": { "set": [5353, 5355] } } },
+                { "counter": { "packets": 0, "bytes": 0 } },
+                { "drop": null }
+            ]),
+            Some("mDNS and LLMNR"),
+        );
+        let accept = rule(serde_json::json!([{ "accept": null }]), None);
+        let expected = [lo.clone(), dns.clone()];
+        assert_eq!(rule_differences("output", &expected, &expected), None);
+        assert_eq!(
+            rule_differences(
+                "output",
+                &expected,
+                &[accept.clone(), lo.clone(), dns.clone()]
+            )
+            .as_deref(),
+            Some("the leak guard chain output has an added rule 1: accept")
+        );
+        assert_eq!(
+            rule_differences("output", &expected, std::slice::from_ref(&lo)).as_deref(),
+            Some(
+                "the leak guard chain output lacks its rule 2: udp dport { 5353, 5355 } counter \
+                 drop comment \"mDNS and LLMNR\""
+            )
+        );
+        assert_eq!(
+            rule_differences("output", &expected, &[lo.clone(), accept]).as_deref(),
+            Some(
+                "the leak guard chain output has rule 2 `accept` instead of `udp dport { 5353, \
+                 5355 } counter drop comment \"mDNS and LLMNR\"`"
+            )
+        );
+        assert_eq!(
+            rule_differences("output", &expected, &[]).as_deref(),
+            Some("the leak guard chain output has no rules (it was flushed); it was loaded with 2")
+        );
+    }
 
     #[test]
     fn points_into_extra_rules() {
