@@ -300,7 +300,11 @@ fn status_verdicts() -> Result<()> {
 /// leaks as if it were gone, and `status` must say so, naming what changed.
 fn status_sees_an_altered_guard() -> Result<()> {
     let rig = Rig::new(123)?;
-    let path = rig.up_with(&rig.config()?)?;
+    let mut config = rig.config()?;
+    // A second DNS server makes the guard's DNS rule a set: the expected guard must be
+    // rendered from everything the state file records.
+    config["dnsServers"] = json!([format!("10.200.{}.131", rig.id)]);
+    let path = rig.up_with(&config)?;
     let rendered = rig.dir.join("rendered");
     let out = rig.helper(&[
         "render",
