@@ -297,14 +297,23 @@ fn relays_unprivileged() -> Result<()> {
     let peers = serve_echo(&inside, "127.0.0.1:8080".parse()?)?;
 
     let (inside_ino, host_ino) = (ns_inode(&inside)?, ns_inode(rig.host_fd())?);
+    // The dedicated user where the machine has one, else nobody.
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let (uid, gid) = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && f[0] == "wg-namespace")
+        .map_or(("65534".to_string(), "65534".to_string()), |f| {
+            (f[2].to_string(), f[3].to_string())
+        });
     let relays = relay_pids(&rig)?;
     ensure!(relays.len() == 3, "one relay per entry, got {relays:?}");
     for (pid, relay) in &relays {
-        for key in ["Uid", "Gid"] {
+        for (key, want) in [("Uid", &uid), ("Gid", &gid)] {
             let ids = proc_status(*pid, key)?;
             ensure!(
-                ids.len() == 4 && ids.iter().all(|id| id == "65534"),
-                "relay {pid} {key}: {ids:?} (want nobody everywhere)"
+                ids.len() == 4 && ids.iter().all(|id| id == want),
+                "relay {pid} {key}: {ids:?} (want {want} everywhere)"
             );
         }
         ensure!(
