@@ -292,7 +292,16 @@ fn relays_unprivileged() -> Result<()> {
         {"protocol": "udp", "hostPort": 18081, "namespacePort": 8081},
     ]);
     config["hostServices"] = json!([{"namespacePort": 8090, "hostPort": 7090}]);
-    rig.up_with(&config)?;
+    let path = rig.write_config("config.json", &config)?;
+    let up = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
+    ensure!(
+        up.status.success()
+            && String::from_utf8_lossy(&up.stderr).contains(&format!(
+                "warning: publishPorts[0].hostAddress {lan} is not a loopback address"
+            )),
+        "up with a LAN hostAddress: {}",
+        text(&up)
+    );
     let inside = rig.confined_fd()?;
     let peers = serve_echo(&inside, "127.0.0.1:8080".parse()?)?;
 

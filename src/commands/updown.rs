@@ -149,6 +149,14 @@ fn up_inner(config: &Config, config_path: Option<&Path>) -> Result<()> {
     for warning in config.warnings.iter().chain(&prepared.warnings) {
         eprintln!("warning: {warning}");
     }
+    for (i, port) in config.publish_ports.iter().enumerate() {
+        if !port.host_address.is_loopback() {
+            eprintln!(
+                "warning: publishPorts[{i}].hostAddress {} is not a loopback address: every connection arrives inside from 127.0.0.1, so a service there that trusts localhost trusts everyone who reaches {}",
+                port.host_address, port.host_address
+            );
+        }
+    }
 
     let lock = match Lock::try_acquire(ns) {
         Ok(lock) => lock,
