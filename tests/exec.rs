@@ -97,6 +97,21 @@ fn identity_only() -> Result<()> {
         "as nobody the command saw:\n{got}\nexpected:\n{}",
         expected.join("\n")
     );
+
+    // A command that cannot be found or run gives the shell's statuses, as without --user.
+    let plain_file = rig.dir.join("not-executable");
+    std::fs::write(&plain_file, "data\n")?;
+    std::fs::set_permissions(&plain_file, std::fs::Permissions::from_mode(0o644))?;
+    let plain_file = plain_file.to_str().context("path")?;
+    for (program, status) in [("/nonexistent/program", 127), (plain_file, 126)] {
+        let out = rig.helper(&as_nobody(&rig, &[program])[1..])?;
+        ensure!(
+            out.status.code() == Some(status)
+                && String::from_utf8_lossy(&out.stderr).contains(program),
+            "exec --user of {program}: {}",
+            text(&out)
+        );
+    }
     Ok(())
 }
 

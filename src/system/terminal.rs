@@ -6,9 +6,11 @@
 //! its modes. Here the command gets a new session, so the caller's terminal is never its
 //! controlling terminal, and every standard descriptor that was a terminal becomes the slave
 //! of a new pty. The caller stays behind as a relay: the terminal's input goes to the pty
-//! (raw, so ^C and ^Z reach the command through the pty's own line discipline), the pty's
-//! output to the terminal, window-size changes and signals are passed on, and the command's
-//! exit status becomes ours.
+//! (raw, so ^C reaches the command through the pty's own line discipline), the pty's output to
+//! the terminal, window-size changes and signals are passed on, and the command's exit status
+//! becomes ours. ^Z cannot stop the command itself: its process group has no parent in its
+//! session, and the kernel discards terminal stop signals for such orphans (a shell run as the
+//! command still suspends its own jobs).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -107,17 +109,13 @@ impl RawMode {
         }
         RawMode { saved }
     }
-
-    fn leave(&mut self) {
-        if let Some(saved) = self.saved.take() {
-            let _ = tcsetattr(stdio(0), SetArg::TCSADRAIN, &saved);
-        }
-    }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        self.leave();
+        if let Some(saved) = self.saved.take() {
+            let _ = tcsetattr(stdio(0), SetArg::TCSADRAIN, &saved);
+        }
     }
 }
 
@@ -172,8 +170,8 @@ pub fn run_in_own_session(owner: Uid, command: impl FnOnce() -> i32) -> Result<i
                 drop(pty.slave);
                 pty.master
             });
-            let mut raw = RawMode::enter(&outer);
-            let status = relay(child, &outer, master, &signals, &mut raw);
+            let raw = RawMode::enter(&outer);
+            let status = relay(child, &outer, master, &signals);
             drop(raw);
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
             status
@@ -204,13 +202,7 @@ fn enter_session(outer: &Outer, slave: Option<&OwnedFd>, old_mask: &SigSet) -> R
 }
 
 /// What the relay does until the command has ended; returns its exit status.
-fn relay(
-    child: Pid,
-    outer: &Outer,
-    master: Option<OwnedFd>,
-    signals: &SignalFd,
-    raw: &mut RawMode,
-) -> Result<i32> {
+fn relay(child: Pid, outer: &Outer, master: Option<OwnedFd>, signals: &SignalFd) -> Result<i32> {
     if let Some(master) = &master {
         // Our writes to the pty must never block: the command may not be reading.
         fcntl(master, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).context("fcntl on the pty")?;
@@ -255,7 +247,7 @@ fn relay(
         drop(fds);
 
         if !signal_events.is_empty()
-            && let Some(status) = handle_signals(child, signals, outer, master.as_ref(), raw)?
+            && let Some(status) = handle_signals(child, signals, outer, master.as_ref())?
         {
             break status;
         }
@@ -347,7 +339,6 @@ fn handle_signals(
     signals: &SignalFd,
     outer: &Outer,
     master: Option<&OwnedFd>,
-    raw: &mut RawMode,
 ) -> Result<Option<i32>> {
     while let Some(info) = signals.read_signal().context("reading the signalfd")? {
         let Ok(signal) = Signal::try_from(info.ssi_signo as i32) else {
@@ -355,7 +346,7 @@ fn handle_signals(
         };
         match signal {
             Signal::SIGCHLD => {
-                if let Some(status) = reap(child, outer, raw)? {
+                if let Some(status) = reap(child)? {
                     return Ok(Some(status));
                 }
             }
@@ -374,22 +365,12 @@ fn handle_signals(
     Ok(None)
 }
 
-/// Collects the command's status. A command stopped by ^Z through its pty stops us too, so
-/// that the shell we were started from gets its terminal back; `fg` continues both.
-fn reap(child: Pid, outer: &Outer, raw: &mut RawMode) -> Result<Option<i32>> {
+/// The command's exit status once it has ended.
+fn reap(child: Pid) -> Result<Option<i32>> {
     loop {
-        match waitpid(child, Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)) {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(Some(code)),
             Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Some(128 + signal as i32)),
-            Ok(WaitStatus::Stopped(..)) => {
-                let was_raw = raw.saved.is_some();
-                raw.leave();
-                let _ = kill(Pid::this(), Signal::SIGSTOP);
-                if was_raw {
-                    *raw = RawMode::enter(outer);
-                }
-                let _ = kill(child, Signal::SIGCONT);
-            }
             Ok(_) => return Ok(None),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e).context("waiting for the command"),
