@@ -225,7 +225,8 @@ fn terminal_of_its_own() -> Result<()> {
                  exit 7";
     let outer = format!(
         "echo outer $(tty) $(cut -d' ' -f6 /proc/$$/stat); stty rows 45 cols 123; \
-         {helper} sh -c \"$INNER\"; echo status $?; \
+         before=$(stty -g); {helper} sh -c \"$INNER\"; echo status $?; \
+         [ \"$(stty -g)\" = \"$before\" ] && echo modes restored; \
          read -t 1 line; echo typed \"[$line]\""
     );
     let run = UnderPty::start(&rig, &outer, &[("INNER", inner)])?;
@@ -252,6 +253,10 @@ fn terminal_of_its_own() -> Result<()> {
     ensure!(
         field(&text, "status ")? == ["7"],
         "exit status not passed on: {text:?}"
+    );
+    ensure!(
+        text.contains("modes restored"),
+        "the caller's terminal modes were not restored: {text:?}"
     );
     ensure!(
         field(&text, "typed ")? == ["[]"],
