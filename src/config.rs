@@ -517,8 +517,25 @@ impl Config {
             .iter()
             .map(|item| item.ip())
             .collect::<Result<Vec<_>>>()?;
+        for (field, ip) in dns_server
+            .iter()
+            .map(|ip| ("dns_server".to_string(), ip))
+            .chain(
+                more_dns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ip)| (format!("dnsServers[{i}]"), ip)),
+            )
+        {
+            check_dns_server(&field, *ip)?;
+        }
         let mut dns_servers: Vec<IpAddr> = Vec::new();
         if dns_server.is_none() && more_dns.is_empty() {
+            if let Some(path) = &config_file {
+                for ip in &file.dns {
+                    check_dns_server(&format!("configFile: {} DNS", path.display()), *ip)?;
+                }
+            }
             dns_servers.extend(&file.dns);
         } else {
             for ip in dns_server.iter().chain(&more_dns) {
@@ -543,6 +560,14 @@ impl Config {
             .collect::<Result<Vec<_>>>()?;
         if ips.is_empty() {
             ips = file.addresses.clone();
+        }
+        for (i, ip) in ips.iter().enumerate() {
+            if let Some(first) = ips[..i].iter().position(|other| other.addr == ip.addr) {
+                return Err(ConfigError::new(
+                    format!("ips[{i}]"),
+                    format!("{} is already in ips[{first}]", ip.addr),
+                ));
+            }
         }
 
         let private_key = match (root.opt_str("privateKeyFile")?, &file.private_key) {
@@ -720,6 +745,28 @@ impl Config {
 fn read_config_file(path: &Path) -> std::result::Result<crate::system::files::SecretFile, String> {
     crate::system::files::read_secret(path, "wg-quick file", crate::wgquick::MAX_FILE_BYTES)
         .map_err(|e| e.problem)
+}
+
+/// A resolver address the namespace can actually send queries to and get answers from.
+fn check_dns_server(field: &str, ip: IpAddr) -> Result<()> {
+    let problem = match ip {
+        _ if ip.is_unspecified() => Some("is the unspecified address"),
+        _ if ip.is_multicast() => Some("is a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("is the broadcast address"),
+        // A link-local address means something only together with an interface (a scope),
+        // which an address here cannot carry.
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            Some("is link-local and would need a scope (an interface); use a routable address")
+        }
+        _ => None,
+    };
+    match problem {
+        Some(problem) => Err(ConfigError::new(
+            field,
+            format!("{ip} {problem}, not a resolver"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Checks a namespace name, which is also the interface name, a path component and part of a
@@ -1365,6 +1412,40 @@ mod tests {
         assert_eq!(Config::parse(&v.to_string()).unwrap().mtu, Some(1420));
         v["mtu"] = 100.into();
         assert_eq!(error_of(v), "mtu: 100 is not between 576 and 65456");
+    }
+
+    #[test]
+    fn dns_server_must_be_a_resolver_address() {
+        for (bad, problem) in [
+            ("0.0.0.0", "dns_server: 0.0.0.0 is the unspecified address"),
+            ("::", "dns_server: :: is the unspecified address"),
+            (
+                "224.0.0.251",
+                "dns_server: 224.0.0.251 is a multicast address",
+            ),
+            ("ff02::fb", "dns_server: ff02::fb is a multicast address"),
+            (
+                "255.255.255.255",
+                "dns_server: 255.255.255.255 is the broadcast address",
+            ),
+            (
+                "fe80::1",
+                "dns_server: fe80::1 is link-local and would need a scope",
+            ),
+        ] {
+            let mut v = minimal();
+            v["dns_server"] = bad.into();
+            v["ips"] = serde_json::json!(["10.2.0.2/32", "fd77::2/128"]);
+            let e = error_of(v);
+            assert!(e.starts_with(problem), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_same_interface_address_twice_is_refused() {
+        let mut v = minimal();
+        v["ips"] = serde_json::json!(["10.2.0.2/32", "fd77::2/128", "10.2.0.2/24"]);
+        assert_eq!(error_of(v), "ips[2]: 10.2.0.2 is already in ips[0]");
     }
 
     #[test]

@@ -416,6 +416,29 @@ fn bad_configs() -> Result<()> {
     )?;
     let key_dir = rig.dir.join("keydir");
     std::fs::create_dir_all(&key_dir)?;
+    // Root's own key, reached through a symlink that another user owns.
+    let foreign_link = rig.dir.join("foreign-link.key");
+    std::os::unix::fs::symlink(
+        rig.write_secret("linked.key", &rig.confined_key.to_base64())?,
+        &foreign_link,
+    )?;
+    std::os::unix::fs::lchown(&foreign_link, Some(65534), Some(65534))?;
+    // Root's own key in a directory that another user owns, or that anyone may write to.
+    let foreign_dir = rig.dir.join("foreign-dir");
+    let open_dir = rig.dir.join("open-dir");
+    let mut keys_in_dirs = Vec::new();
+    for dir in [&foreign_dir, &open_dir] {
+        std::fs::create_dir_all(dir)?;
+        let key = dir.join("wg.key");
+        std::fs::write(&key, rig.confined_key.to_base64())?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        keys_in_dirs.push(key);
+    }
+    std::os::unix::fs::chown(&foreign_dir, Some(65534), Some(65534))?;
+    std::fs::set_permissions(
+        &open_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
     // A port already taken in the rig's host namespace, where the relay would listen.
     let busy = Rig::within(rig.host_fd(), || std::net::TcpListener::bind("127.0.0.1:0"))??;
     let busy_port = busy.local_addr()?.port();
@@ -630,6 +653,54 @@ fn bad_configs() -> Result<()> {
             Set("privateKeyFile", json!(open_key)),
             1,
             "is writable by other users",
+        ),
+        (
+            "key through another user's symlink",
+            Set("privateKeyFile", json!(foreign_link)),
+            1,
+            "is owned by uid 65534, not by root; another user could point it elsewhere",
+        ),
+        (
+            "key in another user's directory",
+            Set("privateKeyFile", json!(keys_in_dirs[0])),
+            1,
+            "foreign-dir is owned by uid 65534, not by root",
+        ),
+        (
+            "key in a directory anyone may write",
+            Set("privateKeyFile", json!(keys_in_dirs[1])),
+            1,
+            "open-dir is writable by other users (mode 777)",
+        ),
+        (
+            "dns_server unspecified",
+            Set("dns_server", json!("0.0.0.0")),
+            2,
+            "dns_server: 0.0.0.0 is the unspecified address",
+        ),
+        (
+            "dns_server multicast",
+            Set("dns_server", json!("224.0.0.251")),
+            2,
+            "dns_server: 224.0.0.251 is a multicast address",
+        ),
+        (
+            "dns_server broadcast",
+            Set("dns_server", json!("255.255.255.255")),
+            2,
+            "dns_server: 255.255.255.255 is the broadcast address",
+        ),
+        (
+            "dns_server link-local",
+            Set("dns_server", json!("fe80::1")),
+            2,
+            "dns_server: fe80::1 is link-local and would need a scope",
+        ),
+        (
+            "the same interface address twice",
+            Set("ips", json!(["10.200.7.130/32", "10.200.7.130/24"])),
+            2,
+            "ips[1]: 10.200.7.130 is already in ips[0]",
         ),
         (
             "ruleset nft rejects",

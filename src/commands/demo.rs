@@ -9,7 +9,6 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +19,7 @@ use wireguard_control::{Backend as WgBackend, DeviceUpdate, Key as WgKey, PeerCo
 
 use crate::commands::updown as setup;
 use crate::config::{Cidr, Config};
+use crate::system::files::Dir;
 use crate::system::link::Netlink;
 use crate::system::process::ProcessId;
 use crate::system::{netns, wireguard};
@@ -195,9 +195,9 @@ fn demo(rig: &mut Rig) -> Result<()> {
 
     let peer_key = WgKey::generate_private();
     let confined_key = WgKey::generate_private();
-    std::fs::create_dir_all(STATE_DIR)?;
+    let files = Dir::create(std::path::Path::new(STATE_DIR), 0o700)?;
     rig.files = true;
-    std::fs::set_permissions(STATE_DIR, std::fs::Permissions::from_mode(0o700))?;
+    files.set_mode(0o700)?;
 
     netns::create(PEER_NS)?;
     rig.peer_ns = true;
@@ -258,7 +258,7 @@ fn demo(rig: &mut Rig) -> Result<()> {
     check_interrupt()?;
 
     let key_file = PathBuf::from(STATE_DIR).join("confined.key");
-    write_private(&key_file, &confined_key.to_base64())?;
+    files.write_atomically("confined.key", confined_key.to_base64().as_bytes(), 0o600)?;
     let config_file = PathBuf::from(STATE_DIR).join("wgdemo.json");
     let config_json = serde_json::json!({
         "namespace_name": CONFINED,
@@ -272,7 +272,11 @@ fn demo(rig: &mut Rig) -> Result<()> {
             "persistentKeepalive": 5
         }]
     });
-    write_private(&config_file, &serde_json::to_string_pretty(&config_json)?)?;
+    files.write_atomically(
+        "wgdemo.json",
+        serde_json::to_string_pretty(&config_json)?.as_bytes(),
+        0o600,
+    )?;
     let config = Config::load(&config_file)?;
     rig.confined_up = true;
     setup::up(&config, Some(&config_file))?;
@@ -350,18 +354,6 @@ fn start_peer_wireguard(
     gated.release()?;
     wireguard::wait_for_daemon(daemon, &argv, PEER_IF, inside_peer)?;
     Ok(wireguard::Backend::Userspace)
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 fn serve_web(listener: TcpListener) {

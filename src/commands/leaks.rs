@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -77,14 +78,16 @@ fn tcp_probe(to: SocketAddr) -> io::Result<()> {
 
 /// The hidden `probe-inside` command, run through `exec`: reports what a process inside sees.
 pub fn probe_inside() -> i32 {
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv =
+        files::read_text(Path::new("/etc/resolv.conf"), files::CONFIG_LIMIT).unwrap_or_default();
     let nameservers: Vec<&str> = resolv
         .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .map(str::trim)
         .collect();
     println!("nameservers {}", nameservers.join(","));
-    let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    let nsswitch =
+        files::read_text(Path::new("/etc/nsswitch.conf"), files::CONFIG_LIMIT).unwrap_or_default();
     let hosts = nsswitch
         .lines()
         .find_map(|l| l.trim().strip_prefix("hosts:"))

@@ -181,10 +181,13 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
     status.publish_ports = state.publish_ports.clone();
 
     let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
-    status.dns.resolv_conf = std::fs::read_to_string(&resolv).is_ok_and(|text| {
-        text.lines()
-            .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
-    });
+    status.dns.resolv_conf =
+        crate::system::files::read_text(&resolv, crate::system::files::CONFIG_LIMIT).is_ok_and(
+            |text| {
+                text.lines()
+                    .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
+            },
+        );
     if !status.dns.resolv_conf {
         down(
             &mut status,

@@ -47,36 +47,36 @@ pub fn install(namespace: &str, rendered: &Rendered) -> Result<()> {
 /// Removes our files and the directory, and `/etc/netns` too when we created it and it is
 /// empty. Files someone else put there are left alone (and so is the directory holding them).
 /// The path comes from the state file: anything but a real directory `/etc/netns/<name>`
-/// owned by root is not ours and is left alone, with a warning.
-pub fn remove(path: &Path, created_parent: bool) -> Result<()> {
+/// owned by root is not ours and is left alone; the reason is returned.
+pub fn remove(path: &Path, created_parent: bool) -> Result<Option<String>> {
     let name = path.file_name().and_then(|n| n.to_str()).filter(|n| {
         crate::config::check_name(n).is_ok() && path.parent() == Some(Path::new(ETC_NETNS))
     });
     let Some(name) = name else {
-        eprintln!(
-            "warning: the state file names {}, which is not a namespace directory in {ETC_NETNS}; left alone",
+        return Ok(Some(format!(
+            "{} is not a namespace directory in {ETC_NETNS}",
             path.display()
-        );
-        return Ok(());
+        )));
     };
     let opened = Dir::open(Path::new(ETC_NETNS))
         .and_then(|parent| parent.subdir(name).map(|dir| (parent, dir)));
-    match opened {
+    let left_alone = match opened {
         Ok((parent, dir)) => {
             for file in FILES {
                 dir.remove_file(file)?;
                 dir.remove_file(&format!(".{file}.tmp"))?;
             }
             let _ = parent.remove_dir(name);
+            None
         }
-        Err(e) if e.not_found() => {}
+        Err(e) if e.not_found() => None,
         Err(e) if e.kind == FileErrorKind::Refused => {
-            eprintln!("warning: {e}; not made by wg-namespace, left alone");
+            Some(format!("{e}; not made by wg-namespace"))
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     if created_parent && let Ok(etc) = Dir::open(Path::new("/etc")) {
         let _ = etc.remove_dir("netns");
     }
-    Ok(())
+    Ok(left_alone)
 }

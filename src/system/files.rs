@@ -436,6 +436,12 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>> {
     read_bounded(file, path, limit)
 }
 
+/// [`read_regular`] for text: invalid UTF-8 is refused too.
+pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+    String::from_utf8(read_regular(path, limit)?)
+        .map_err(|_| FileError::refused(path, "is not UTF-8 text"))
+}
+
 /// Reads an open file, refusing anything but a regular file of at most `limit` bytes.
 fn read_bounded(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
     let st = fstat(&file).map_err(|e| FileError::io(path, "cannot inspect it", e))?;

@@ -1,9 +1,9 @@
 //! The namespace's nftables ruleset, loaded with the `nft` program run inside the namespace.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::process::{Output, Stdio};
+use std::process::Output;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -15,25 +15,20 @@ pub const POLICY_TABLE: &str = "my_table";
 /// Marks where extraFirewallRules start in the rendered ruleset.
 const EXTRA_MARKER: &str = "# extraFirewallRules";
 
-/// Runs `nft` with `args` inside the namespace `fd`, feeding it `stdin`.
+/// How long one `nft` run may take. Loading even a large ruleset takes well under a second.
+const NFT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs `nft` with `args` inside the namespace `fd`, feeding it `stdin`, within [`NFT_TIMEOUT`].
 fn nft(fd: BorrowedFd<'_>, args: &[&str], stdin: Option<&str>) -> Result<Output> {
     let mut command = crate::system::process::command_in("nft", fd);
-    command
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+    command.args(args);
+    crate::system::process::output_within(&mut command, stdin.map(str::as_bytes), NFT_TIMEOUT)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::Error::new(e).context("running nft (is nftables installed and on PATH?)")
+            }
+            _ => anyhow::Error::new(e).context("running nft"),
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .context("running nft (is nftables installed and on PATH?)")?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).context("feeding nft")?;
-    }
-    child.wait_with_output().context("waiting for nft")
 }
 
 /// Loads `ruleset` (which starts with `flush ruleset`) into the namespace. nft's complaint

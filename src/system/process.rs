@@ -10,8 +10,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +19,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+
+use crate::system::files::PROC_LIMIT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,7 +32,8 @@ pub struct ProcessId {
 
 /// State letter and start time from `/proc/<pid>/stat`.
 fn stat(pid: u32) -> Option<(char, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let path = format!("/proc/{pid}/stat");
+    let text = crate::system::files::read_text(Path::new(&path), PROC_LIMIT).ok()?;
     // The command name is in parentheses and may itself hold spaces and parentheses.
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
@@ -329,4 +332,68 @@ pub fn gate(fd: RawFd, command: &[String]) -> Result<()> {
     drop(pipe);
     let error = Command::new(&command[0]).args(&command[1..]).exec();
     Err(error).with_context(|| format!("running {}", command[0]))
+}
+
+/// Most output kept from a child run by [`output_within`]; the rest is read and dropped, so
+/// that the child never blocks on a full pipe.
+const OUTPUT_LIMIT: u64 = 16 << 20;
+
+/// Runs `command` to completion, but for at most `limit`: a child still running then is killed
+/// and the result is a `TimedOut` error. `stdin` is written while stdout and stderr are read,
+/// each on a thread of its own, so a child that stops reading (or exits early with a complaint)
+/// can neither deadlock us nor hide what it said on stderr.
+pub fn output_within(
+    command: &mut Command,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> std::io::Result<Output> {
+    command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn()?;
+    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), stdin) {
+        let input = input.to_vec();
+        // A child that exits without reading all of it makes this fail (EPIPE); what it said
+        // on stderr is what matters then, so the write's own outcome is not.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.by_ref().take(OUTPUT_LIMIT).read_to_end(&mut kept);
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+            }
+            kept
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("did not finish within {}s and was killed", limit.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }

@@ -184,7 +184,10 @@ impl Resource {
             Resource::EtcDir {
                 path,
                 created_parent,
-            } => crate::system::dns::remove(path, *created_parent).map(|()| Undone::Done),
+            } => match crate::system::dns::remove(path, *created_parent)? {
+                None => Ok(Undone::Done),
+                Some(why) => left(why),
+            },
             Resource::Link {
                 name,
                 moved,

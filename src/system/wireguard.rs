@@ -257,14 +257,37 @@ pub fn read_key_file(field: &str, path: &Path) -> Result<(Key, Option<String>)> 
     Ok((key, file.warning.map(|w| format!("{field}: {w}"))))
 }
 
-/// Resolves an endpoint in the calling thread's namespace (the host's: DNS works there).
+/// How long one host-name lookup may take: the C library's own retries can add up to minutes
+/// with a resolver that does not answer.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Resolves an endpoint in the calling thread's namespace (the host's: DNS works there), on a
+/// thread of its own (which starts in the same namespace) so that it ends within
+/// [`RESOLVE_TIMEOUT`]; a lookup still running then is abandoned.
 pub fn resolve(endpoint: &Endpoint) -> io::Result<SocketAddr> {
-    match &endpoint.host {
-        EndpointHost::Ip(ip) => Ok(SocketAddr::new(*ip, endpoint.port)),
-        EndpointHost::Name(name) => (name.as_str(), endpoint.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+    let name = match &endpoint.host {
+        EndpointHost::Ip(ip) => return Ok(SocketAddr::new(*ip, endpoint.port)),
+        EndpointHost::Name(name) => name.clone(),
+    };
+    let port = endpoint.port;
+    let (answer, answered) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("resolve".into())
+        .spawn(move || {
+            let _ = answer.send(
+                (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|mut a| a.next()),
+            );
+        })?;
+    match answered.recv_timeout(RESOLVE_TIMEOUT) {
+        Ok(Ok(Some(address))) => Ok(address),
+        Ok(Ok(None)) => Err(io::Error::new(io::ErrorKind::NotFound, "no address")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}s", RESOLVE_TIMEOUT.as_secs()),
+        )),
     }
 }
 

@@ -435,8 +435,12 @@ impl Rig {
         if Path::new("/etc/netns").join(c).exists() {
             found.push(format!("/etc/netns/{c}"));
         }
-        for suffix in ["json", "lock", "json.tmp"] {
-            let path = format!("/run/wg-namespace/{c}.{suffix}");
+        for name in [
+            format!("{c}.json"),
+            format!("{c}.lock"),
+            format!(".{c}.json.tmp"),
+        ] {
+            let path = format!("/run/wg-namespace/{name}");
             if Path::new(&path).exists() {
                 found.push(path);
             }
@@ -789,6 +793,7 @@ mount --make-private /
 if mountpoint -q /run; then mount --make-private /run; fi
 mount --bind "$WGNS_HOSTS" /etc/hosts
 mount --bind "$WGNS_NSSWITCH" /etc/nsswitch.conf
+if [ -n "${WGNS_RESOLV:-}" ]; then mount --bind "$WGNS_RESOLV" /etc/resolv.conf; fi
 if [ -d /run/nscd ]; then mount -t tmpfs -o ro,size=4k tmpfs /run/nscd; fi
 exec "$@""#;
 
@@ -1023,4 +1028,56 @@ fn capture_with(
         }
     });
     Ok(Capture { frames, worker })
+}
+
+impl Rig {
+    /// The helper in the rig's host namespace, resolving names only through DNS at the
+    /// resolver that `resolv_conf` names (which must be a test address).
+    pub fn helper_with_resolver(&self, resolv_conf: &str, args: &[&str]) -> Result<Command> {
+        let hosts = self.dir.join("hosts.empty");
+        std::fs::write(&hosts, "")?;
+        let resolv = self.dir.join("resolv.test");
+        std::fs::write(&resolv, resolv_conf)?;
+        let nsswitch = self.dir.join("nsswitch.dns-only");
+        std::fs::write(&nsswitch, "hosts: dns\n")?;
+        let mut command = self.helper_with_hosts(&hosts, args)?;
+        command
+            .env("WGNS_NSSWITCH", &nsswitch)
+            .env("WGNS_RESOLV", &resolv);
+        Ok(command)
+    }
+}
+
+/// Waits for `child` at most `limit`; a child still running then is killed and reported.
+pub fn output_within(mut child: Child, limit: Duration) -> Result<Output> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output().context("collecting output");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    bail!(
+        "still running after {}s (killed): {}",
+        limit.as_secs(),
+        text(&out)
+    )
+}
+
+/// The error line of a failed helper run: exactly one `error:` line on stderr (warnings aside)
+/// and the expected exit code.
+pub fn one_error_line(out: &Output, code: i32) -> Result<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("warning:"))
+        .collect();
+    ensure!(
+        out.status.code() == Some(code) && lines.len() == 1 && lines[0].starts_with("error: "),
+        "expected exit {code} and one error line, got {}",
+        text(out)
+    );
+    Ok(lines[0].to_string())
 }
