@@ -102,9 +102,9 @@ fn say(step: &str, text: impl AsRef<str>) {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
+    let mut command = Command::new("ip");
+    command.args(args);
+    let output = crate::system::process::output_within(&mut command, None, Duration::from_secs(10))
         .context("running ip (iproute2)")?;
     if !output.status.success() {
         bail!(

@@ -95,7 +95,8 @@ pub fn probe_inside() -> i32 {
         .unwrap_or_default();
     println!("hosts {hosts}");
     // Any address in /etc/hosts that is not loopback: the host's hosts file showing through.
-    let hosts_file = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let hosts_file =
+        files::read_text(Path::new("/etc/hosts"), files::CONFIG_LIMIT).unwrap_or_default();
     let foreign: Vec<&str> = hosts_file
         .lines()
         .filter_map(|l| l.split('#').next()?.split_whitespace().next())
@@ -116,11 +117,13 @@ pub fn probe_inside() -> i32 {
 
 fn resolver_probes(namespace: &str, dns_servers: &str) -> Result<Vec<Probe>> {
     let exe = std::env::current_exe().context("finding our own executable")?;
-    let output = Command::new(&exe)
+    let mut command = Command::new(&exe);
+    command
         .args(["exec", "--namespace", namespace, "--"])
         .arg(&exe)
-        .arg("probe-inside")
-        .output()
+        .arg("probe-inside");
+    // The probe only reads files and tries local sockets; half a minute is plenty.
+    let output = crate::system::process::output_within(&mut command, None, Duration::from_secs(30))
         .context("running a probe through exec")?;
     if !output.status.success() {
         bail!(
