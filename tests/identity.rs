@@ -23,6 +23,10 @@ fn main() {
             "a_record_from_another_boot_removes_only_files",
             another_boot,
         ),
+        trial(
+            "up_never_talks_to_another_daemons_socket",
+            another_daemons_socket,
+        ),
     ])
 }
 
@@ -250,4 +254,51 @@ fn another_boot() -> Result<()> {
     );
     // The rig ends the daemon (in its host namespace) and removes the unrecorded namespace.
     Ok(())
+}
+
+fn another_daemons_socket() -> Result<()> {
+    let mut rig = Rig::new(113)?;
+    let c = rig.confined.clone();
+    // Someone else's wireguard-go, serving an interface with our name in another namespace: its
+    // socket is where ours would be.
+    let other = rig
+        .command_in(rig.peer_fd(), &["wireguard-go", "-f", &c])
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let other = rig.track(other);
+    let socket = wg_namespace::system::wireguard::uapi_socket(&c);
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the other daemon's socket",
+        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+    )?;
+
+    let config = rig.write_config("config.json", &rig.config()?)?;
+    let out = rig.helper(&["up", "--config", config.to_str().context("path")?])?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(
+        !out.status.success() && stderr.lines().count() == 1 && stderr.contains(".sock"),
+        "up must refuse another daemon's socket in one line: {}",
+        text(&out)
+    );
+    let private = sh(&["wg", "show", &c, "private-key"])?;
+    ensure!(
+        !private.contains(&rig.confined_key.to_base64()),
+        "our private key went to the other daemon"
+    );
+    let peers = sh(&["wg", "show", &c, "peers"])?;
+    ensure!(
+        peers.trim().is_empty(),
+        "our peers went to the other daemon: {peers}"
+    );
+    ensure!(
+        Some(other) == ProcessId::of(other).map(|p| p.pid),
+        "the other daemon is gone"
+    );
+    rig.kill_tracked(other);
+    // Killed, it leaves its socket file: that is the other daemon's, not a leftover of `up`.
+    let _ = std::fs::remove_file(&socket);
+    rig.assert_clean()
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use wireguard_control::{Backend as WgBackend, DeviceUpdate, Key as WgKey, PeerConfigBuilder};
+use wireguard_control::Key as WgKey;
 
 use crate::commands::updown as setup;
 use crate::config::{Cidr, Config};
@@ -231,19 +231,26 @@ fn demo(rig: &mut Rig) -> Result<()> {
         }],
     )?;
     inside_peer.set_up(wg)?;
-    let update = DeviceUpdate::new()
-        .set_private_key(peer_key.clone())
-        .set_listen_port(PEER_PORT)
-        .add_peer(
-            PeerConfigBuilder::new(&confined_key.get_public())
-                .add_allowed_ip(IpAddr::V4(Ipv4Addr::new(10, 200, 251, 2)), 32),
-        );
-    let name = PEER_IF.parse().expect("constant interface name");
-    match backend {
-        wireguard::Backend::Kernel => {
-            netns::within(&peer_fd, || update.apply(&name, WgBackend::Kernel))?
+    let change = wireguard::DeviceChange {
+        private_key: Some(crate::config::Key(peer_key.0)),
+        listen_port: Some(PEER_PORT),
+        peers: vec![wireguard::PeerSettings {
+            public_key: crate::config::Key(confined_key.get_public().0),
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: vec![Cidr {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 200, 251, 2)),
+                prefix: 32,
+            }],
+        }],
+        ..wireguard::DeviceChange::default()
+    };
+    match (backend, rig.peer_daemon) {
+        (wireguard::Backend::Userspace, Some(daemon)) => {
+            wireguard::apply_to_daemon(PEER_IF, daemon, &change)
         }
-        wireguard::Backend::Userspace => update.apply(&name, WgBackend::Userspace),
+        _ => netns::within(&peer_fd, || wireguard::apply_here(PEER_IF, &change))?,
     }
     .context("configuring the peer's WireGuard")?;
     let web = netns::within(&peer_fd, || TcpListener::bind((PEER_TUNNEL, WEB_PORT)))??;

@@ -346,7 +346,7 @@ fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>>
     }))
 }
 
-fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard_control::Device) {
+fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::DeviceInfo) {
     let now = SystemTime::now();
     let up_for = now
         .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(state.started_at))

@@ -384,6 +384,15 @@ fn create_interface(
             _ => return Err(error.context("creating the WireGuard link")),
         }
     }
+    // A daemon serving an interface of this name elsewhere (another namespace) holds the
+    // socket: ours could not listen there, and nothing of ours may go to that one.
+    if wireguard::socket_answers(interface) {
+        bail!(
+            "{} is served by a WireGuard daemon wg-namespace did not start (an interface named \
+             {interface} elsewhere?); stop it or choose another namespace_name",
+            wireguard::uapi_socket(interface).display()
+        );
+    }
     wireguard::remove_stale_socket(interface);
     let daemon = wireguard::spawn_daemon(&config.userspace_command, interface)?;
     let process = daemon.process;

@@ -11,4 +11,5 @@ pub mod process;
 pub mod relays;
 pub mod state;
 pub mod terminal;
+pub mod uapi;
 pub mod wireguard;

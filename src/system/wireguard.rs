@@ -1,10 +1,10 @@
 //! The WireGuard device: backends (kernel module or a userspace daemon), key files, endpoint
-//! resolution and the device configuration applied through wireguard-control.
+//! resolution and the device configuration: through wireguard-control for the kernel, through
+//! [`uapi`] for a userspace daemon.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::system::files;
 use crate::system::link::Netlink;
 use crate::system::process::{Detached, Gated, ProcessId};
 use crate::system::state::LinkKind;
+use crate::system::uapi;
 
 /// Where wireguard-go and boringtun put their configuration sockets.
 const UAPI_DIR: &str = "/var/run/wireguard";
@@ -46,13 +47,6 @@ impl Backend {
             "kernel" => Some(Backend::Kernel),
             "userspace" => Some(Backend::Userspace),
             _ => None,
-        }
-    }
-
-    fn control(self) -> WgBackend {
-        match self {
-            Backend::Kernel => WgBackend::Kernel,
-            Backend::Userspace => WgBackend::Userspace,
         }
     }
 }
@@ -107,7 +101,8 @@ pub fn wait_for_daemon(
     let queues = tun_queues_expected(command, std::env::var("WG_THREADS").ok().as_deref());
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;
     loop {
-        if UnixStream::connect(uapi_socket(interface)).is_ok()
+        let socket_ours = uapi::connect(&uapi_socket(interface), process, Instant::now()).is_ok();
+        if socket_ours
             && host.index_of(interface)?.is_some()
             && tun_queues_open(process.pid) >= queues
         {
@@ -183,9 +178,14 @@ fn tun_queues_open(pid: u32) -> usize {
 /// Removes a daemon's configuration socket when nothing answers on it any more.
 pub fn remove_stale_socket(interface: &str) {
     let socket = uapi_socket(interface);
-    if socket.exists() && UnixStream::connect(&socket).is_err() {
+    if socket.exists() && !uapi::answers(&socket) {
         let _ = std::fs::remove_file(socket);
     }
+}
+
+/// Whether a daemon (any) serves `interface`'s configuration socket.
+pub fn socket_answers(interface: &str) -> bool {
+    uapi::answers(&uapi_socket(interface))
 }
 
 /// What [`delete_link`] found.
@@ -352,77 +352,252 @@ fn control_key(key: &Key) -> wireguard_control::Key {
     wireguard_control::Key(key.0)
 }
 
-/// Sets the private key and replaces all peers in one request.
-pub fn configure(interface: &str, backend: Backend, prepared: &Prepared) -> Result<()> {
-    let peers: Vec<PeerConfigBuilder> = prepared
-        .peers
-        .iter()
-        .map(|p| {
-            let mut builder =
+/// A peer as it is put on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSettings {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: Vec<Cidr>,
+}
+
+/// One change to a device, applied in one request to the kernel or the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceChange {
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    /// Every peer not in `peers` goes.
+    pub replace_peers: bool,
+    pub remove: Vec<Key>,
+    /// Added, or set anew with exactly these allowed IPs.
+    pub peers: Vec<PeerSettings>,
+    /// Only the endpoint of a peer changes.
+    pub endpoints: Vec<(Key, SocketAddr)>,
+}
+
+impl DeviceChange {
+    fn to_update(&self) -> DeviceUpdate {
+        let mut update = DeviceUpdate::new();
+        if let Some(key) = &self.private_key {
+            update = update.set_private_key(control_key(key));
+        }
+        if let Some(port) = self.listen_port {
+            update = update.set_listen_port(port);
+        }
+        if self.replace_peers {
+            update = update.replace_peers();
+        }
+        for key in &self.remove {
+            update = update.remove_peer_by_key(&control_key(key));
+        }
+        for p in &self.peers {
+            let mut peer =
                 PeerConfigBuilder::new(&control_key(&p.public_key)).replace_allowed_ips();
-            for ip in &p.peer.allowed_ips {
-                builder = builder.add_allowed_ip(ip.addr, ip.prefix);
+            for ip in &p.allowed_ips {
+                peer = peer.add_allowed_ip(ip.addr, ip.prefix);
             }
             if let Some(psk) = &p.preshared_key {
-                builder = builder.set_preshared_key(control_key(psk));
+                peer = peer.set_preshared_key(control_key(psk));
             }
             if let Some(endpoint) = p.endpoint {
-                builder = builder.set_endpoint(endpoint);
+                peer = peer.set_endpoint(endpoint);
             }
-            if let Some(keepalive) = p.peer.persistent_keepalive {
-                builder = builder.set_persistent_keepalive_interval(keepalive);
+            if let Some(keepalive) = p.persistent_keepalive {
+                peer = peer.set_persistent_keepalive_interval(keepalive);
             }
-            builder
-        })
-        .collect();
-    DeviceUpdate::new()
-        .set_private_key(control_key(&prepared.private_key))
-        .replace_peers()
-        .add_peers(&peers)
-        .apply(&interface_name(interface)?, backend.control())
-        .context("configuring the WireGuard device")
+            update = update.add_peer(peer);
+        }
+        for (key, endpoint) in &self.endpoints {
+            update =
+                update.add_peer(PeerConfigBuilder::new(&control_key(key)).set_endpoint(*endpoint));
+        }
+        update
+    }
+
+    /// The same change as the lines of a UAPI `set=1` request.
+    fn to_uapi(&self) -> String {
+        use std::fmt::Write;
+        let mut body = String::new();
+        let mut line = |key: &str, value: &dyn std::fmt::Display| {
+            let _ = writeln!(body, "{key}={value}");
+        };
+        if let Some(key) = &self.private_key {
+            line("private_key", &uapi::hex(&key.0));
+        }
+        if let Some(port) = self.listen_port {
+            line("listen_port", &port);
+        }
+        if self.replace_peers {
+            line("replace_peers", &"true");
+        }
+        for key in &self.remove {
+            line("public_key", &uapi::hex(&key.0));
+            line("remove", &"true");
+        }
+        for p in &self.peers {
+            line("public_key", &uapi::hex(&p.public_key.0));
+            if let Some(psk) = &p.preshared_key {
+                line("preshared_key", &uapi::hex(&psk.0));
+            }
+            if let Some(endpoint) = p.endpoint {
+                line("endpoint", &endpoint);
+            }
+            if let Some(keepalive) = p.persistent_keepalive {
+                line("persistent_keepalive_interval", &keepalive);
+            }
+            line("replace_allowed_ips", &"true");
+            for ip in &p.allowed_ips {
+                line("allowed_ip", &format_args!("{}/{}", ip.addr, ip.prefix));
+            }
+        }
+        for (key, endpoint) in &self.endpoints {
+            line("public_key", &uapi::hex(&key.0));
+            line("endpoint", endpoint);
+        }
+        body
+    }
+}
+
+/// Sets the private key and replaces all peers in one request. A kernel device is configured
+/// in the calling thread's namespace.
+pub fn configure(interface: &str, backend: Backend, prepared: &Prepared) -> Result<()> {
+    let change = DeviceChange {
+        private_key: Some(prepared.private_key.clone()),
+        replace_peers: true,
+        peers: prepared
+            .peers
+            .iter()
+            .map(|p| PeerSettings {
+                public_key: p.public_key.clone(),
+                preshared_key: p.preshared_key.clone(),
+                endpoint: p.endpoint,
+                persistent_keepalive: p.peer.persistent_keepalive,
+                allowed_ips: p.peer.allowed_ips.clone(),
+            })
+            .collect(),
+        ..DeviceChange::default()
+    };
+    match backend {
+        Backend::Kernel => apply_here(interface, &change),
+        Backend::Userspace => apply_to_daemon(interface, recorded_daemon(interface)?, &change),
+    }
+    .context("configuring the WireGuard device")
+}
+
+/// What a device holds, as [`show`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceInfo {
+    pub public_key: Option<wireguard_control::Key>,
+    pub listen_port: Option<u16>,
+    pub peers: Vec<wireguard_control::PeerInfo>,
+}
+
+impl From<Device> for DeviceInfo {
+    fn from(device: Device) -> DeviceInfo {
+        DeviceInfo {
+            public_key: device.public_key,
+            listen_port: device.listen_port,
+            peers: device.peers,
+        }
+    }
 }
 
 /// Reads the device. The kernel device is asked inside the namespace it now lives in; a
 /// userspace daemon is asked over its socket, from anywhere.
-pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<Device> {
+pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<DeviceInfo> {
     let name = interface_name(interface)?;
     match backend {
-        Backend::Kernel => {
-            crate::system::netns::within(namespace, || Device::get(&name, WgBackend::Kernel))?
-        }
-        Backend::Userspace => {
-            ask_daemon(interface, move || Device::get(&name, WgBackend::Userspace))
-        }
+        Backend::Kernel => crate::system::netns::within(namespace, || {
+            with_deadline(move || Device::get(&name, WgBackend::Kernel).map(DeviceInfo::from))
+        })?,
+        Backend::Userspace => uapi::get(&uapi_socket(interface), recorded_daemon(interface)?),
     }
     .context("reading the WireGuard device")
 }
 
-/// How long a userspace daemon may take to answer on its socket.
-const DAEMON_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The daemon `up` recorded for `interface` (which carries its namespace's name), the only
+/// process whose socket we speak to.
+fn recorded_daemon(interface: &str) -> io::Result<ProcessId> {
+    let state = crate::system::state::State::load(interface).map_err(io::Error::other)?;
+    state
+        .iter()
+        .flat_map(|s| s.resources.iter())
+        .find_map(|r| match r {
+            crate::system::state::Resource::Daemon {
+                process,
+                interface: i,
+                ..
+            } if i == interface => Some(*process),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no userspace WireGuard daemon for {interface} is on record"),
+            )
+        })
+}
 
-/// Runs a request to the userspace daemon, which must be listening: wireguard-control would
-/// otherwise start a daemon of its own, one nobody records. A daemon that accepts but never
-/// answers (stopped, hung) must not hang `status` or `refresh`, so the request runs on a
-/// thread of its own and is given up after a while.
-fn ask_daemon<T: Send + 'static>(
-    interface: &str,
+/// How long the kernel may take to answer a WireGuard netlink request.
+const KERNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a blocking wireguard-control request (its netlink socket has no timeout of its own)
+/// on a thread of its own, which starts in the calling thread's network namespace, and gives
+/// up after [`KERNEL_ANSWER_TIMEOUT`].
+fn with_deadline<T: Send + 'static>(
     request: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    UnixStream::connect(uapi_socket(interface))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(request());
     });
-    rx.recv_timeout(DAEMON_ANSWER_TIMEOUT).unwrap_or_else(|_| {
+    rx.recv_timeout(KERNEL_ANSWER_TIMEOUT).unwrap_or_else(|_| {
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "the userspace WireGuard daemon did not answer within {}s",
-                DAEMON_ANSWER_TIMEOUT.as_secs()
+                "the kernel did not answer a WireGuard request within {}s",
+                KERNEL_ANSWER_TIMEOUT.as_secs()
             ),
         ))
     })
+}
+
+/// Applies `change` to the kernel device `interface` of the calling thread's namespace. The
+/// kernel would create a missing device: it is only asked when the device is there.
+pub fn apply_here(interface: &str, change: &DeviceChange) -> io::Result<()> {
+    let name = interface_name(interface).map_err(io::Error::other)?;
+    let update = change.to_update();
+    with_deadline(move || {
+        Device::get(&name, WgBackend::Kernel)?;
+        update.apply(&name, WgBackend::Kernel)
+    })
+}
+
+/// Applies `change` through the configuration socket of `daemon`, which must be the process
+/// serving it.
+pub fn apply_to_daemon(
+    interface: &str,
+    daemon: ProcessId,
+    change: &DeviceChange,
+) -> io::Result<()> {
+    uapi::set(&uapi_socket(interface), daemon, &change.to_uapi())
+}
+
+/// Applies one change to the device of a namespace that is up.
+pub fn apply(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    change: &DeviceChange,
+) -> io::Result<()> {
+    match backend {
+        Backend::Kernel => {
+            crate::system::netns::within(namespace, || apply_here(interface, change))
+                .map_err(io::Error::other)?
+        }
+        Backend::Userspace => apply_to_daemon(interface, recorded_daemon(interface)?, change),
+    }
 }
 
 /// Points one peer at a new endpoint, leaving everything else as it is.
@@ -433,19 +608,11 @@ pub fn set_endpoint(
     public_key: &Key,
     endpoint: SocketAddr,
 ) -> Result<()> {
-    let update = DeviceUpdate::new()
-        .add_peer(PeerConfigBuilder::new(&control_key(public_key)).set_endpoint(endpoint));
-    apply(interface, backend, namespace, update).context("updating the peer's endpoint")
-}
-
-/// A peer as it is put on the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSettings {
-    pub public_key: Key,
-    pub preshared_key: Option<Key>,
-    pub endpoint: Option<SocketAddr>,
-    pub persistent_keepalive: Option<u16>,
-    pub allowed_ips: Vec<Cidr>,
+    let change = DeviceChange {
+        endpoints: vec![(public_key.clone(), endpoint)],
+        ..DeviceChange::default()
+    };
+    apply(interface, backend, namespace, &change).context("updating the peer's endpoint")
 }
 
 /// Puts `new` in the place of the peer `old` in ONE device update: `old` is removed and `new`
@@ -460,23 +627,12 @@ pub fn replace_peer(
     old: &Key,
     new: &PeerSettings,
 ) -> Result<()> {
-    let mut peer = PeerConfigBuilder::new(&control_key(&new.public_key)).replace_allowed_ips();
-    for ip in &new.allowed_ips {
-        peer = peer.add_allowed_ip(ip.addr, ip.prefix);
-    }
-    if let Some(psk) = &new.preshared_key {
-        peer = peer.set_preshared_key(control_key(psk));
-    }
-    if let Some(endpoint) = new.endpoint {
-        peer = peer.set_endpoint(endpoint);
-    }
-    if let Some(keepalive) = new.persistent_keepalive {
-        peer = peer.set_persistent_keepalive_interval(keepalive);
-    }
-    let update = DeviceUpdate::new()
-        .remove_peer_by_key(&control_key(old))
-        .add_peer(peer);
-    apply(interface, backend, namespace, update).context("replacing the peer on the device")
+    let change = DeviceChange {
+        remove: vec![old.clone()],
+        peers: vec![new.clone()],
+        ..DeviceChange::default()
+    };
+    apply(interface, backend, namespace, &change).context("replacing the peer on the device")
 }
 
 /// Makes a peer handshake again now, at `endpoint` when given: the peer is replaced by itself
@@ -521,28 +677,6 @@ pub fn rehandshake(
             .collect(),
     };
     replace_peer(interface, backend, namespace, public_key, &settings)
-}
-
-/// Applies one device update. The kernel backend would create a missing device and the
-/// userspace one would start a daemon nobody records: both are only asked when the device is
-/// there.
-fn apply(
-    interface: &str,
-    backend: Backend,
-    namespace: impl AsFd,
-    update: DeviceUpdate,
-) -> io::Result<()> {
-    let name = interface_name(interface).map_err(io::Error::other)?;
-    match backend {
-        Backend::Kernel => crate::system::netns::within(namespace, || {
-            Device::get(&name, WgBackend::Kernel)?;
-            update.apply(&name, WgBackend::Kernel)
-        })
-        .map_err(io::Error::other)?,
-        Backend::Userspace => {
-            ask_daemon(interface, move || update.apply(&name, WgBackend::Userspace))
-        }
-    }
 }
 
 #[cfg(test)]
