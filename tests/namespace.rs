@@ -631,6 +631,24 @@ fn bad_configs() -> Result<()> {
             "publishPorts[0].protocol: \"sctp\" is not \"tcp\" or \"udp\"",
         ),
         (
+            "host service to no host",
+            Set(
+                "hostServices",
+                json!([{"hostAddress": "0.0.0.0", "hostPort": 5432}]),
+            ),
+            2,
+            "hostServices[0].hostAddress: 0.0.0.0 is not the address of one host",
+        ),
+        (
+            "host service idle timeout zero",
+            Set(
+                "hostServices",
+                json!([{"hostPort": 5432, "idleTimeoutSeconds": 0}]),
+            ),
+            2,
+            "hostServices[0].idleTimeoutSeconds: 0 is not a whole number between 1 and 86400",
+        ),
+        (
             "missing key file",
             Set("privateKeyFile", json!("/nonexistent/wg.key")),
             1,
