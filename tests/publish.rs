@@ -31,6 +31,10 @@ fn main() {
             udp_recovers,
         ),
         trial(
+            "udp_clients_over_the_session_cap_are_dropped_until_idle_ones_expire",
+            udp_cap,
+        ),
+        trial(
             "host_services_reach_exactly_the_given_host_service",
             host_services,
         ),
@@ -372,7 +376,7 @@ fn idle_and_cap() -> Result<()> {
     let rig = Rig::new(181)?;
     let mut config = rig.config()?;
     config["publishPorts"] = json!([
-        {"hostPort": 18080, "namespacePort": 8080, "idleTimeoutSeconds": 3},
+        {"hostPort": 18080, "namespacePort": 8080, "idleTimeoutSeconds": 8},
     ]);
     rig.up_with(&config)?;
     let inside = rig.confined_fd()?;
@@ -408,7 +412,8 @@ fn idle_and_cap() -> Result<()> {
     );
 
     // After the idle time the silent sessions are closed, the busy one is not.
-    while started.elapsed() < Duration::from_secs(5) {
+    // Long enough that every silent session has been idle for over 8 s.
+    while started.elapsed() < Duration::from_secs(10) {
         echo_through(&mut busy, b"still here")?;
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -473,6 +478,44 @@ fn udp_recovers() -> Result<()> {
         answered(Duration::from_secs(5)),
         "no answer after the service inside came back"
     );
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn udp_cap() -> Result<()> {
+    const CAP: usize = 256;
+    let rig = Rig::new(185)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([
+        {"protocol": "udp", "hostPort": 18083, "namespacePort": 8083, "idleTimeoutSeconds": 5},
+    ]);
+    rig.up_with(&config)?;
+    let _echo = serve_udp_echo(&rig.confined_fd()?, "127.0.0.1:8083".parse()?)?;
+    let client = || -> Result<UdpSocket> {
+        let socket = Rig::within(rig.host_fd(), || UdpSocket::bind("127.0.0.1:0"))??;
+        socket.connect("127.0.0.1:18083")?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(socket)
+    };
+    let answered = |socket: &UdpSocket| {
+        let mut buf = [0u8; 16];
+        (0..4).any(|_| {
+            let _ = socket.send(b"hello");
+            matches!(socket.recv(&mut buf), Ok(5))
+        })
+    };
+    let clients: Vec<UdpSocket> = (0..CAP).map(|_| client()).collect::<Result<_>>()?;
+    for (i, socket) in clients.iter().enumerate() {
+        ensure!(answered(socket), "client {i} under the cap got no answer");
+    }
+    let late = client()?;
+    ensure!(
+        !answered(&late),
+        "a client over the cap of {CAP} got an answer"
+    );
+    // Once the others have been silent for the idle time, the late client is served.
+    std::thread::sleep(Duration::from_secs(6));
+    ensure!(answered(&late), "no answer after the idle sessions expired");
     rig.down()?;
     rig.assert_clean()
 }
