@@ -220,7 +220,12 @@ impl Resource {
                 executables,
                 interface,
             } => {
-                let undone = stop_process(process, executables, "userspace WireGuard daemon")?;
+                let undone = stop_process(
+                    process,
+                    executables,
+                    "userspace WireGuard daemon",
+                    Stop::Now,
+                )?;
                 if undone == Undone::Done {
                     crate::system::wireguard::remove_stale_socket(interface);
                 }
@@ -229,12 +234,17 @@ impl Resource {
             Resource::Publisher {
                 process,
                 executables,
-            } => stop_process(process, executables, "port relay"),
+            } => stop_process(process, executables, "port relay", Stop::Politely),
             Resource::Relay {
                 process,
                 executables,
                 entry,
-            } => stop_process(process, executables, &format!("relay for {entry}")),
+            } => stop_process(
+                process,
+                executables,
+                &format!("relay for {entry}"),
+                Stop::Politely,
+            ),
         }
     }
 
@@ -279,9 +289,23 @@ impl Resource {
     }
 }
 
+/// How a recorded process is ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM, then SIGKILL after a grace time.
+    Politely,
+    /// SIGKILL: nothing is lost by it, and the polite way costs time.
+    Now,
+}
+
 /// Ends a recorded process when the PID still holds the very process (start time) running
 /// what it was recorded to run.
-fn stop_process(process: &ProcessId, executables: &[PathBuf], what: &str) -> Result<Undone> {
+fn stop_process(
+    process: &ProcessId,
+    executables: &[PathBuf],
+    what: &str,
+    how: Stop,
+) -> Result<Undone> {
     if process.pid <= 1 {
         return Ok(Undone::LeftAlone(format!(
             "the {what} is recorded as pid {}, which is never wg-namespace's",
@@ -300,7 +324,10 @@ fn stop_process(process: &ProcessId, executables: &[PathBuf], what: &str) -> Res
             process.pid
         )));
     }
-    process.terminate(Duration::from_secs(2))?;
+    match how {
+        Stop::Politely => process.terminate(Duration::from_secs(2))?,
+        Stop::Now => process.kill(Duration::from_secs(2))?,
+    }
     Ok(Undone::Done)
 }
 
@@ -572,13 +599,14 @@ mod tests {
         };
         // Even a record that matches init's start time and program leaves it alone.
         let executables = init.executable().into_iter().collect::<Vec<_>>();
-        let undone = stop_process(&init, &executables, "daemon").expect("no error");
+        let undone =
+            stop_process(&init, &executables, "daemon", super::Stop::Now).expect("no error");
         assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
         let zero = ProcessId {
             pid: 0,
             start_time: 0,
         };
-        let undone = stop_process(&zero, &[], "daemon").expect("no error");
+        let undone = stop_process(&zero, &[], "daemon", super::Stop::Now).expect("no error");
         assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
     }
 }

@@ -235,7 +235,17 @@ fn delete_matching_link(
             link.index, link.name
         )));
     }
-    nl.delete(link.index).map(|()| LinkDeleted::Done)
+    match nl.delete(link.index) {
+        // Gone between the listing and the request: a killed daemon's TUN goes by itself.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+                == Some(libc::ENODEV) =>
+        {
+            Ok(LinkDeleted::Done)
+        }
+        other => other.map(|()| LinkDeleted::Done),
+    }
 }
 
 /// Reads a key file at run time through [`files::read_secret`] (the file, every directory on
