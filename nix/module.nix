@@ -241,6 +241,72 @@ let
   };
 
 
+  portForwardingOptions = {
+    gateway = mkOption {
+      type = types.str;
+      example = "10.2.0.1";
+      description = ''
+        IPv4 address of the provider's NAT-PMP gateway, reached through the tunnel. For ProtonVPN
+        it is `10.2.0.1`, its DNS server and gateway.
+      '';
+    };
+
+    protocols = mkOption {
+      type = types.listOf (
+        types.enum [
+          "udp"
+          "tcp"
+        ]
+      );
+      default = [
+        "udp"
+        "tcp"
+      ];
+      example = [ "tcp" ];
+      description = ''
+        Protocols to map. ProtonVPN wants a UDP and a TCP mapping for the same port; the port of
+        the first protocol is the one handed to {option}`onPortChange`.
+      '';
+    };
+
+    lifetimeSeconds = mkOption {
+      type = types.ints.between 4 4294967295;
+      default = 60;
+      example = 120;
+      description = ''
+        Lifetime asked for each mapping, in seconds. The gateway may grant less; the mapping is
+        renewed at half of what it grants. ProtonVPN grants 60.
+      '';
+    };
+
+    onPortChange = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression ''
+        pkgs.writeShellScript "transmission-port" '''
+          exec ''${pkgs.transmission_4}/bin/transmission-remote 127.0.0.1:9091 --port "$1"
+        '''
+      '';
+      description = ''
+        Program run inside the namespace, without a shell, each time the forwarded port changes
+        (the first time included), with the port as its only argument and in the environment as
+        `WG_NAMESPACE_FORWARDED_PORT` (also `WG_NAMESPACE_FORWARDED_UDP_PORT` and
+        `WG_NAMESPACE_FORWARDED_TCP_PORT`). It runs once per change; when it fails or takes
+        longer than 60 seconds it is tried again, with a growing pause, until it succeeds.
+      '';
+    };
+
+    onPortChangeUser = mkOption {
+      type = types.str;
+      default = "nobody";
+      example = "transmission";
+      description = ''
+        User (name or uid) {option}`onPortChange` runs as. It needs no privileges, only what it
+        takes to reach the application, for example a password file it can read.
+      '';
+    };
+  };
+
   # Shared by services.wireguard-namespace (nameDefault = "vpn", as in the seed) and every
   # services.wireguard-namespaces.<name> (nameDefault = the attribute name).
   namespaceOptions = nameDefault: {
@@ -444,6 +510,28 @@ let
       '';
     };
 
+    portForwarding = mkOption {
+      type = types.nullOr (types.submodule { options = portForwardingOptions; });
+      default = null;
+      example = literalExpression ''
+        {
+          gateway = "10.2.0.1";
+          onPortChange = pkgs.writeShellScript "transmission-port" '''
+            exec ''${pkgs.transmission_4}/bin/transmission-remote 127.0.0.1:9091 --port "$1"
+          ''';
+        }
+      '';
+      description = ''
+        A port forwarded by the VPN provider over NAT-PMP (RFC 6886), as ProtonVPN offers. A unit
+        `wireguard-namespace-<name>-port-forward.service` asks for it from inside the namespace,
+        so only through the tunnel; renews it; maps again when the gateway restarts or the tunnel
+        changes; opens the port (and no other) in the namespace's firewall only while it is
+        mapped; runs {option}`portForwarding.onPortChange` when it changes; and writes it, with
+        its expiry, to `/run/wg-namespace/<name>.forwarding.json` for other units to read.
+        `wg-namespace status` shows it too.
+      '';
+    };
+
     restartOnUnhealthy = {
       enable = mkOption {
         type = types.bool;
@@ -512,7 +600,7 @@ let
   );
 
   # The JSON document for the helper: exactly the keys of NAMESPACE_KEYS, PEER_KEYS and
-  # PUBLISH_KEYS and HOST_SERVICE_KEYS in src/config.rs (tests/nix_module.rs checks that).
+  # PUBLISH_KEYS, HOST_SERVICE_KEYS and FORWARDING_KEYS in src/config.rs (tests/nix_module.rs checks that).
   peerJson = peer: {
     inherit (peer)
       publicKey
@@ -557,6 +645,15 @@ let
         tried = builtins.tryEval value;
       in
       if tried.success then tried.value else null;
+  portForwardingJson = forwarding: {
+    inherit (forwarding)
+      gateway
+      protocols
+      lifetimeSeconds
+      onPortChange
+      onPortChangeUser
+      ;
+  };
 
   namespaceJson = ns: {
     inherit (ns)
@@ -575,6 +672,8 @@ let
     peers = map peerJson ns.peers;
     publishPorts = map publishPortJson ns.publishPorts;
     hostServices = map hostServiceJson ns.hostServices;
+    portForwarding =
+      if ns.portForwarding == null then null else portForwardingJson ns.portForwarding;
   };
 
   jsonDocument =
@@ -621,6 +720,22 @@ let
     wantedBy = [ "${unitName name}.service" ];
     serviceConfig = {
       ExecStart = "${helper} refresh --config ${jsonDocument ns}";
+      Restart = "always";
+      RestartSec = "10s";
+    };
+  };
+
+  # Its own unit rather than part of `refresh`: it lives inside the namespace (refresh works in
+  # the host's), runs whenever port forwarding is on, and fails and restarts on its own.
+  portForwardUnit = name: ns: {
+    description = "Forwarded port (NAT-PMP) of WireGuard namespace ${name}";
+    bindsTo = [ "${unitName name}.service" ];
+    partOf = [ "${unitName name}.service" ];
+    after = [ "${unitName name}.service" ];
+    wantedBy = [ "${unitName name}.service" ];
+    path = [ pkgs.nftables ];
+    serviceConfig = {
+      ExecStart = "${helper} port-forward --config ${jsonDocument ns}";
       Restart = "always";
       RestartSec = "10s";
     };
@@ -681,6 +796,10 @@ let
       ++ optional (hasEndpoint ns) {
         name = "${unitName name}-refresh";
         value = refreshUnit name ns;
+      }
+      ++ optional (ns.portForwarding != null) {
+        name = "${unitName name}-port-forward";
+        value = portForwardUnit name ns;
       }
       ++ optional ns.restartOnUnhealthy.enable {
         name = "${unitName name}-health";

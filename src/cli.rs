@@ -79,6 +79,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Keep the VPN provider's forwarded port (portForwarding) mapped over NAT-PMP from inside
+    /// the namespace, open in its firewall, and handed to onPortChange. Runs until stopped.
+    PortForward {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Probe a live namespace for leaks (DNS, IPv6, mDNS, stray interfaces) and print a verdict
     /// per probe. Exit 0 when every probe passes.
     CheckLeaks {
@@ -230,6 +236,14 @@ fn run(command: Command) -> Result<i32, Failure> {
         Command::Refresh { config, once } => {
             let config = Config::load(&config)?;
             crate::commands::refresh::run(&config, once)?;
+            Ok(code::OK)
+        }
+        Command::PortForward { config } => {
+            let config = Config::load(&config)?;
+            if config.port_forwarding.is_none() {
+                return Err(usage("portForwarding: is not set in the config"));
+            }
+            crate::commands::forward::run(&config)?;
             Ok(code::OK)
         }
         Command::CheckLeaks { namespace } => {

@@ -31,6 +31,7 @@ pub const NAMESPACE_KEYS: &[&str] = &[
     "configFile",
     "mtu",
     "dnsServers",
+    "portForwarding",
 ];
 
 /// Keys of one entry of `peers`.
@@ -67,6 +68,21 @@ pub const HOST_SERVICE_KEYS: &[&str] = &[
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 300;
 /// The longest `idleTimeoutSeconds`: a day. Nothing waits forever.
 pub const MAX_IDLE_TIMEOUT_SECONDS: u64 = 86_400;
+
+/// Keys of `portForwarding`.
+pub const FORWARDING_KEYS: &[&str] = &[
+    "gateway",
+    "protocols",
+    "lifetimeSeconds",
+    "onPortChange",
+    "onPortChangeUser",
+];
+
+/// ProtonVPN asks for 60 seconds and a renewal well within them.
+pub const DEFAULT_FORWARDING_LIFETIME: u32 = 60;
+/// The user `onPortChange` runs as unless another is named: it talks to a torrent client's
+/// API and needs none of root's powers.
+pub const DEFAULT_FORWARDING_USER: &str = "nobody";
 
 pub const DEFAULT_NAMESPACE: &str = "vpn";
 pub const DEFAULT_USERSPACE_COMMAND: &str = "wireguard-go";
@@ -401,6 +417,19 @@ pub enum PrivateKeySource {
     ConfigFile(Key),
 }
 
+/// A port the VPN provider forwards to the namespace, asked for over NAT-PMP (RFC 6886) through
+/// the tunnel and kept open in the namespace's firewall while it is mapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortForwarding {
+    pub gateway: Ipv4Addr,
+    /// Mapped in this order; the port of the first is the one handed to `on_port_change`.
+    pub protocols: Vec<Protocol>,
+    pub lifetime_seconds: u32,
+    /// A program (no shell) run inside the namespace with the new port as its argument.
+    pub on_port_change: Option<PathBuf>,
+    pub on_port_change_user: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub namespace: String,
@@ -425,6 +454,7 @@ pub struct Config {
     pub mtu: Option<u16>,
     /// What the user should hear about the config (keys of `configFile` that were ignored).
     pub warnings: Vec<String>,
+    pub port_forwarding: Option<PortForwarding>,
 }
 
 /// How [`Config::parse_with`] gets the bytes of `configFile`: the problem alone on failure.
@@ -694,6 +724,13 @@ impl Config {
                 ));
             }
         }
+        let port_forwarding = match root.get("portForwarding") {
+            None => None,
+            Some(value) => Some(parse_port_forwarding(&Item {
+                path: "portForwarding".into(),
+                value,
+            })?),
+        };
 
         let config = Config {
             namespace,
@@ -711,6 +748,7 @@ impl Config {
             config_file,
             mtu,
             warnings,
+            port_forwarding,
         };
         if let Some(ipv6) = config.dns_servers.iter().find(|ip| ip.is_ipv6())
             && !config.ipv6_enabled()
@@ -948,6 +986,70 @@ fn idle_timeout(entry: &Object) -> Result<u32> {
     Ok(entry
         .opt_int("idleTimeoutSeconds", 1, MAX_IDLE_TIMEOUT_SECONDS)?
         .map_or(DEFAULT_IDLE_TIMEOUT_SECONDS, |s| s as u32))
+}
+
+fn parse_port_forwarding(item: &Item) -> Result<PortForwarding> {
+    let entry = item.object()?;
+    entry.reject_unknown(FORWARDING_KEYS)?;
+    let text = entry.req_str("gateway")?;
+    let gateway = text.parse::<Ipv4Addr>().map_err(|_| {
+        entry.error(
+            "gateway",
+            format!("{text:?} is not an IPv4 address (NAT-PMP speaks IPv4 only)"),
+        )
+    })?;
+    let mut protocols = Vec::new();
+    match entry.get("protocols") {
+        None => protocols = vec![Protocol::Udp, Protocol::Tcp],
+        Some(_) => {
+            for item in entry.opt_list("protocols")? {
+                let protocol = match item.value.as_str() {
+                    Some("udp") => Protocol::Udp,
+                    Some("tcp") => Protocol::Tcp,
+                    _ => {
+                        return Err(ConfigError::new(
+                            &item.path,
+                            format!("{} is not \"udp\" or \"tcp\"", item.value),
+                        ));
+                    }
+                };
+                if protocols.contains(&protocol) {
+                    return Err(ConfigError::new(
+                        &item.path,
+                        format!("{:?} is listed twice", protocol.as_str()),
+                    ));
+                }
+                protocols.push(protocol);
+            }
+            if protocols.is_empty() {
+                return Err(entry.error(
+                    "protocols",
+                    "is empty; list \"udp\", \"tcp\" or both (ProtonVPN wants both)",
+                ));
+            }
+        }
+    }
+    // Renewals come at half the lifetime: below 4 s they would come faster than a lost
+    // request can be retried.
+    let lifetime_seconds = entry
+        .opt_int("lifetimeSeconds", 4, u64::from(u32::MAX))?
+        .map_or(DEFAULT_FORWARDING_LIFETIME, |v| v as u32);
+    let on_port_change = match entry.opt_str("onPortChange")? {
+        Some(text) => Some(absolute_path(&entry.field("onPortChange"), text)?),
+        None => None,
+    };
+    let on_port_change_user = match entry.opt_str("onPortChangeUser")? {
+        Some("") => return Err(entry.error("onPortChangeUser", "is empty")),
+        Some(user) => user.to_string(),
+        None => DEFAULT_FORWARDING_USER.to_string(),
+    };
+    Ok(PortForwarding {
+        gateway,
+        protocols,
+        lifetime_seconds,
+        on_port_change,
+        on_port_change_user,
+    })
 }
 
 fn quoted(value: Option<&Value>) -> String {
@@ -1446,6 +1548,46 @@ mod tests {
         let mut v = minimal();
         v["ips"] = serde_json::json!(["10.2.0.2/32", "fd77::2/128", "10.2.0.2/24"]);
         assert_eq!(error_of(v), "ips[2]: 10.2.0.2 is already in ips[0]");
+    }
+
+    #[test]
+    fn port_forwarding() {
+        let mut v = minimal();
+        v["portForwarding"] = serde_json::json!({ "gateway": "10.2.0.1" });
+        let f = Config::parse(&v.to_string())
+            .unwrap()
+            .port_forwarding
+            .unwrap();
+        assert_eq!(f.protocols, [Protocol::Udp, Protocol::Tcp]);
+        assert_eq!(f.lifetime_seconds, 60);
+        assert_eq!(f.on_port_change, None);
+        assert_eq!(f.on_port_change_user, "nobody");
+
+        v["portForwarding"]["gateway"] = "fd00::1".into();
+        assert_eq!(
+            error_of(v.clone()),
+            "portForwarding.gateway: \"fd00::1\" is not an IPv4 address (NAT-PMP speaks IPv4 only)"
+        );
+        v["portForwarding"]["gateway"] = "10.2.0.1".into();
+        v["portForwarding"]["protocols"] = serde_json::json!(["tcp", "tcp"]);
+        assert_eq!(
+            error_of(v.clone()),
+            "portForwarding.protocols[1]: \"tcp\" is listed twice"
+        );
+        v["portForwarding"]["protocols"] = serde_json::json!(["sctp"]);
+        assert_eq!(
+            error_of(v.clone()),
+            "portForwarding.protocols[0]: \"sctp\" is not \"udp\" or \"tcp\""
+        );
+        v["portForwarding"]["protocols"] = serde_json::json!(["tcp"]);
+        v["portForwarding"]["onPortChange"] = "set-port.sh".into();
+        assert_eq!(
+            error_of(v.clone()),
+            "portForwarding.onPortChange: \"set-port.sh\" is not an absolute path"
+        );
+        v["portForwarding"]["onPortChange"] = Value::Null;
+        v["portForwarding"]["lifetimeSeconds"] = 1.into();
+        assert!(error_of(v).starts_with("portForwarding.lifetimeSeconds: 1 is not"));
     }
 
     #[test]

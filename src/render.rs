@@ -68,6 +68,10 @@ struct Inputs<'a> {
     ipv6: bool,
     strict_dns: bool,
     extra_rules: &'a str,
+    /// portForwarding is on: the ruleset has the set of forwarded ports.
+    forwarding: bool,
+    /// The set's elements, `udp . 51413, tcp . 51413`.
+    forwarded: String,
 }
 
 fn render_one(env: &Environment<'_>, name: &str, inputs: &Inputs<'_>) -> Result<String> {
@@ -87,6 +91,8 @@ fn render_one(env: &Environment<'_>, name: &str, inputs: &Inputs<'_>) -> Result<
         ipv6 => inputs.ipv6,
         strict_dns => inputs.strict_dns,
         extra_rules => inputs.extra_rules,
+        forwarding => inputs.forwarding,
+        forwarded => &inputs.forwarded,
     };
     env.get_template(name)
         .and_then(|t| t.render(&ctx))
@@ -110,8 +116,26 @@ pub fn guard_ruleset(
         ipv6,
         strict_dns,
         extra_rules: "",
+        // The guard table does not depend on them.
+        forwarding: false,
+        forwarded: String::new(),
     };
     render_one(&environment(), "namespace.nft", &inputs)
+}
+
+/// The set of forwarded ports keeps its elements through a reload of the ruleset: they come
+/// from the forwarding process's record, while that process runs and the mapping lasts.
+fn forwarded_elements(config: &Config) -> String {
+    use crate::system::forwarding::{Record, elements, unix_now};
+    if config.port_forwarding.is_none() {
+        return String::new();
+    }
+    match Record::load(&config.namespace) {
+        Ok(Some(record)) if record.namespace == config.namespace && record.process.is_alive() => {
+            elements(&record.live_ports(unix_now()))
+        }
+        _ => String::new(),
+    }
 }
 
 pub fn render(config: &Config) -> Result<Rendered> {
@@ -123,6 +147,8 @@ pub fn render(config: &Config) -> Result<Rendered> {
         ipv6: config.ipv6_enabled(),
         strict_dns: config.strict_dns,
         extra_rules: config.extra_firewall_rules.trim_end(),
+        forwarding: config.port_forwarding.is_some(),
+        forwarded: forwarded_elements(config),
     };
     let get = |name: &str| render_one(&env, name, &inputs);
     Ok(Rendered {

@@ -2,7 +2,7 @@
 //!
 //! 1. the module's option names, and the keys it writes into the JSON file, are the keys the
 //!    helper accepts (`wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
-//!    HOST_SERVICE_KEYS}`);
+//!    HOST_SERVICE_KEYS, FORWARDING_KEYS}`);
 //! 2. `docs/options.md` is what the module's options render to; regenerate it with
 //!    `UPDATE_OPTIONS_DOC=1 cargo test --test nix_module`;
 //! 3. every `.nix` file in the repository parses with `nix-instantiate --parse`.
@@ -20,7 +20,9 @@ use std::process::Command;
 
 use rnix::SyntaxNode;
 use rnix::ast::{self, HasEntry};
-use wg_namespace::config::{HOST_SERVICE_KEYS, NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS};
+use wg_namespace::config::{
+    FORWARDING_KEYS, HOST_SERVICE_KEYS, NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
+};
 
 /// Options that exist only in the module and never reach the helper's JSON.
 const MODULE_ONLY_OPTIONS: &[&str] = &["package", "restartOnUnhealthy"];
@@ -645,6 +647,12 @@ fn option_names_match_the_helper_config_keys() {
             HOST_SERVICE_KEYS,
             &[],
         );
+        assert_same_keys(
+            &format!("options {prefix}.portForwarding.*"),
+            names_below(&options, &format!("{prefix}.portForwarding")),
+            FORWARDING_KEYS,
+            &[],
+        );
     }
     assert!(
         options
@@ -662,6 +670,7 @@ fn json_document_keys_match_the_helper_config_keys() {
         ("peerJson", PEER_KEYS),
         ("publishPortJson", PUBLISH_KEYS),
         ("hostServiceJson", HOST_SERVICE_KEYS),
+        ("portForwardingJson", FORWARDING_KEYS),
     ] {
         let written = module.returned_keys(binding);
         let unique: BTreeSet<String> = written.iter().cloned().collect();

@@ -65,6 +65,7 @@ let
     configFile = null;
     mtu = null;
     dnsServers = [ ];
+    portForwarding = null;
   };
   peerDefaults = {
     presharedKey = null;

@@ -89,6 +89,33 @@ pub struct NamespaceStatus {
     /// One per publishPorts and hostServices entry.
     pub relays: Vec<RelayStatus>,
     pub up_since: Option<u64>,
+    /// The ports the VPN provider forwards now (portForwarding), open in the firewall.
+    pub forwarded_ports: Vec<ForwardedPortStatus>,
+    /// Present when portForwarding is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_forwarding: Option<PortForwardingStatus>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardedPortStatus {
+    pub protocol: crate::config::Protocol,
+    pub port: u16,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+    pub expires_in_seconds: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardingStatus {
+    pub gateway: String,
+    /// "requesting", "mapped" or "retrying"; null when no port-forward process reports.
+    pub phase: Option<crate::system::forwarding::Phase>,
+    /// The port handed to onPortChange.
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    pub reason: Option<String>,
 }
 
 /// A host service reachable from inside at 127.0.0.1:namespacePort.
@@ -150,6 +177,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         host_services: Vec::new(),
         relays: Vec::new(),
         up_since: None,
+        forwarded_ports: Vec::new(),
+        port_forwarding: None,
     };
     let down = |status: &mut NamespaceStatus, reason: String| {
         status.verdict = Verdict::Down;
@@ -297,6 +326,10 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         Err(e) => down(&mut status, format!("reading the interface: {e:#}")),
     }
 
+    if let Some(configured) = &state.port_forwarding {
+        forwarding_status(&mut status, namespace, configured);
+    }
+
     // A daemon that is gone or stopped cannot answer; asking would only wait.
     let daemon_answers = state.resources.iter().all(|r| match r {
         Resource::Daemon { process, .. } => process.is_alive() && !process.is_stopped(),
@@ -310,6 +343,59 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         }
     }
     status
+}
+
+/// The forwarding process's record, checked: a record whose process is gone says nothing.
+fn forwarding_status(
+    status: &mut NamespaceStatus,
+    namespace: &str,
+    configured: &crate::system::state::PortForwardingRecord,
+) {
+    use crate::system::forwarding::{Phase, Record, unix_now};
+    let mut report = PortForwardingStatus {
+        gateway: configured.gateway.to_string(),
+        phase: None,
+        port: None,
+        pid: None,
+        reason: None,
+    };
+    let problem = match Record::load(namespace) {
+        Ok(Some(record)) if record.namespace == namespace && record.process.is_alive() => {
+            let now = unix_now();
+            status.forwarded_ports = record
+                .live_ports(now)
+                .into_iter()
+                .map(|p| ForwardedPortStatus {
+                    protocol: p.protocol,
+                    port: p.port,
+                    expires_at: p.expires_at,
+                    expires_in_seconds: p.expires_at - now,
+                })
+                .collect();
+            report.phase = Some(record.phase);
+            report.port = record.port;
+            report.pid = Some(record.process.pid);
+            report.reason = record.reason.clone();
+            match (record.phase, record.reason) {
+                (Phase::Mapped, None) => None,
+                (_, Some(reason)) => Some(reason),
+                (Phase::Requesting, None) => Some("no mapping yet".into()),
+                (phase, None) => Some(format!("{phase:?}")),
+            }
+        }
+        Ok(Some(record)) => Some(format!(
+            "the port-forward process (pid {}) is gone",
+            record.process.pid
+        )),
+        Ok(None) => Some("no port-forward process reports".into()),
+        Err(e) => Some(format!("{e:#}")),
+    };
+    if let Some(problem) = problem {
+        report.reason.get_or_insert_with(|| problem.clone());
+        status.verdict = status.verdict.max(Verdict::Degraded);
+        status.reasons.push(format!("port forwarding: {problem}"));
+    }
+    status.port_forwarding = Some(report);
 }
 
 fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>> {
@@ -483,6 +569,29 @@ fn print_text(status: &NamespaceStatus) {
             s.protocol.as_str(),
             s.namespace_port,
             SocketAddr::new(s.host_address, s.host_port)
+        );
+    }
+    if let Some(forwarding) = &status.port_forwarding {
+        let ports = status
+            .forwarded_ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {} (expires in {}s)",
+                    p.protocol.as_str(),
+                    p.port,
+                    p.expires_in_seconds
+                )
+            })
+            .collect::<Vec<_>>();
+        println!(
+            "  forwarded: {} via NAT-PMP gateway {}",
+            if ports.is_empty() {
+                "none".into()
+            } else {
+                ports.join(", ")
+            },
+            forwarding.gateway
         );
     }
     for peer in &status.peers {

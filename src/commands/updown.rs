@@ -17,7 +17,8 @@ use crate::render;
 use crate::system::link::Netlink;
 use crate::system::relays;
 use crate::system::state::{
-    LinkKind, Lock, LockError, PeerRecord, Phase, PublishRecord, Resource, State,
+    LinkKind, Lock, LockError, PeerRecord, Phase, PortForwardingRecord, PublishRecord, Resource,
+    State,
 };
 use crate::system::wireguard::{self, Backend};
 use crate::system::{dns, firewall, netns};
@@ -226,6 +227,13 @@ fn build(
             namespace_port: p.namespace_port,
         })
         .collect();
+    state.port_forwarding = config
+        .port_forwarding
+        .as_ref()
+        .map(|f| PortForwardingRecord {
+            gateway: f.gateway,
+            protocols: f.protocols.clone(),
+        });
     let mut build = Build::start(state)?;
 
     let (ns_fd, inner) = run_step(0, || {

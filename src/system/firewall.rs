@@ -44,6 +44,34 @@ pub fn load(fd: impl AsFd, ruleset: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs a short nft script (one transaction) inside the namespace; nft's complaint becomes
+/// one line.
+pub fn run_script(fd: impl AsFd, script: &str) -> Result<()> {
+    let output = nft(fd.as_fd(), &["-f", "-"], Some(script))?;
+    if !output.status.success() {
+        bail!(
+            "nft: {}",
+            explain(&String::from_utf8_lossy(&output.stderr), script)
+        );
+    }
+    Ok(())
+}
+
+/// `nft -j list <what>` inside the namespace, parsed.
+pub fn list_json(fd: impl AsFd, what: &[&str]) -> Result<serde_json::Value> {
+    let mut args = vec!["-j", "list"];
+    args.extend_from_slice(what);
+    let output = nft(fd.as_fd(), &args, None)?;
+    if !output.status.success() {
+        bail!(
+            "nft list {}: {}",
+            what.join(" "),
+            explain(&String::from_utf8_lossy(&output.stderr), "")
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("reading nft's JSON output")
+}
+
 /// Whether the table `name` (family inet) exists in the namespace.
 pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
     Ok(nft(fd.as_fd(), &["list", "table", "inet", name], None)?

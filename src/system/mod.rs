@@ -5,6 +5,7 @@
 pub mod dns;
 pub mod files;
 pub mod firewall;
+pub mod forwarding;
 pub mod link;
 pub mod netns;
 pub mod process;

@@ -367,6 +367,9 @@ pub struct State {
     pub ipv6: bool,
     pub peers: Vec<PeerRecord>,
     pub publish_ports: Vec<PublishRecord>,
+    /// Set when a `port-forward` process is to keep a forwarded port for this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_forwarding: Option<PortForwardingRecord>,
     /// In creation order.
     pub resources: Vec<Resource>,
 }
@@ -378,6 +381,13 @@ pub struct PublishRecord {
     pub host_address: IpAddr,
     pub host_port: u16,
     pub namespace_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardingRecord {
+    pub gateway: std::net::Ipv4Addr,
+    pub protocols: Vec<crate::config::Protocol>,
 }
 
 impl State {
@@ -399,6 +409,7 @@ impl State {
             ipv6: false,
             peers: Vec::new(),
             publish_ports: Vec::new(),
+            port_forwarding: None,
             resources: Vec::new(),
         }
     }
@@ -482,7 +493,11 @@ impl State {
         }
         match first_error {
             None => match state_dir(false)? {
-                Some(dir) => Ok(dir.remove_file(&state_name(&self.namespace))?),
+                Some(dir) => {
+                    // The forwarding process's report outlives neither the namespace nor its port.
+                    dir.remove_file(&crate::system::forwarding::record_name(&self.namespace))?;
+                    Ok(dir.remove_file(&state_name(&self.namespace))?)
+                }
                 None => Ok(()),
             },
             Some(e) => {

@@ -16,6 +16,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the rig
 
+pub mod natpmp;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -439,6 +441,8 @@ impl Rig {
             format!("{c}.json"),
             format!("{c}.lock"),
             format!(".{c}.json.tmp"),
+            format!("{c}.forwarding.json"),
+            format!(".{c}.forwarding.json.tmp"),
         ] {
             let path = format!("/run/wg-namespace/{name}");
             if Path::new(&path).exists() {

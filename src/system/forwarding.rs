@@ -1,0 +1,195 @@
+//! The provider's forwarded port as the rest of the system sees it: the nft set that opens it
+//! in the namespace's input chain, and `/run/wg-namespace/<ns>.forwarding.json`, which
+//! `status`, the ruleset template and other units read.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Protocol;
+use crate::system::process::ProcessId;
+use crate::system::state::{STATE_DIR, state_dir};
+
+/// The set in `inet my_table` whose elements (`protocol . port`) `my_input` accepts from the
+/// tunnel. The template declares it; only the forwarding process changes its elements.
+pub const SET: &str = "wg_namespace_forwarded";
+/// A record file is at most this big; anything larger is not ours.
+const MAX_RECORD_BYTES: u64 = 64 * 1024;
+
+pub fn record_name(namespace: &str) -> String {
+    format!("{namespace}.forwarding.json")
+}
+
+pub fn record_path(namespace: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(record_name(namespace))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    /// No mapping yet: the first request is under way.
+    Requesting,
+    /// Every protocol is mapped and the port is open.
+    Mapped,
+    /// The gateway did not answer or refused; retrying with a backoff. A mapping that has not
+    /// expired yet stays open meanwhile.
+    Retrying,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardedPort {
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Seconds since the Unix epoch when the gateway forgets the mapping unless renewed.
+    pub expires_at: u64,
+}
+
+/// What the forwarding process reports; rewritten whenever something in it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub namespace: String,
+    pub gateway: Ipv4Addr,
+    /// The process keeping the mapping alive.
+    pub process: ProcessId,
+    pub phase: Phase,
+    /// The port handed to `onPortChange` (that of the first protocol), while mapped.
+    pub port: Option<u16>,
+    pub ports: Vec<ForwardedPort>,
+    /// Why the phase is not `mapped`.
+    pub reason: Option<String>,
+    /// Seconds since the Unix epoch of the last change.
+    pub updated_at: u64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Record {
+    /// The record of `namespace`, if there is one; read like the state file (no symlink
+    /// followed, size-limited): it is only trusted as far as its parsing goes.
+    pub fn load(namespace: &str) -> Result<Option<Record>> {
+        let Some(dir) = state_dir(false)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = dir.read(&record_name(namespace), MAX_RECORD_BYTES)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).with_context(|| {
+            format!(
+                "{} is not a port forwarding record",
+                record_path(namespace).display()
+            )
+        })
+    }
+
+    /// Ports still within their lifetime: what may be open.
+    pub fn live_ports(&self, now: u64) -> Vec<ForwardedPort> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|p| p.expires_at > now)
+            .collect()
+    }
+
+    /// Replaces the file atomically. World-readable on purpose (other units read the port);
+    /// it holds nothing secret.
+    pub fn save(&self) -> Result<()> {
+        let dir = state_dir(true)?.context("the state directory is missing")?;
+        let text = serde_json::to_vec_pretty(self).context("encoding the record")?;
+        Ok(dir.write_atomically(&record_name(&self.namespace), &text, 0o644)?)
+    }
+}
+
+pub fn remove_record(namespace: &str) -> Result<()> {
+    match state_dir(false)? {
+        Some(dir) => Ok(dir.remove_file(&record_name(namespace))?),
+        None => Ok(()),
+    }
+}
+
+/// The set's elements as nft writes them, `udp . 51413, tcp . 51413`.
+pub fn elements(ports: &[ForwardedPort]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("{} . {}", p.protocol.as_str(), p.port))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Makes the set hold exactly `ports`, in one nft transaction: there is no instant in which
+/// both the old and the new port, or an empty set while a port stays mapped, is seen.
+pub fn set_open_ports(fd: impl AsFd, ports: &[ForwardedPort]) -> Result<()> {
+    let table = crate::system::firewall::POLICY_TABLE;
+    let mut script = format!("flush set inet {table} {SET}\n");
+    if !ports.is_empty() {
+        script.push_str(&format!(
+            "add element inet {table} {SET} {{ {} }}\n",
+            elements(ports)
+        ));
+    }
+    crate::system::firewall::run_script(fd, &script)
+        .with_context(|| format!("updating the nft set {SET}"))
+}
+
+/// The set's elements now, as `(protocol, port)`.
+pub fn open_ports(fd: impl AsFd) -> Result<Vec<(Protocol, u16)>> {
+    let table = crate::system::firewall::POLICY_TABLE;
+    let document = crate::system::firewall::list_json(fd, &["set", "inet", table, SET])?;
+    let mut found = Vec::new();
+    let items = document["nftables"].as_array().cloned().unwrap_or_default();
+    for set in items.iter().filter_map(|item| item.get("set")) {
+        for element in set["elem"].as_array().into_iter().flatten() {
+            let pair = element["concat"].as_array();
+            let (Some(protocol), Some(port)) = (
+                pair.and_then(|p| p.first()).and_then(|v| v.as_str()),
+                pair.and_then(|p| p.get(1))
+                    .and_then(|v| v.as_u64())
+                    .and_then(|v| u16::try_from(v).ok()),
+            ) else {
+                bail!("unexpected element in the nft set {SET}: {element}");
+            };
+            let protocol = match protocol {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => bail!("unexpected protocol {other:?} in the nft set {SET}"),
+            };
+            found.push((protocol, port));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unexpired_ports_are_live() {
+        let port = |protocol, expires_at| ForwardedPort {
+            protocol,
+            port: 40000,
+            expires_at,
+        };
+        let record = Record {
+            namespace: "vpn".into(),
+            gateway: Ipv4Addr::new(10, 2, 0, 1),
+            process: ProcessId::current(),
+            phase: Phase::Retrying,
+            port: Some(40000),
+            ports: vec![port(Protocol::Udp, 100), port(Protocol::Tcp, 200)],
+            reason: None,
+            updated_at: 0,
+        };
+        assert_eq!(record.live_ports(150), vec![port(Protocol::Tcp, 200)]);
+        assert_eq!(elements(&record.live_ports(50)), "udp . 40000, tcp . 40000");
+    }
+}

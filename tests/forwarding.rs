@@ -1,0 +1,433 @@
+//! `portForwarding`: a port the VPN provider forwards, mapped over NAT-PMP through the tunnel,
+//! open in the namespace's firewall only while mapped, and handed to a command.
+//!
+//! The gateway is tests/common/natpmp.rs, in the peer namespace on the peer's tunnel address
+//! (as ProtonVPN's is at 10.2.0.1). libnatpmp's `natpmpc` checks it first, so the helper is
+//! tested against a gateway that software nobody here wrote agrees with.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::natpmp::{self, NatPmpServer};
+use common::*;
+use serde_json::{Value, json};
+
+fn main() {
+    run(vec![
+        trial(
+            "the_test_gateway_satisfies_natpmpc",
+            the_test_gateway_satisfies_natpmpc,
+        ),
+        trial(
+            "forwarded_port_follows_the_gateway",
+            forwarded_port_follows_the_gateway,
+        ),
+    ])
+}
+
+/// The ports the test gateway hands out: first life, after a restart.
+const FIRST_PORT: u16 = 40000;
+const AFTER_RESTART: u16 = 50000;
+/// After the mapping lapsed during a silence: the gateway's next port.
+const AFTER_SILENCE: u16 = 50001;
+/// The test gateway grants at most this lifetime, so renewals come every 2 s.
+const LIFETIME: u32 = 4;
+
+fn gateway(rig: &Rig) -> Result<NatPmpServer> {
+    NatPmpServer::start(
+        rig.peer_fd(),
+        rig.peer_tunnel_ip(),
+        rig.peer_underlay(),
+        FIRST_PORT,
+        LIFETIME,
+    )
+}
+
+/// `natpmpc` inside the confined namespace, asking the gateway through the tunnel.
+fn natpmpc(rig: &Rig, args: &[&str]) -> Result<String> {
+    let gw = rig.peer_tunnel_ip().to_string();
+    let mut argv = vec!["timeout", "20", "natpmpc", "-g", &gw];
+    argv.extend_from_slice(args);
+    let out = rig.exec(&argv)?;
+    ensure!(out.status.success(), "natpmpc {args:?}: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The number after `key` in natpmpc's output.
+fn number_after(output: &str, key: &str) -> Result<u64> {
+    let rest = output
+        .split(key)
+        .nth(1)
+        .with_context(|| format!("no {key:?} in natpmpc's output: {output}"))?;
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .with_context(|| format!("no number after {key:?}: {output}"))
+}
+
+/// What natpmpc reports after "Mapped public port ".
+fn mapped(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("Mapped public port "))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn the_test_gateway_satisfies_natpmpc() -> Result<()> {
+    let rig = Rig::new(190)?;
+    rig.up_with(&rig.config()?)?;
+    let server = gateway(&rig)?;
+
+    let public = natpmpc(&rig, &[])?;
+    ensure!(
+        public.contains(&format!("Public IP address : {}", rig.peer_underlay())),
+        "public address request: {public}"
+    );
+    let first_epoch = number_after(&public, "epoch =")?;
+
+    // ProtonVPN's own instructions: `natpmpc -a 1 0 udp 60`, then the same for tcp.
+    // The lifetime asked for (60 s) is capped by the gateway. (natpmpc spells it "liftime".)
+    let udp = natpmpc(&rig, &["-a", "1", "0", "udp", "60"])?;
+    ensure!(
+        mapped(&udp) == format!("{FIRST_PORT} protocol UDP to local port 0 liftime {LIFETIME}"),
+        "udp mapping: {udp}"
+    );
+    let tcp = natpmpc(&rig, &["-a", "1", "0", "tcp", "60"])?;
+    ensure!(
+        mapped(&tcp) == format!("{FIRST_PORT} protocol TCP to local port 0 liftime {LIFETIME}"),
+        "the same port for tcp: {tcp}"
+    );
+
+    server.restart(AFTER_RESTART);
+    let again = natpmpc(&rig, &["-a", "1", "0", "udp", "60"])?;
+    ensure!(
+        mapped(&again).starts_with(&format!("{AFTER_RESTART} protocol UDP")),
+        "a new port after the restart: {again}"
+    );
+    let epoch = number_after(&again, "epoch =")?;
+    ensure!(
+        epoch < first_epoch,
+        "the epoch went back: {first_epoch} then {epoch}"
+    );
+
+    server.set_silent(true);
+    // natpmpc would retry for two minutes; three seconds show it gets nothing.
+    let out = rig.exec(&[
+        "timeout",
+        "3",
+        "natpmpc",
+        "-g",
+        &rig.peer_tunnel_ip().to_string(),
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "natpmpc got an answer from a silent gateway: {}",
+        text(&out)
+    );
+    ensure!(
+        server
+            .seen()
+            .iter()
+            .all(|s| s.from.ip() == rig.confined_ip()),
+        "requests came from elsewhere than the tunnel address: {:?}",
+        server.seen()
+    );
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// `port-forward`, as its unit runs it, with its log kept.
+fn start_forwarder(rig: &mut Rig, config: &Path) -> Result<(u32, PathBuf)> {
+    let log = rig.dir.join("port-forward.log");
+    let child = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                BIN,
+                "port-forward",
+                "--config",
+                config.to_str().context("path")?,
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting port-forward")?;
+    Ok((rig.track(child), log))
+}
+
+fn status(rig: &Rig) -> Result<Value> {
+    let out = rig.helper(&["status", "--namespace", &rig.confined, "--json"])?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("status --json: {}", text(&out)))?;
+    Ok(report["namespaces"][0].clone())
+}
+
+fn forwarded(status: &Value) -> Vec<(String, u64)> {
+    status["forwardedPorts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["protocol"].as_str().unwrap_or_default().to_string(),
+                p["port"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The calls of the onPortChange hook so far: `<argument> <env var> <uid>`.
+fn calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether a connection from the peer side reaches `port` on the confined address.
+fn reachable(rig: &Rig, port: u16) -> Result<bool> {
+    let addr = SocketAddr::new(rig.confined_ip().into(), port);
+    Rig::within(rig.peer_fd(), || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+    })
+}
+
+fn forwarded_port_follows_the_gateway() -> Result<()> {
+    let mut rig = Rig::new(191)?;
+    let server = gateway(&rig)?;
+    let underlay = Capture::start_underlay(rig.host_fd(), &rig.host_veth)?;
+    let tunnel = Capture::start_tunnel(rig.peer_fd(), &rig.peer_if)?;
+
+    // The hook runs as nobody and may write only its own directory.
+    let hook_dir = rig.dir.join("hook");
+    std::fs::create_dir(&hook_dir)?;
+    std::os::unix::fs::chown(&hook_dir, Some(65534), Some(65534))?;
+    let calls_log = hook_dir.join("calls.log");
+    let hook = rig.dir.join("on-port-change");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1 $WG_NAMESPACE_FORWARDED_PORT $(id -u)\" >> {}\n",
+            calls_log.display()
+        ),
+    )?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+
+    let mut config = rig.config()?;
+    config["portForwarding"] = json!({
+        "gateway": rig.peer_tunnel_ip().to_string(),
+        "lifetimeSeconds": 60,
+        "onPortChange": hook,
+    });
+    let path = rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    for port in [FIRST_PORT, AFTER_RESTART, AFTER_SILENCE, 40001] {
+        Rig::serve_tcp(
+            &inside,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            "torrent client",
+        )?;
+    }
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+
+    // First mapping: the hook once, with the port, as nobody; the port open, no other.
+    wait_for(Duration::from_secs(20), "the first mapping", || {
+        calls(&calls_log).len() == 1
+    })?;
+    ensure!(
+        calls(&calls_log) == [format!("{FIRST_PORT} {FIRST_PORT} 65534")],
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    let report = status(&rig)?;
+    let both = vec![
+        ("udp".to_string(), u64::from(FIRST_PORT)),
+        ("tcp".to_string(), u64::from(FIRST_PORT)),
+    ];
+    ensure!(
+        forwarded(&report) == both,
+        "status: {report:#}\nport-forward said: {}",
+        std::fs::read_to_string(&daemon_log)?
+    );
+    ensure!(
+        report["portForwarding"]["phase"] == "mapped" && report["verdict"] == "healthy",
+        "status: {report:#}"
+    );
+    let record = Path::new("/run/wg-namespace").join(format!("{}.forwarding.json", rig.confined));
+    let meta = std::fs::symlink_metadata(&record)?;
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o644,
+        "{} is readable by other units",
+        record.display()
+    );
+    let text_status = rig.helper(&["status", "--namespace", &rig.confined])?;
+    let shown = String::from_utf8_lossy(&text_status.stdout).into_owned();
+    ensure!(
+        shown.contains(&format!("forwarded: udp {FIRST_PORT}")),
+        "status text: {shown}"
+    );
+    ensure!(reachable(&rig, FIRST_PORT)?, "the forwarded port is closed");
+    ensure!(
+        !reachable(&rig, 40001)?,
+        "a port that is not forwarded is open"
+    );
+    ensure!(
+        !reachable(&rig, AFTER_RESTART)?,
+        "a port that is not forwarded yet is open"
+    );
+
+    // Renewals (every 2 s) keep the port and leave the hook alone.
+    let requests_before = server.seen().len();
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        server.seen().len() >= requests_before + 4,
+        "no renewals: {} requests before, {} after",
+        requests_before,
+        server.seen().len()
+    );
+    ensure!(
+        calls(&calls_log).len() == 1,
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    ensure!(forwarded(&status(&rig)?) == both, "the port moved");
+
+    // The gateway restarts: a new epoch and another port.
+    server.restart(AFTER_RESTART);
+    wait_for(
+        Duration::from_secs(20),
+        "the mapping after the restart",
+        || calls(&calls_log).len() == 2,
+    )?;
+    ensure!(
+        calls(&calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 65534"),
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    ensure!(reachable(&rig, AFTER_RESTART)?, "the new port is closed");
+    ensure!(!reachable(&rig, FIRST_PORT)?, "the old port is still open");
+    let log = std::fs::read_to_string(&daemon_log)?;
+    ensure!(
+        log.contains("restarted"),
+        "the epoch going back was not noticed: {log}"
+    );
+
+    // The gateway falls silent: degraded with a reason, the port closes when its mapping
+    // ends, and the retries back off.
+    server.set_silent(true);
+    let silent_since = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "status to show the failure",
+        || {
+            status(&rig).is_ok_and(|s| {
+                s["verdict"] == "degraded"
+                    && s["portForwarding"]["phase"] == "retrying"
+                    && s["reasons"].as_array().is_some_and(|r| {
+                        r.iter()
+                            .any(|r| r.as_str().unwrap_or("").contains("did not answer"))
+                    })
+            })
+        },
+    )?;
+    wait_for(Duration::from_secs(20), "status to show no port", || {
+        status(&rig).is_ok_and(|s| forwarded(&s).is_empty())
+    })?;
+    // The process closes it at the same instant, give or take its one-second turn.
+    wait_for(Duration::from_secs(3), "the expired port to close", || {
+        !reachable(&rig, AFTER_RESTART).unwrap_or(true)
+    })?;
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(silent_since.elapsed()));
+    let unanswered: Vec<Instant> = server
+        .seen()
+        .iter()
+        .filter(|s| !s.answered)
+        .map(|s| s.at)
+        .collect();
+    let span = silent_since.elapsed().as_secs_f64();
+    ensure!(
+        unanswered.len() >= 3 && (unanswered.len() as f64) < span * 2.0,
+        "{} requests in {span:.1}s of silence: no retries, or a tight loop",
+        unanswered.len()
+    );
+    let busiest_second = unanswered
+        .iter()
+        .map(|&t| {
+            unanswered
+                .iter()
+                .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        busiest_second <= 4,
+        "{busiest_second} requests within one second"
+    );
+
+    // It answers again: mapped anew (the old mapping lapsed, so another port), the hook runs.
+    server.set_silent(false);
+    wait_for(Duration::from_secs(30), "recovery", || {
+        calls(&calls_log).len() == 3
+            && status(&rig).is_ok_and(|s| s["portForwarding"]["phase"] == "mapped")
+    })?;
+    ensure!(
+        calls(&calls_log)[2] == format!("{AFTER_SILENCE} {AFTER_SILENCE} 65534"),
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    let port = AFTER_SILENCE;
+    ensure!(reachable(&rig, port)?, "the port after recovery is closed");
+    ensure!(status(&rig)?["verdict"] == "healthy", "{:#}", status(&rig)?);
+
+    // The NAT-PMP exchange went only through the tunnel.
+    let frames = underlay.stop();
+    ensure!(
+        frames
+            .iter()
+            .all(|f| f.sport != natpmp::PORT && f.dport != natpmp::PORT),
+        "NAT-PMP seen on the underlay"
+    );
+    ensure!(
+        frames.iter().any(Frame::is_wireguard),
+        "no WireGuard on the underlay at all"
+    );
+    let inner = tunnel.stop();
+    ensure!(
+        inner
+            .iter()
+            .any(|f| f.dport == natpmp::PORT && f.src == Some(rig.confined_ip().into())),
+        "no NAT-PMP request came out of the tunnel"
+    );
+
+    // Stopping closes the port and removes the record.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(forwarder as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    wait_for(Duration::from_secs(10), "port-forward to stop", || {
+        !record.exists()
+    })?;
+    ensure!(
+        !reachable(&rig, port)?,
+        "the port is open after port-forward stopped"
+    );
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
