@@ -95,6 +95,22 @@ impl Drop for Planted {
     }
 }
 
+/// Plants the symlink `link` to `target`, making its parent directory when missing. Another
+/// test's `down` may remove that directory when it finds it empty, just before the symlink
+/// lands in it: then try again.
+fn plant(target: &Path, link: &Path) -> Result<Planted> {
+    let parent = link.parent().context("a link with a parent")?;
+    for _ in 0..10 {
+        std::fs::create_dir_all(parent)?;
+        match symlink(target, link) {
+            Ok(()) => return Ok(Planted(link.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("planting {}", link.display())),
+        }
+    }
+    bail!("{} keeps disappearing", parent.display())
+}
+
 fn assert_victim_intact(victim: &Path) -> Result<()> {
     let mode = std::fs::metadata(victim)?.mode() & 0o7777;
     ensure!(mode == 0o700, "the victim directory's mode became {mode:o}");
@@ -112,14 +128,12 @@ fn etc_netns_symlink() -> Result<()> {
     let scratch = Scratch::new("etc")?;
     let victim = scratch.victim()?;
     let link = Path::new("/etc/netns").join(&rig.confined);
-    std::fs::create_dir_all("/etc/netns")?;
     ensure!(
         std::fs::symlink_metadata(&link).is_err(),
         "{} already exists",
         link.display()
     );
-    symlink(&victim, &link)?;
-    let planted = Planted(link.clone());
+    let planted = plant(&victim, &link)?;
 
     // up: refused at the dns step, and rolled back.
     let config = rig.write_config("config.json", &rig.config()?)?;
@@ -140,7 +154,7 @@ fn etc_netns_symlink() -> Result<()> {
     std::fs::remove_file(&link)?;
     rig.up_with(&rig.config()?)?;
     std::fs::remove_dir_all(&link)?;
-    symlink(&victim, &link)?;
+    let _relinked = plant(&victim, &link)?;
     let out = rig.helper(&["down", "--namespace", &rig.confined])?;
     ensure!(out.status.success(), "down failed: {}", text(&out));
     ensure!(
@@ -165,15 +179,13 @@ fn planted_temporary_files() -> Result<()> {
         symlink(victim.join("resolv.conf"), etc.join(name))?;
     }
     // The state file's temporary names, today's and the earlier `<ns>.json.tmp`.
-    std::fs::create_dir_all("/run/wg-namespace")?;
     let mut planted = Vec::new();
     for name in [
         format!("{}.json.tmp", rig.confined),
         format!(".{}.json.tmp", rig.confined),
     ] {
         let path = Path::new("/run/wg-namespace").join(name);
-        symlink(victim.join("resolv.conf"), &path)?;
-        planted.push(Planted(path));
+        planted.push(plant(&victim.join("resolv.conf"), &path)?);
     }
 
     rig.up_with(&rig.config()?)?;
