@@ -27,6 +27,10 @@ fn main() {
             "forwarded_port_follows_the_gateway",
             forwarded_port_follows_the_gateway,
         ),
+        trial(
+            "mapped_again_when_the_tunnel_changes",
+            mapped_again_when_the_tunnel_changes,
+        ),
     ])
 }
 
@@ -39,12 +43,16 @@ const AFTER_SILENCE: u16 = 50001;
 const LIFETIME: u32 = 4;
 
 fn gateway(rig: &Rig) -> Result<NatPmpServer> {
+    gateway_granting(rig, FIRST_PORT, LIFETIME)
+}
+
+fn gateway_granting(rig: &Rig, first_port: u16, lifetime: u32) -> Result<NatPmpServer> {
     NatPmpServer::start(
         rig.peer_fd(),
         rig.peer_tunnel_ip(),
         rig.peer_underlay(),
-        FIRST_PORT,
-        LIFETIME,
+        first_port,
+        lifetime,
     )
 }
 
@@ -206,13 +214,9 @@ fn reachable(rig: &Rig, port: u16) -> Result<bool> {
     })
 }
 
-fn forwarded_port_follows_the_gateway() -> Result<()> {
-    let mut rig = Rig::new(191)?;
-    let server = gateway(&rig)?;
-    let underlay = Capture::start_underlay(rig.host_fd(), &rig.host_veth)?;
-    let tunnel = Capture::start_tunnel(rig.peer_fd(), &rig.peer_if)?;
-
-    // The hook runs as nobody and may write only its own directory.
+/// An onPortChange hook that logs `<argument> <env var> <uid>` to the file returned; it runs as
+/// nobody and may write only its own directory.
+fn hook(rig: &Rig) -> Result<(PathBuf, PathBuf)> {
     let hook_dir = rig.dir.join("hook");
     std::fs::create_dir(&hook_dir)?;
     std::os::unix::fs::chown(&hook_dir, Some(65534), Some(65534))?;
@@ -226,14 +230,26 @@ fn forwarded_port_follows_the_gateway() -> Result<()> {
         ),
     )?;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+    Ok((hook, calls_log))
+}
 
+fn forwarding_config(rig: &Rig, hook: &Path) -> Result<Value> {
     let mut config = rig.config()?;
     config["portForwarding"] = json!({
         "gateway": rig.peer_tunnel_ip().to_string(),
         "lifetimeSeconds": 60,
         "onPortChange": hook,
     });
-    let path = rig.up_with(&config)?;
+    Ok(config)
+}
+
+fn forwarded_port_follows_the_gateway() -> Result<()> {
+    let mut rig = Rig::new(191)?;
+    let server = gateway(&rig)?;
+    let underlay = Capture::start_underlay(rig.host_fd(), &rig.host_veth)?;
+    let tunnel = Capture::start_tunnel(rig.peer_fd(), &rig.peer_if)?;
+    let (hook, calls_log) = hook(&rig)?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
     let inside = rig.confined_fd()?;
     for port in [FIRST_PORT, AFTER_RESTART, AFTER_SILENCE, 40001] {
         Rig::serve_tcp(
@@ -426,6 +442,121 @@ fn forwarded_port_follows_the_gateway() -> Result<()> {
         !reachable(&rig, port)?,
         "the port is open after port-forward stopped"
     );
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// What heal, reload and failover do to a tunnel, and a namespace made anew: each time the port
+/// is asked for again at once (renewals are 30 s apart here), and a ruleset loaded from scratch
+/// keeps the open port.
+fn mapped_again_when_the_tunnel_changes() -> Result<()> {
+    let mut rig = Rig::new(192)?;
+    let server = gateway_granting(&rig, FIRST_PORT, 60)?;
+    let (hook, calls_log) = hook(&rig)?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    let listen = |rig: &Rig| -> Result<()> {
+        let inside = rig.confined_fd()?;
+        for port in [FIRST_PORT, AFTER_RESTART] {
+            Rig::serve_tcp(
+                &inside,
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+                "torrent client",
+            )?;
+        }
+        Ok(())
+    };
+    listen(&rig)?;
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+    wait_for(Duration::from_secs(20), "the first mapping", || {
+        calls(&calls_log).len() == 1
+    })?;
+    ensure!(reachable(&rig, FIRST_PORT)?, "the forwarded port is closed");
+
+    // Failover to another server (another key; its gateway knows nothing of our mapping and
+    // hands out other ports), done as failover does it: one device update.
+    drop(server);
+    rig.stop_peer_wg();
+    let old_key = rig.peer_key.get_public().to_base64();
+    rig.peer_key = wireguard_control::Key::generate_private();
+    rig.start_peer_wg()?;
+    let server = gateway_granting(&rig, AFTER_RESTART, 60)?;
+    let new_key = rig.peer_key.get_public().to_base64();
+    let endpoint = format!("{}:{WG_PORT}", rig.peer_underlay());
+    let changed_at = Instant::now();
+    let out = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                "wg",
+                "set",
+                &rig.confined,
+                "peer",
+                &old_key,
+                "remove",
+                "peer",
+                &new_key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                "0.0.0.0/0",
+            ],
+        )
+        .output()?;
+    ensure!(out.status.success(), "wg set: {}", text(&out));
+    wait_for(
+        Duration::from_secs(10),
+        "the mapping after the change",
+        || calls(&calls_log).len() == 2,
+    )?;
+    ensure!(
+        changed_at.elapsed() < Duration::from_secs(10),
+        "mapped again only at the renewal"
+    );
+    ensure!(
+        calls(&calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 65534"),
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    ensure!(reachable(&rig, AFTER_RESTART)?, "the new port is closed");
+    ensure!(!reachable(&rig, FIRST_PORT)?, "the old port is still open");
+
+    // A reload replaces the whole ruleset; what `render` writes keeps the forwarded port.
+    let out_dir = rig.dir.join("rendered");
+    let out = rig.helper(&[
+        "render",
+        "--config",
+        path.to_str().context("path")?,
+        "--out",
+        out_dir.to_str().context("path")?,
+    ])?;
+    ensure!(out.status.success(), "render: {}", text(&out));
+    let ruleset = std::fs::read_to_string(out_dir.join(format!("{}.nft", rig.confined)))?;
+    let elements = format!("elements = {{ udp . {AFTER_RESTART}, tcp . {AFTER_RESTART} }}");
+    ensure!(
+        ruleset.contains(&elements),
+        "the rendered ruleset lacks {elements}"
+    );
+
+    // The namespace made anew (down, up) under the running process: it follows, maps again and
+    // tells the application, which restarted with the namespace.
+    rig.down()?;
+    rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    listen(&rig)?;
+    wait_for(
+        Duration::from_secs(15),
+        "the mapping in the new namespace",
+        || calls(&calls_log).len() == 3 && reachable(&rig, AFTER_RESTART).unwrap_or(false),
+    )
+    .with_context(|| {
+        format!(
+            "port-forward said: {}",
+            std::fs::read_to_string(&daemon_log).unwrap_or_default()
+        )
+    })?;
+    ensure!(!reachable(&rig, FIRST_PORT)?, "another port is open");
+
     rig.kill_tracked(forwarder);
     drop(server);
     rig.down()?;
