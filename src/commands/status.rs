@@ -230,26 +230,7 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
 
     for resource in &state.resources {
         match resource {
-            Resource::Daemon { process, .. } => {
-                status.daemon_pid = Some(process.pid);
-                if !process.is_alive() {
-                    down(
-                        &mut status,
-                        format!(
-                            "the userspace WireGuard daemon (pid {}) is gone",
-                            process.pid
-                        ),
-                    );
-                } else if process.is_stopped() {
-                    down(
-                        &mut status,
-                        format!(
-                            "the userspace WireGuard daemon (pid {}) is stopped",
-                            process.pid
-                        ),
-                    );
-                }
-            }
+            Resource::Daemon { process, .. } => status.daemon_pid = Some(process.pid),
             Resource::Publisher { process, .. } if !process.is_alive() => {
                 status.verdict = status.verdict.max(Verdict::Degraded);
                 status
@@ -330,11 +311,28 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         forwarding_status(&mut status, namespace, configured);
     }
 
-    // A daemon that is gone or stopped cannot answer; asking would only wait.
-    let daemon_answers = state.resources.iter().all(|r| match r {
-        Resource::Daemon { process, .. } => process.is_alive() && !process.is_stopped(),
-        _ => true,
-    });
+    // A daemon that is gone or stopped cannot answer; asking would only wait. Looked at once,
+    // right before asking, so that the verdict and the question agree.
+    let mut daemon_answers = true;
+    for resource in &state.resources {
+        if let Resource::Daemon { process, .. } = resource {
+            let problem = if !process.is_alive() {
+                "gone"
+            } else if process.is_stopped() {
+                "stopped"
+            } else {
+                continue;
+            };
+            daemon_answers = false;
+            down(
+                &mut status,
+                format!(
+                    "the userspace WireGuard daemon (pid {}) is {problem}",
+                    process.pid
+                ),
+            );
+        }
+    }
     let backend = state.backend;
     if let (Some(backend), true, true) = (backend, status.interface.present, daemon_answers) {
         match wireguard::show(namespace, backend, &fd) {
