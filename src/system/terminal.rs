@@ -123,6 +123,7 @@ impl Drop for RawMode {
 /// `owner`) in place of every standard descriptor that is a terminal. `command` runs in the
 /// child with signals as they were; it must replace the process (exec) or return the exit
 /// status to give up with. Returns the command's exit status, 128 + N when signal N ended it.
+/// The caller should exit then: the forwarded signals stay blocked in this process.
 pub fn run_in_own_session(owner: Uid, command: impl FnOnce() -> i32) -> Result<i32> {
     let outer = Outer::probe();
     let pty = match outer.terminal() {
@@ -173,7 +174,8 @@ pub fn run_in_own_session(owner: Uid, command: impl FnOnce() -> i32) -> Result<i
             let raw = RawMode::enter(&outer);
             let status = relay(child, &outer, master, &signals);
             drop(raw);
-            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+            // The signals stay blocked: we exit next, and one that came after the command's
+            // end (a second ^C) must not turn its exit status into our death.
             status
         }
     }
