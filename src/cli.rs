@@ -240,8 +240,19 @@ fn run(command: Command) -> Result<i32, Failure> {
         }
         Command::PortForward { config } => {
             let config = Config::load(&config)?;
-            if config.port_forwarding.is_none() {
+            let Some(forwarding) = &config.port_forwarding else {
                 return Err(usage("portForwarding: is not set in the config"));
+            };
+            // A hook that could never run is a config error, not something to retry forever.
+            let user = &forwarding.on_port_change_user;
+            let known = match user.parse::<u32>() {
+                Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+                Err(_) => nix::unistd::User::from_name(user),
+            };
+            if forwarding.on_port_change.is_some() && !matches!(known, Ok(Some(_))) {
+                return Err(usage(format!(
+                    "portForwarding.onPortChangeUser: no user {user:?} on this system"
+                )));
             }
             crate::commands::forward::run(&config)?;
             Ok(code::OK)

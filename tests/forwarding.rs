@@ -31,6 +31,10 @@ fn main() {
             "mapped_again_when_the_tunnel_changes",
             mapped_again_when_the_tunnel_changes,
         ),
+        trial(
+            "port_forward_refuses_configs_it_cannot_serve",
+            port_forward_refuses_configs_it_cannot_serve,
+        ),
     ])
 }
 
@@ -561,4 +565,48 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
     drop(server);
     rig.down()?;
     rig.assert_clean()
+}
+
+/// One line naming the field, exit 2, before anything is touched.
+fn port_forward_refuses_configs_it_cannot_serve() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("wgns-forwarding-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let base = json!({ "dns_server": "10.2.0.1", "privateKeyFile": "/run/keys/wg" });
+    let mut no_user = base.clone();
+    no_user["portForwarding"] = json!({
+        "gateway": "10.2.0.1",
+        "onPortChange": "/bin/true",
+        "onPortChangeUser": "no-such-user-wgns",
+    });
+    let mut v6 = base.clone();
+    v6["portForwarding"] = json!({ "gateway": "fd77::1" });
+    let cases = [
+        (base, "error: portForwarding: is not set in the config"),
+        (
+            no_user,
+            "error: portForwarding.onPortChangeUser: no user \"no-such-user-wgns\" on this system",
+        ),
+        (
+            v6,
+            "error: portForwarding.gateway: \"fd77::1\" is not an IPv4 address (NAT-PMP speaks IPv4 only)",
+        ),
+    ];
+    for (i, (config, expected)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("{i}.json"));
+        std::fs::write(&path, config.to_string())?;
+        let out = run_cmd(&[
+            BIN,
+            "port-forward",
+            "--config",
+            path.to_str().context("path")?,
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2) && stderr.trim_end() == expected,
+            "case {i}: {}",
+            text(&out)
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
