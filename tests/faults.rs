@@ -1,4 +1,5 @@
-//! Faults: `up` killed at every step, concurrent `up`s, key files that cannot be trusted.
+//! Faults: `up` killed at every step and at random moments inside steps, concurrent `up`s, key
+//! files that cannot be trusted.
 //! (A userspace daemon killed under a live namespace is covered by tests/endpoints.rs.)
 
 mod common;
@@ -9,16 +10,20 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use wg_namespace::commands::updown::{PAUSE_ENV, STEPS};
+use wg_namespace::commands::updown::{PAUSE_ENV, PAUSE_SWITCH, STEPS};
 use wg_namespace::system::process::ProcessId;
 
 fn main() {
     run(vec![
-        trial(
+        paused_trial(
             "up_killed_at_each_step_recovers_and_leaves_nothing",
             killed_at_each_step,
         ),
         trial(
+            "up_killed_at_random_moments_leaves_nothing_after_down",
+            killed_at_random_moments,
+        ),
+        paused_trial(
             "concurrent_ups_of_one_namespace_one_wins",
             concurrent_same_namespace,
         ),
@@ -34,6 +39,11 @@ fn main() {
 }
 
 const REPLY: &str = "through the tunnel";
+
+/// A trial that needs `up`'s pause switch, which only debug builds have.
+fn paused_trial(name: &str, test: fn() -> Result<()>) -> libtest_mimic::Trial {
+    trial(name, test).with_ignored_flag(!is_root() || !PAUSE_SWITCH)
+}
 
 /// Starts `up` that stops itself just before `step`.
 fn paused_up(rig: &Rig, config: &str, step: &str) -> Result<Child> {
@@ -95,6 +105,93 @@ fn killed_at_each_step() -> Result<()> {
             .with_context(|| format!("down right after a kill before {step}"))?;
     }
     Ok(())
+}
+
+/// xorshift64*: a few random numbers, reproducible from the seed the test prints.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Files under /run/wg-namespace that name the namespace (state, lock, temporary files).
+fn state_files(namespace: &str) -> Vec<String> {
+    std::fs::read_dir("/run/wg-namespace")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.contains(namespace))
+        .collect()
+}
+
+/// SIGKILL at random moments of `up`, inside steps too (between a spawn and its record, a move
+/// and its journal entry, a write and its rename): `down` must leave nothing each time, and
+/// `up` must work afterwards. WG_NAMESPACE_FAULT_SEED repeats a run.
+fn killed_at_random_moments() -> Result<()> {
+    const ROUNDS: usize = 40;
+    let rig = Rig::new(114)?;
+    let service = rig.peer_service(REPLY)?;
+    let config = rig.write_config("config.json", &rig.config()?)?;
+    let config = config.to_str().context("path")?;
+    let seed = std::env::var("WG_NAMESPACE_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+        | 1;
+    let mut random = Random(seed);
+    let run = |what: &str| -> Result<()> {
+        let out = rig.helper(&["up", "--config", config])?;
+        ensure!(out.status.success(), "up {what}: {}", text(&out));
+        tunnel_works(&rig, service).with_context(|| format!("up {what}"))?;
+        rig.down()?;
+        Ok(())
+    };
+
+    // How long a whole `up` takes here: the kills spread over that time and a bit beyond.
+    let started = std::time::Instant::now();
+    run("before the kills")?;
+    let span = started.elapsed().as_micros() as u64 + 1;
+    let mut killed_finished = 0;
+    for round in 0..ROUNDS {
+        let delay = Duration::from_micros(random.next() % (span + span / 5));
+        let mut up = rig
+            .command_in(rig.host_fd(), &[BIN, "up", "--config", config])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(delay);
+        let _ = up.kill();
+        let status = up.wait()?;
+        if status.success() {
+            killed_finished += 1;
+        }
+        let failed =
+            |what: String| anyhow!("round {round} (seed {seed}, kill after {delay:?}): {what}");
+        let out = rig.helper(&["down", "--namespace", &rig.confined])?;
+        if !out.status.success() {
+            return Err(failed(format!("down failed: {}", text(&out))));
+        }
+        let mut left = rig.leftovers();
+        left.extend(state_files(&rig.confined));
+        if !left.is_empty() {
+            return Err(failed(format!("left behind: {}", left.join(", "))));
+        }
+    }
+    ensure!(
+        killed_finished < ROUNDS,
+        "every `up` finished before its kill: the kills never landed inside it"
+    );
+    run("after the kills")
 }
 
 fn concurrent_same_namespace() -> Result<()> {

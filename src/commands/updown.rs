@@ -36,8 +36,24 @@ pub const STEPS: [&str; 7] = [
 ];
 
 /// Test-only: `up` stops itself (SIGSTOP) just before the named step, with every earlier step
-/// done and on record, so fault tests can kill it at a precise point.
+/// done and on record, so fault tests can kill it at a precise point. Only debug builds (what
+/// `cargo test` builds) look at it: the release binary the NixOS package ships has no such
+/// switch.
 pub const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_BEFORE";
+
+/// Whether this build stops at [`PAUSE_ENV`]'s points.
+pub const PAUSE_SWITCH: bool = cfg!(debug_assertions);
+
+/// Stops this process (SIGSTOP) when [`PAUSE_ENV`] names `point` and this is a debug build.
+pub fn pause_before(point: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var(PAUSE_ENV).as_deref() == Ok(point) {
+        eprintln!("wg-namespace: paused before step {point}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
 
 /// How long `down` waits for an `up` of the same namespace to finish.
 const DOWN_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,10 +147,7 @@ impl Drop for Build {
 
 fn run_step<T>(index: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let name = STEPS[index];
-    if std::env::var(PAUSE_ENV).as_deref() == Ok(name) {
-        eprintln!("wg-namespace: paused before step {name}");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
-    }
+    pause_before(name);
     f().map_err(|e| anyhow!("step {}/{} ({name}): {e:#}", index + 1, STEPS.len()))
 }
 

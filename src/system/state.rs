@@ -589,9 +589,16 @@ impl Lock {
         }
     }
 
-    /// Deletes the lock file (while still holding it), then releases the lock. Also removes
-    /// the state directory when this leaves it empty.
+    /// Deletes the lock file (while still holding it) and a temporary state file left by a
+    /// killed save, then releases the lock. Also removes the state directory when this leaves
+    /// it empty.
     pub fn remove(self) {
+        if let Some(namespace) = self.name.strip_suffix(".lock") {
+            // A save killed between its write and its rename leaves this behind.
+            let _ = self
+                .dir
+                .remove_file(&format!(".{}.tmp", state_name(namespace)));
+        }
         let _ = self.dir.remove_file(&self.name);
         drop(self.file);
         if let Some(parent) = Path::new(STATE_DIR).parent()
