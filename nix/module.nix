@@ -49,6 +49,33 @@ let
   # Messages are written as indented strings and shown on one line.
   oneLine = text: lib.replaceStrings [ "\n" ] [ " " ] (lib.removeSuffix "\n" text);
 
+  alternativeOptions = {
+    publicKey = mkOption {
+      type = types.str;
+      example = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
+      description = "The public key of this server, base64-encoded as printed by `wg pubkey`.";
+    };
+
+    endpoint = mkOption {
+      type = types.str;
+      example = "se-sto-wg-002.example.net:51820";
+      description = ''
+        Where to reach this server, written like the peer's {option}`endpoint`. Host names are
+        resolved in the host's network namespace when the server is switched to.
+      '';
+    };
+
+    presharedKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/wireguard-psk-2";
+      description = ''
+        Absolute path of a file holding the preshared key shared with this server, read when
+        the server is switched to and never copied to the Nix store. `null` for none.
+      '';
+    };
+  };
+
   peerOptions = {
     publicKey = mkOption {
       type = types.str;
@@ -130,6 +157,43 @@ let
         that a NAT or stateful firewall between the two keeps the connection open even when
         nothing else is sent. `null` (or `0`) turns it off, which suits most setups; about `25`
         is a common value behind NAT.
+      '';
+    };
+
+    alternatives = mkOption {
+      type = types.nullOr (types.listOf (types.submodule { options = alternativeOptions; }));
+      default = null;
+      example = literalExpression ''
+        [
+          { publicKey = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw="; endpoint = "se-sto-wg-002.example.net:51820"; }
+          { publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4="; endpoint = "185.213.154.68:51820"; }
+        ]
+      '';
+      description = ''
+        Other servers that stand in for this peer, in order, with its {option}`allowedIPs`,
+        routes and {option}`persistentKeepalive`. When the server in use leaves what the tunnel
+        sends unanswered for {option}`failoverAfterSeconds`, the companion unit
+        `wireguard-namespace-<name>-refresh.service` puts the next one in its place in one
+        change of the WireGuard device: the namespace, its firewall and the programs inside stay,
+        and nothing leaves the namespace other than through the tunnel meanwhile. The order is
+        the peer itself, its alternatives, then the peer itself again; a server that works is
+        kept until it fails (no switching back while it answers), and `up` starts with the peer
+        itself. When none answers, each round gives every server twice as long (up to
+        10 minutes) and `wg-namespace status` reports the namespace as degraded. Requires
+        {option}`endpoint`. `null` for none; an empty list is an error.
+      '';
+    };
+
+    failoverAfterSeconds = mkOption {
+      type = types.ints.between 5 4294967295;
+      default = 30;
+      example = 15;
+      description = ''
+        How long the server in use may leave what the tunnel sends unanswered before it is
+        asked for a new handshake; when that goes unanswered for another 5 seconds, the next of
+        {option}`alternatives` takes its place. A healthy server answers traffic within about
+        10 seconds (WireGuard's passive keepalive), so values below 15 only cost extra
+        handshakes on a tunnel with one-way traffic. Only used with {option}`alternatives`.
       '';
     };
   };
@@ -610,6 +674,17 @@ let
       endpoint
       dynamicEndpointRefreshSeconds
       persistentKeepalive
+      failoverAfterSeconds
+      ;
+    alternatives =
+      if peer.alternatives == null then null else map alternativeJson peer.alternatives;
+  };
+
+  alternativeJson = server: {
+    inherit (server)
+      publicKey
+      endpoint
+      presharedKeyFile
       ;
   };
 
@@ -882,6 +957,18 @@ let
             ${loc}.peers.${toString i}.allowedIPs is empty, so no traffic would ever be sent to
             the peer ${peer.publicKey}. List the ranges to route through it, for example
             [ "0.0.0.0/0" "::/0" ] for everything.'';
+        }
+        {
+          assertion = peer.alternatives != [ ];
+          message = oneLine ''
+            ${loc}.peers.${toString i}.alternatives is an empty list. List at least one server
+            that can stand in for the peer ${peer.publicKey}, or leave it null.'';
+        }
+        {
+          assertion = peer.alternatives == null || peer.endpoint != null;
+          message = oneLine ''
+            ${loc}.peers.${toString i} has alternatives but no endpoint. Failover switches
+            between servers the namespace reaches out to: set endpoint for the peer itself.'';
         }
         {
           assertion = peer.presharedKey == null || peer.presharedKeyFile == null;

@@ -43,7 +43,17 @@ pub const PEER_KEYS: &[&str] = &[
     "endpoint",
     "dynamicEndpointRefreshSeconds",
     "persistentKeepalive",
+    "alternatives",
+    "failoverAfterSeconds",
 ];
+
+/// Keys of one entry of a peer's `alternatives`.
+pub const ALTERNATIVE_KEYS: &[&str] = &["publicKey", "endpoint", "presharedKeyFile"];
+
+/// `failoverAfterSeconds` when not given, and its smallest value: below WireGuard's own retry
+/// interval (5 s) a server could not even be asked twice.
+pub const DEFAULT_FAILOVER_AFTER_SECONDS: u64 = 30;
+pub const MIN_FAILOVER_AFTER_SECONDS: u64 = 5;
 
 /// Keys of one entry of `publishPorts`.
 pub const PUBLISH_KEYS: &[&str] = &[
@@ -367,6 +377,40 @@ pub struct Peer {
     pub endpoint: Option<Endpoint>,
     pub dynamic_endpoint_refresh_seconds: u64,
     pub persistent_keepalive: Option<u16>,
+    /// Servers that stand in for this peer, in order, with its allowed IPs and keepalive.
+    pub alternatives: Vec<Server>,
+    /// How long the server in use may leave what the tunnel sends unanswered before the next
+    /// one takes its place.
+    pub failover_after_seconds: u64,
+}
+
+/// A server that can stand in for a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub public_key: Key,
+    pub public_key_text: String,
+    pub endpoint: Endpoint,
+    pub preshared_key_file: Option<PathBuf>,
+}
+
+impl Peer {
+    /// How many servers can carry this peer: itself and its alternatives.
+    pub fn server_count(&self) -> usize {
+        1 + self.alternatives.len()
+    }
+
+    /// Server `index`: 0 is the peer itself, `n` is `alternatives[n - 1]`. Its key, the key as
+    /// written, and its endpoint.
+    pub fn server(&self, index: usize) -> (&Key, &str, Option<&Endpoint>) {
+        match index.checked_sub(1).and_then(|i| self.alternatives.get(i)) {
+            Some(s) => (&s.public_key, &s.public_key_text, Some(&s.endpoint)),
+            None => (
+                &self.public_key,
+                &self.public_key_text,
+                self.endpoint.as_ref(),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -633,13 +677,28 @@ impl Config {
             }
             None => file.mtu,
         };
+        // Every key ends up on the one device, the alternatives' included.
         let mut seen = HashSet::new();
         for (i, peer) in peers.iter().enumerate() {
             if !seen.insert(peer.public_key.0) {
                 return Err(ConfigError::new(
                     format!("peers[{i}].publicKey"),
-                    "the same key appears in an earlier peer",
+                    "the same key appears in an earlier peer or alternative",
                 ));
+            }
+            for (j, alternative) in peer.alternatives.iter().enumerate() {
+                if alternative.public_key == peer.public_key {
+                    return Err(ConfigError::new(
+                        format!("peers[{i}].alternatives[{j}].publicKey"),
+                        "is the peer's own publicKey; an alternative is another server",
+                    ));
+                }
+                if !seen.insert(alternative.public_key.0) {
+                    return Err(ConfigError::new(
+                        format!("peers[{i}].alternatives[{j}].publicKey"),
+                        "the same key appears in an earlier peer or alternative",
+                    ));
+                }
             }
         }
 
@@ -911,6 +970,36 @@ fn parse_peer(item: &Item) -> Result<Peer> {
         .map(|v| v as u16)
         .filter(|&v| v != 0);
 
+    let alternatives = match peer.get("alternatives") {
+        None => Vec::new(),
+        Some(_) => {
+            let items = peer.opt_list("alternatives")?;
+            if items.is_empty() {
+                return Err(peer.error(
+                    "alternatives",
+                    "is empty; list at least one server, or leave it out (null)",
+                ));
+            }
+            if endpoint.is_none() {
+                return Err(peer.error(
+                    "endpoint",
+                    "is required when alternatives are given: failover switches between servers to reach",
+                ));
+            }
+            items
+                .iter()
+                .map(parse_alternative)
+                .collect::<Result<Vec<_>>>()?
+        }
+    };
+    let failover_after_seconds = peer
+        .opt_int(
+            "failoverAfterSeconds",
+            MIN_FAILOVER_AFTER_SECONDS,
+            u64::from(u32::MAX),
+        )?
+        .unwrap_or(DEFAULT_FAILOVER_AFTER_SECONDS);
+
     Ok(Peer {
         public_key,
         public_key_text,
@@ -919,6 +1008,33 @@ fn parse_peer(item: &Item) -> Result<Peer> {
         endpoint,
         dynamic_endpoint_refresh_seconds,
         persistent_keepalive,
+        alternatives,
+        failover_after_seconds,
+    })
+}
+
+fn parse_alternative(item: &Item) -> Result<Server> {
+    let server = item.object()?;
+    server.reject_unknown(ALTERNATIVE_KEYS)?;
+    let public_key_text = server.req_str("publicKey")?.trim().to_string();
+    let public_key = Key::from_base64(&public_key_text).ok_or_else(|| {
+        server.error(
+            "publicKey",
+            format!("{public_key_text:?} is not a base64 WireGuard key (44 characters, as `wg pubkey` prints)"),
+        )
+    })?;
+    let text = server.req_str("endpoint")?;
+    let endpoint =
+        Endpoint::parse(text).map_err(|p| server.error("endpoint", format!("{text:?} {p}")))?;
+    let preshared_key_file = match server.opt_str("presharedKeyFile")? {
+        Some(text) => Some(absolute_path(&server.field("presharedKeyFile"), text)?),
+        None => None,
+    };
+    Ok(Server {
+        public_key,
+        public_key_text,
+        endpoint,
+        preshared_key_file,
     })
 }
 
@@ -1354,6 +1470,68 @@ mod tests {
         let e = error_of(v);
         assert!(e.starts_with("peers[0].presharedKey:"), "{e}");
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn alternatives_are_checked_field_by_field() {
+        const OTHER: &str = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
+        let with = |alternatives: Value| {
+            let mut v = minimal();
+            v["peers"][0]["alternatives"] = alternatives;
+            v
+        };
+        let good = with(serde_json::json!([{ "publicKey": OTHER, "endpoint": "10.0.0.9:51820" }]));
+        let config = Config::parse(&good.to_string()).unwrap();
+        let peer = &config.peers[0];
+        assert_eq!(peer.failover_after_seconds, DEFAULT_FAILOVER_AFTER_SECONDS);
+        assert_eq!(peer.server_count(), 2);
+        assert_eq!(peer.server(1).1, OTHER);
+        assert_eq!(peer.server(0).1, KEY);
+        // Null is what the module writes for "no alternatives".
+        assert!(Config::parse(&with(Value::Null).to_string()).is_ok());
+
+        assert_eq!(
+            error_of(with(serde_json::json!([]))),
+            "peers[0].alternatives: is empty; list at least one server, or leave it out (null)"
+        );
+        assert_eq!(
+            error_of(with(
+                serde_json::json!([{ "publicKey": KEY, "endpoint": "10.0.0.9:51820" }])
+            )),
+            "peers[0].alternatives[0].publicKey: is the peer's own publicKey; an alternative is another server"
+        );
+        assert_eq!(
+            error_of(with(
+                serde_json::json!([{ "publicKey": OTHER, "endpoint": "10.0.0.9" }])
+            )),
+            "peers[0].alternatives[0].endpoint: \"10.0.0.9\" needs a port: write host:port or [IPv6]:port"
+        );
+        assert_eq!(
+            error_of(with(serde_json::json!([{ "publicKey": OTHER }]))),
+            "peers[0].alternatives[0].endpoint: is required"
+        );
+        assert_eq!(
+            error_of(with(serde_json::json!([
+                { "publicKey": OTHER, "endpoint": "10.0.0.9:1" },
+                { "publicKey": OTHER, "endpoint": "10.0.0.10:1" }
+            ]))),
+            "peers[0].alternatives[1].publicKey: the same key appears in an earlier peer or alternative"
+        );
+        assert_eq!(
+            error_of(with(serde_json::json!([
+                { "publicKey": OTHER, "endpoint": "10.0.0.9:1", "presharedKey": "x" }
+            ]))),
+            "peers[0].alternatives[0].presharedKey: unknown key (did you mean \"presharedKeyFile\"?)"
+        );
+        let mut v = good.clone();
+        v["peers"][0]["failoverAfterSeconds"] = 1.into();
+        assert_eq!(
+            error_of(v),
+            "peers[0].failoverAfterSeconds: 1 is not a whole number between 5 and 4294967295"
+        );
+        let mut v = good;
+        v["peers"][0].as_object_mut().unwrap().remove("endpoint");
+        assert!(error_of(v).starts_with("peers[0].endpoint: is required when alternatives"));
     }
 
     #[test]

@@ -96,6 +96,8 @@ impl PeerDraft {
             endpoint: self.endpoint,
             dynamic_endpoint_refresh_seconds: 0,
             persistent_keepalive: self.persistent_keepalive,
+            alternatives: Vec::new(),
+            failover_after_seconds: crate::config::DEFAULT_FAILOVER_AFTER_SECONDS,
         })
     }
 }
@@ -490,6 +492,8 @@ mod tests {
             endpoint: Some(Endpoint::parse(endpoint).unwrap()),
             dynamic_endpoint_refresh_seconds: 0,
             persistent_keepalive: None,
+            alternatives: Vec::new(),
+            failover_after_seconds: crate::config::DEFAULT_FAILOVER_AFTER_SECONDS,
         }
     }
 

@@ -1,8 +1,8 @@
 //! Keeps the NixOS module (`nix/module.nix`) in step with the helper and with its documentation:
 //!
 //! 1. the module's option names, and the keys it writes into the JSON file, are the keys the
-//!    helper accepts (`wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
-//!    HOST_SERVICE_KEYS, FORWARDING_KEYS}`);
+//!    helper accepts (`wg_namespace::config::{NAMESPACE_KEYS, PEER_KEYS, ALTERNATIVE_KEYS,
+//!    PUBLISH_KEYS, HOST_SERVICE_KEYS, FORWARDING_KEYS}`);
 //! 2. `docs/options.md` is what the module's options render to; regenerate it with
 //!    `UPDATE_OPTIONS_DOC=1 cargo test --test nix_module`;
 //! 3. every `.nix` file in the repository parses with `nix-instantiate --parse`.
@@ -21,7 +21,7 @@ use std::process::Command;
 use rnix::SyntaxNode;
 use rnix::ast::{self, HasEntry};
 use wg_namespace::config::{
-    FORWARDING_KEYS, HOST_SERVICE_KEYS, NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
+    ALTERNATIVE_KEYS, FORWARDING_KEYS, HOST_SERVICE_KEYS, NAMESPACE_KEYS, PEER_KEYS, PUBLISH_KEYS,
 };
 
 /// Options that exist only in the module and never reach the helper's JSON.
@@ -636,6 +636,12 @@ fn option_names_match_the_helper_config_keys() {
             &[],
         );
         assert_same_keys(
+            &format!("options {prefix}.peers.*.alternatives.*.*"),
+            names_below(&options, &format!("{prefix}.peers.*.alternatives.*")),
+            ALTERNATIVE_KEYS,
+            &[],
+        );
+        assert_same_keys(
             &format!("options {prefix}.publishPorts.*.*"),
             names_below(&options, &format!("{prefix}.publishPorts.*")),
             PUBLISH_KEYS,
@@ -668,6 +674,7 @@ fn json_document_keys_match_the_helper_config_keys() {
     for (binding, helper) in [
         ("namespaceJson", NAMESPACE_KEYS),
         ("peerJson", PEER_KEYS),
+        ("alternativeJson", ALTERNATIVE_KEYS),
         ("publishPortJson", PUBLISH_KEYS),
         ("hostServiceJson", HOST_SERVICE_KEYS),
         ("portForwardingJson", FORWARDING_KEYS),

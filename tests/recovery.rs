@@ -10,13 +10,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn main() {
-    run(vec![trial(
-        "tunnel_recovers_within_seconds_of_the_host_route_returning",
-        route_returns,
-    )])
+    run(vec![
+        trial(
+            "tunnel_recovers_within_seconds_of_the_host_route_returning",
+            route_returns,
+        ),
+        trial(
+            "failover_to_the_second_server_in_place_without_a_leak",
+            failover_in_place,
+        ),
+        trial(
+            "all_servers_down_is_degraded_and_retried_with_backoff",
+            all_servers_down,
+        ),
+        libtest_mimic::Trial::test("bad_alternatives_are_one_line_naming_the_field", || {
+            bad_alternatives().map_err(|e| format!("{e:#}").into())
+        }),
+    ])
 }
 
 /// A confined `ping` of the peer's tunnel address, started once: the times of its replies.
@@ -62,20 +75,19 @@ impl Pinger {
         Ok(Pinger { pid, replies })
     }
 
+    /// How long after `since` the first reply after it came, if one did.
+    fn replied_after(&self, since: Instant) -> Option<Duration> {
+        let replies = self.replies.lock().unwrap();
+        let first = replies.iter().find(|&&t| t > since)?;
+        Some(first.duration_since(since))
+    }
+
     /// Waits for the first reply after `since`; how long after `since` it came.
     fn reply_after(&self, since: Instant, timeout: Duration) -> Result<Duration> {
-        let mut found = None;
         wait_for(timeout, "a reply through the tunnel", || {
-            found = self
-                .replies
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|&&t| t > since)
-                .copied();
-            found.is_some()
+            self.replied_after(since).is_some()
         })?;
-        Ok(found.context("reply")?.duration_since(since))
+        self.replied_after(since).context("reply")
     }
 
     fn alive(&self) -> bool {
@@ -152,4 +164,310 @@ fn route_returns() -> Result<()> {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     Ok(())
+}
+
+/// How long the helper waits for an answer before switching, in the failover tests.
+const FAILOVER_AFTER: u64 = 5;
+
+/// A rig with a second server, a config whose peer has it as its alternative (with a preshared
+/// key), `up`, `refresh` running (its log in refresh.log) and a confined ping getting replies.
+fn failover_rig(id: u8) -> Result<(Rig, Pinger)> {
+    let mut rig = Rig::new(id)?;
+    let psk = wireguard_control::Key::generate_preshared();
+    rig.add_second_peer(Some(psk.clone()))?;
+    let psk_file = rig.write_secret("second.psk", &psk.to_base64())?;
+    let mut config = rig.config()?;
+    config["peers"][0]["failoverAfterSeconds"] = json!(FAILOVER_AFTER);
+    config["peers"][0]["alternatives"] = json!([{
+        "publicKey": rig.second_peer().key.get_public().to_base64(),
+        "endpoint": format!("{}:{WG_PORT}", rig.second_peer_underlay()),
+        "presharedKeyFile": psk_file,
+    }]);
+    let path = rig.up_with(&config)?;
+    let refresher = rig
+        .command_in(
+            rig.host_fd(),
+            &[BIN, "refresh", "--config", path.to_str().context("path")?],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(rig.dir.join("refresh.log"))?)
+        .spawn()?;
+    rig.track(refresher);
+    let target = rig.peer_tunnel_ip();
+    let pinger = Pinger::start(&mut rig, target)?;
+    pinger.reply_after(Instant::now(), Duration::from_secs(10))?;
+    Ok((rig, pinger))
+}
+
+fn refresh_log(rig: &Rig) -> String {
+    std::fs::read_to_string(rig.dir.join("refresh.log")).unwrap_or_default()
+}
+
+/// The namespace's entry in `status --json`, and the exit code.
+fn status(rig: &Rig) -> Result<(i32, Value)> {
+    let out = rig.helper(&["status", "--json", "--namespace", &rig.confined])?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        report["namespaces"][0].clone(),
+    ))
+}
+
+/// Captures on both underlay links: what the host side sees must be WireGuard between the host
+/// and one of the two servers, and nothing else, while [`Watchers::probe`] sends from inside.
+struct Watchers {
+    captures: Vec<Capture>,
+    targets: Vec<std::net::IpAddr>,
+    allowed: Vec<std::net::IpAddr>,
+}
+
+impl Watchers {
+    fn start(rig: &Rig) -> Result<Watchers> {
+        let id = rig.id;
+        Ok(Watchers {
+            captures: vec![
+                Capture::start_underlay(rig.host_fd(), &rig.host_veth)?,
+                Capture::start_underlay(rig.host_fd(), &rig.second_peer().host_veth)?,
+            ],
+            // The host's side of both links, addresses beyond, IPv6.
+            targets: vec![
+                rig.host_underlay().into(),
+                Ipv4Addr::new(10, 200, id, 17).into(),
+                Ipv4Addr::new(10, 200, id, 200).into(),
+                format!("fd77:{id}::99").parse()?,
+            ],
+            allowed: vec![
+                rig.host_underlay().into(),
+                rig.peer_underlay().into(),
+                Ipv4Addr::new(10, 200, id, 17).into(),
+                rig.second_peer_underlay().into(),
+            ],
+        })
+    }
+
+    /// Leak probes from inside the confined namespace: TCP, UDP and pings to `targets`, until
+    /// `done` holds or `timeout` passes.
+    fn probe_until(
+        &self,
+        rig: &Rig,
+        timeout: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let confined = rig.confined_fd()?;
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            ensure!(Instant::now() < deadline, "timed out after {timeout:?}");
+            rig.flood(&confined, &self.targets)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the captures; fails when a frame other than WireGuard between the host and the two
+    /// servers (or ARP) was seen. Returns how many frames were seen.
+    fn check(self) -> Result<usize> {
+        let mut seen = 0;
+        for capture in self.captures {
+            for frame in capture.stop() {
+                if frame.kind == FrameKind::Arp {
+                    continue;
+                }
+                let between = frame.src.is_some_and(|a| self.allowed.contains(&a))
+                    && frame.dst.is_some_and(|a| self.allowed.contains(&a));
+                ensure!(
+                    frame.is_wireguard() && between,
+                    "on the underlay: {}",
+                    frame.describe()
+                );
+                seen += 1;
+            }
+        }
+        Ok(seen)
+    }
+}
+
+fn failover_in_place() -> Result<()> {
+    let (mut rig, pinger) = failover_rig(151)?;
+    let (_, before) = status(&rig)?;
+    ensure!(
+        before["peers"][0]["failover"]["active"] == 0,
+        "starts with the peer itself: {before:#}"
+    );
+    let up_since = before["upSince"].clone();
+    let watchers = Watchers::start(&rig)?;
+
+    rig.stop_peer_wg();
+    let stopped = Instant::now();
+    let limit = Duration::from_secs(FAILOVER_AFTER + 10);
+    let resumed = pinger.reply_after(stopped, limit).with_context(|| {
+        format!(
+            "no reply through the second server; log:\n{}",
+            refresh_log(&rig)
+        )
+    })?;
+    println!(
+        "traffic resumed through the second server {:.1} s after the first stopped \
+         (failoverAfterSeconds = {FAILOVER_AFTER}; limit {} s)",
+        resumed.as_secs_f64(),
+        limit.as_secs()
+    );
+    // A few more seconds through the second server, probing still.
+    let more = Instant::now() + Duration::from_secs(2);
+    watchers.probe_until(&rig, Duration::from_secs(10), || Instant::now() > more)?;
+    let frames = watchers.check()?;
+    ensure!(frames > 0, "the captures saw nothing at all");
+
+    ensure!(pinger.alive(), "the confined ping ended");
+    let (code, after) = status(&rig)?;
+    let failover = &after["peers"][0]["failover"];
+    ensure!(
+        failover["active"] == 1
+            && failover["activePublicKey"] == rig.second_peer().key.get_public().to_base64()
+            && failover["lastSwitchAt"].is_u64()
+            && failover["lastSwitchReason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unanswered")),
+        "status does not name the switch: {after:#}"
+    );
+    ensure!(failover["allDownSince"].is_null(), "{after:#}");
+    ensure!(
+        after["upSince"] == up_since,
+        "the namespace was rebuilt: {after:#}"
+    );
+    ensure!(code == 0, "status exit {code}: {after:#}");
+    let text_out = rig.helper(&["status", "--namespace", &rig.confined])?;
+    ensure!(
+        String::from_utf8_lossy(&text_out.stdout).contains("alternative 1"),
+        "{}",
+        text(&text_out)
+    );
+    Ok(())
+}
+
+fn all_servers_down() -> Result<()> {
+    let (mut rig, pinger) = failover_rig(152)?;
+    let watchers = Watchers::start(&rig)?;
+    rig.stop_peer_wg();
+    rig.stop_second_peer_wg();
+
+    // Each switch, as status shows it, with when it was seen.
+    let mut switches: Vec<(Instant, Value)> = Vec::new();
+    let mut last_seen = Value::Null;
+    let mut degraded = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while switches.len() < 3 && Instant::now() < deadline {
+        let (code, ns) = status(&rig)?;
+        let failover = ns["peers"][0]["failover"].clone();
+        if failover["lastSwitchAt"] != last_seen["lastSwitchAt"]
+            || failover["active"] != last_seen["active"]
+        {
+            if !failover["lastSwitchAt"].is_null() {
+                switches.push((Instant::now(), failover.clone()));
+            }
+            last_seen = failover.clone();
+        }
+        if degraded.is_none() && !failover["allDownSince"].is_null() {
+            ensure!(
+                code == 3 && ns["verdict"] == "degraded",
+                "all servers down but not degraded: {ns:#}"
+            );
+            ensure!(
+                ns["reasons"].to_string().contains("none of its 2 servers"),
+                "{ns:#}"
+            );
+            degraded = Some(ns.clone());
+            // The second server comes back: the next round reaches it.
+            rig.start_second_peer_wg()?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    ensure!(
+        switches.len() == 3,
+        "expected three switches, saw {}: {switches:?}\nlog:\n{}",
+        switches.len(),
+        refresh_log(&rig)
+    );
+    ensure!(degraded.is_some(), "never degraded");
+    let actives: Vec<_> = switches.iter().map(|(_, f)| f["active"].clone()).collect();
+    ensure!(
+        actives == [json!(1), json!(0), json!(1)],
+        "in order: {actives:?}"
+    );
+    let first_gap = switches[1].0 - switches[0].0;
+    let second_gap = switches[2].0 - switches[1].0;
+    println!(
+        "all servers down: switches {:.1} s then {:.1} s apart (the second round waits twice as long)",
+        first_gap.as_secs_f64(),
+        second_gap.as_secs_f64()
+    );
+    ensure!(
+        first_gap >= Duration::from_secs(FAILOVER_AFTER),
+        "switched again after only {first_gap:?}"
+    );
+    ensure!(
+        second_gap >= first_gap + Duration::from_secs(FAILOVER_AFTER - 2),
+        "no backoff: {first_gap:?} then {second_gap:?}"
+    );
+    // The second server answers: traffic flows and the outage is over.
+    watchers.probe_until(&rig, Duration::from_secs(10), || {
+        pinger.replied_after(switches[2].0).is_some()
+    })?;
+    wait_for(Duration::from_secs(5), "allDownSince to clear", || {
+        status(&rig).is_ok_and(|(_, ns)| ns["peers"][0]["failover"]["allDownSince"].is_null())
+    })?;
+    watchers.check()?;
+    ensure!(pinger.alive(), "the confined ping ended");
+    Ok(())
+}
+
+/// Bad alternatives are refused by `check` (the same validation `up` runs first) with one line
+/// naming the field and exit status 2.
+fn bad_alternatives() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("wgns-alternatives-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    let other = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
+    let cases = [
+        (
+            json!([{ "publicKey": key, "endpoint": "10.200.153.2:51820" }]),
+            "error: peers[0].alternatives[0].publicKey: is the peer's own publicKey",
+        ),
+        (json!([]), "error: peers[0].alternatives: is empty"),
+        (
+            json!([{ "publicKey": other, "endpoint": "10.200.153.2" }]),
+            "error: peers[0].alternatives[0].endpoint: \"10.200.153.2\" needs a port",
+        ),
+        (
+            json!([{ "publicKey": other, "endpoint": "[fd77::1:51820" }]),
+            "error: peers[0].alternatives[0].endpoint:",
+        ),
+    ];
+    let result = (|| -> Result<()> {
+        for (alternatives, expected) in cases {
+            let config = json!({
+                "namespace_name": "wgt153c",
+                "dns_server": "10.200.153.129",
+                "privateKeyFile": "/nonexistent/key",
+                "peers": [{
+                    "publicKey": key,
+                    "allowedIPs": ["0.0.0.0/0"],
+                    "endpoint": "10.200.153.2:51820",
+                    "alternatives": alternatives,
+                }]
+            });
+            let path = dir.join("config.json");
+            std::fs::write(&path, config.to_string())?;
+            let out = run_cmd(&[BIN, "check", "--config", path.to_str().context("path")?])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                out.status.code() == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with(expected),
+                "expected {expected:?}: {}",
+                text(&out)
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod exec;
+pub mod failover;
 pub mod forward;
 pub mod import;
 pub mod leaks;

@@ -13,16 +13,20 @@
 //! session from before the change may be dead on the server's side while the client still
 //! trusts it; WireGuard's own timers would notice only 15 s or more later, or, for wireguard-go,
 //! whose timers stop during sleep, later still.
+//!
+//! For peers with alternatives it puts the next server in place of one that stopped answering
+//! (see [`crate::commands::failover`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
-use crate::config::{Config, EndpointHost, Peer};
-use crate::system::state::{Phase, State};
-use crate::system::wireguard::{self, Backend};
+use crate::commands::failover::{Counters, Decision, Watch};
+use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::system::state::{self, FailoverRecord, Phase, State};
+use crate::system::wireguard::{self, Backend, PeerSettings};
 
 /// WireGuard rekeys every 120 s while traffic flows; a handshake older than this (plus the
 /// retry slack the protocol allows) means the peer has stopped answering.
@@ -30,6 +34,8 @@ const HANDSHAKE_OVERDUE: Duration = Duration::from_secs(135);
 /// Re-resolution because of an overdue handshake happens at most this often per peer.
 const OVERDUE_RETRY: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_millis(500);
+/// How long a failover waits for the namespace's lock to record a switch.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// A change of the host's network is acted on once it has been quiet this long...
 const SETTLE: Duration = Duration::from_millis(500);
 /// ...or this long after the first change of a storm that does not settle.
@@ -40,8 +46,10 @@ const MIN_GAP: Duration = Duration::from_secs(2);
 /// was asleep in between.
 const RESUME_JUMP: Duration = Duration::from_secs(2);
 
+/// Whether a peer has a server whose endpoint is a name to keep resolved.
 fn refreshable(peer: &Peer, once: bool) -> bool {
-    matches!(&peer.endpoint, Some(e) if matches!(e.host, EndpointHost::Name(_)))
+    (0..peer.server_count())
+        .any(|i| matches!(peer.server(i).2, Some(e) if matches!(e.host, EndpointHost::Name(_))))
         && (once || peer.dynamic_endpoint_refresh_seconds > 0)
 }
 
@@ -63,35 +71,40 @@ fn target(config: &Config) -> Result<Target> {
     })
 }
 
-/// Resolves one peer's endpoint and moves the peer when the address changed.
-fn refresh_peer(
+/// Resolves one server's endpoint and moves its peer when the address changed.
+fn refresh_server(
     config: &Config,
     target: &Target,
-    peer: &Peer,
+    (key, key_text, endpoint): (&Key, &str, Option<&Endpoint>),
     current: Option<SocketAddr>,
 ) -> Result<()> {
-    let endpoint = peer.endpoint.as_ref().context("peer has no endpoint")?;
+    let endpoint = endpoint.context("peer has no endpoint")?;
     let resolved = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
     if current != Some(resolved) {
         wireguard::set_endpoint(
             config.interface(),
             target.backend,
             &target.fd,
-            &peer.public_key,
+            key,
             resolved,
         )?;
         eprintln!(
-            "refresh: peer {}: endpoint {endpoint} now {resolved} (was {})",
-            peer.public_key_text,
+            "refresh: peer {key_text}: endpoint {endpoint} now {resolved} (was {})",
             current.map_or("unset".to_string(), |c| c.to_string())
         );
     }
     Ok(())
 }
 
-/// Current endpoint and latest handshake of every peer on the device.
-/// A peer's current endpoint and latest handshake, by public key.
-type OnDevice = HashMap<[u8; 32], (Option<SocketAddr>, Option<SystemTime>)>;
+/// What the device says about one of its peers.
+#[derive(Debug, Clone, Copy)]
+struct DevicePeer {
+    endpoint: Option<SocketAddr>,
+    counters: Counters,
+}
+
+/// The device's peers by public key.
+type OnDevice = HashMap<[u8; 32], DevicePeer>;
 
 fn device_peers(config: &Config, target: &Target) -> Result<OnDevice> {
     let device = wireguard::show(config.interface(), target.backend, &target.fd)?;
@@ -99,12 +112,207 @@ fn device_peers(config: &Config, target: &Target) -> Result<OnDevice> {
         .peers
         .iter()
         .map(|p| {
+            let counters = Counters {
+                rx: p.stats.rx_bytes,
+                tx: p.stats.tx_bytes,
+                handshake: p.stats.last_handshake_time,
+            };
             (
                 p.config.public_key.0,
-                (p.config.endpoint, p.stats.last_handshake_time),
+                DevicePeer {
+                    endpoint: p.config.endpoint,
+                    counters,
+                },
             )
         })
         .collect())
+}
+
+/// One configured peer as the loop follows it.
+struct Tracked<'c> {
+    peer: &'c Peer,
+    /// When the name of its server's endpoint is resolved again.
+    schedule: Option<Schedule>,
+    /// Its servers, when it has alternatives.
+    failover: Option<Watch>,
+    /// What the state file says about "no server answers".
+    recorded_all_down: bool,
+}
+
+impl<'c> Tracked<'c> {
+    fn new(peer: &'c Peer, start: Instant, once: bool) -> Tracked<'c> {
+        Tracked {
+            peer,
+            schedule: refreshable(peer, once).then(|| {
+                Schedule::new(
+                    start,
+                    Duration::from_secs(peer.dynamic_endpoint_refresh_seconds),
+                )
+            }),
+            failover: (!peer.alternatives.is_empty()).then(|| {
+                Watch::new(
+                    peer.server_count(),
+                    0,
+                    Duration::from_secs(peer.failover_after_seconds),
+                )
+            }),
+            recorded_all_down: false,
+        }
+    }
+
+    /// The server the device holds for this peer: the one the loop follows, or else whichever
+    /// of the peer's servers is there (after a switch that failed half-way, after `up`).
+    fn sync(&mut self, on_device: &OnDevice) -> Option<usize> {
+        let on = |i: usize| on_device.contains_key(&self.peer.server(i).0.0);
+        let active = self.failover.as_ref().map_or(0, Watch::active);
+        if on(active) {
+            return Some(active);
+        }
+        let found = (0..self.peer.server_count()).find(|&i| on(i))?;
+        if let Some(watch) = &mut self.failover {
+            watch.set_active(found);
+        }
+        Some(found)
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Changes this peer's failover record in the state file, under the namespace's lock.
+fn record(config: &Config, peer: &Peer, change: impl FnOnce(&mut FailoverRecord)) -> Result<()> {
+    let recorded = state::update_up(&config.namespace, LOCK_WAIT, |state| {
+        if let Some(record) = state
+            .peers
+            .iter_mut()
+            .find(|r| r.public_key == peer.public_key_text)
+        {
+            change(record.failover.get_or_insert_with(|| FailoverRecord {
+                active: 0,
+                active_public_key: peer.public_key_text.clone(),
+                last_switch_at: None,
+                last_switch_reason: None,
+                all_down_since: None,
+            }));
+        }
+    })?;
+    ensure!(recorded, "namespace {:?} is not up", config.namespace);
+    Ok(())
+}
+
+/// Server `index` of `peer` as it goes on the device: with the peer's allowed IPs and
+/// keepalive, its endpoint resolved and its preshared key read now.
+fn server_settings(peer: &Peer, index: usize) -> Result<PeerSettings> {
+    let (key, _, endpoint) = peer.server(index);
+    let endpoint = endpoint.context("no endpoint")?;
+    let address = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
+    let preshared_key = match index.checked_sub(1) {
+        None => match &peer.preshared_key {
+            None => None,
+            Some(PresharedKey::Inline(key)) => Some(key.clone()),
+            Some(PresharedKey::File(path)) => {
+                Some(wireguard::read_key_file("presharedKeyFile", path)?.0)
+            }
+        },
+        Some(i) => match &peer.alternatives[i].preshared_key_file {
+            None => None,
+            Some(path) => Some(
+                wireguard::read_key_file(&format!("alternatives[{i}].presharedKeyFile"), path)?.0,
+            ),
+        },
+    };
+    Ok(PeerSettings {
+        public_key: key.clone(),
+        preshared_key,
+        endpoint: Some(address),
+        persistent_keepalive: peer.persistent_keepalive,
+        allowed_ips: peer.allowed_ips.clone(),
+    })
+}
+
+/// Puts the first server from `to` on that can be reached (its name resolves, its key file
+/// reads) in the place of server `from`: recorded in the state file first, then one device
+/// update. On failure `from` stays, and is watched again.
+fn switch(
+    config: &Config,
+    target: &Target,
+    tracked: &mut Tracked,
+    from: usize,
+    to: usize,
+    silent: Duration,
+) {
+    let peer = tracked.peer;
+    let Some(watch) = tracked.failover.as_mut() else {
+        return;
+    };
+    let count = peer.server_count();
+    let (old_key, old_text, old_endpoint) = peer.server(from);
+    let reason = format!(
+        "{old_text} ({}) left what the tunnel sent unanswered for {}s",
+        old_endpoint.map_or("no endpoint".to_string(), |e| e.to_string()),
+        silent.as_secs()
+    );
+    let all_down = watch.all_down();
+    for candidate in (0..count)
+        .map(|step| (to + step) % count)
+        .filter(|&c| c != from)
+    {
+        let (_, text, endpoint) = peer.server(candidate);
+        let settings = match server_settings(peer, candidate) {
+            Ok(settings) => settings,
+            Err(e) => {
+                eprintln!(
+                    "refresh: peer {}: skipping server {text}: {e:#}",
+                    peer.public_key_text
+                );
+                continue;
+            }
+        };
+        let recorded = record(config, peer, |f| {
+            f.active = candidate;
+            f.active_public_key = text.to_string();
+            f.last_switch_at = Some(unix_now());
+            f.last_switch_reason = Some(reason.clone());
+            f.all_down_since = if all_down {
+                f.all_down_since.or(Some(unix_now()))
+            } else {
+                None
+            };
+        });
+        let switched = recorded.and_then(|()| {
+            wireguard::replace_peer(
+                config.interface(),
+                target.backend,
+                &target.fd,
+                old_key,
+                &settings,
+            )
+        });
+        match switched {
+            Ok(()) => {
+                watch.set_active(candidate);
+                tracked.recorded_all_down = all_down;
+                eprintln!(
+                    "refresh: peer {}: switched to server {text} ({}) because {reason}",
+                    peer.public_key_text,
+                    endpoint.map_or("no endpoint".to_string(), |e| e.to_string()),
+                );
+            }
+            Err(e) => {
+                watch.set_active(from);
+                eprintln!(
+                    "refresh: peer {}: switching to server {text}: {e:#}; keeping {old_text}",
+                    peer.public_key_text
+                );
+            }
+        }
+        return;
+    }
+    watch.set_active(from);
 }
 
 /// When one peer's name is resolved again: every `every`, and at once (but at most every
@@ -206,64 +414,67 @@ fn boot_offset() -> Duration {
 
 /// After a change of the host's network: resolve again where the endpoint is a name, and
 /// handshake anew through the network as it is now.
-fn rehandshake_all(config: &Config, target: &Target, peers: &[&Peer], on_device: &OnDevice) {
-    for peer in peers {
-        let Some(endpoint) = &peer.endpoint else {
-            continue;
-        };
-        let current = on_device.get(&peer.public_key.0).and_then(|(e, _)| *e);
-        let resolved = match wireguard::resolve(endpoint) {
-            Ok(address) => Some(address),
-            Err(e) => {
-                eprintln!(
-                    "refresh: peer {}: resolving {endpoint}: {e}; keeping {}",
-                    peer.public_key_text,
-                    current.map_or("no endpoint".to_string(), |c| c.to_string())
-                );
-                None
-            }
-        };
-        match wireguard::rehandshake(
-            config.interface(),
-            target.backend,
-            &target.fd,
-            &peer.public_key,
-            resolved,
-        ) {
-            Ok(()) => eprintln!(
-                "refresh: peer {}: handshaking again with {}",
-                peer.public_key_text,
-                resolved
-                    .or(current)
-                    .map_or("no endpoint".to_string(), |a| a.to_string())
-            ),
-            Err(e) => eprintln!("refresh: peer {}: {e:#}", peer.public_key_text),
+fn rehandshake(
+    config: &Config,
+    target: &Target,
+    server: (&Key, &str, Option<&Endpoint>),
+    current: Option<SocketAddr>,
+) {
+    let (key, key_text, endpoint) = server;
+    let Some(endpoint) = endpoint else {
+        return;
+    };
+    let resolved = match wireguard::resolve(endpoint) {
+        Ok(address) => Some(address),
+        Err(e) => {
+            eprintln!(
+                "refresh: peer {key_text}: resolving {endpoint}: {e}; keeping {}",
+                current.map_or("no endpoint".to_string(), |c| c.to_string())
+            );
+            None
         }
+    };
+    match wireguard::rehandshake(
+        config.interface(),
+        target.backend,
+        &target.fd,
+        key,
+        resolved,
+    ) {
+        Ok(()) => eprintln!(
+            "refresh: peer {key_text}: handshaking again with {}",
+            resolved
+                .or(current)
+                .map_or("no endpoint".to_string(), |a| a.to_string())
+        ),
+        Err(e) => eprintln!("refresh: peer {key_text}: {e:#}"),
     }
 }
 
 pub fn run(config: &Config, once: bool) -> Result<()> {
-    let peers: Vec<&Peer> = config
-        .peers
-        .iter()
-        .filter(|p| refreshable(p, once))
-        .collect();
+    let start = Instant::now();
     if once {
         let target = target(config)?;
         let on_device = device_peers(config, &target)?;
-        for peer in peers {
-            let current = on_device.get(&peer.public_key.0).and_then(|(e, _)| *e);
-            refresh_peer(config, &target, peer, current)
+        for peer in config.peers.iter().filter(|p| refreshable(p, true)) {
+            let mut tracked = Tracked::new(peer, start, true);
+            let Some(active) = tracked.sync(&on_device) else {
+                continue;
+            };
+            let server = peer.server(active);
+            let current = on_device.get(&server.0.0).and_then(|d| d.endpoint);
+            refresh_server(config, &target, server, current)
                 .with_context(|| format!("refresh: peer {}", peer.public_key_text))?;
         }
         return Ok(());
     }
-    let with_endpoint: Vec<&Peer> = config
+    let mut tracked: Vec<Tracked> = config
         .peers
         .iter()
         .filter(|p| p.endpoint.is_some())
+        .map(|p| Tracked::new(p, start, false))
         .collect();
-    if with_endpoint.is_empty() {
+    if tracked.is_empty() {
         eprintln!("refresh: no peer has an endpoint; nothing to do");
         return Ok(());
     }
@@ -273,16 +484,6 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
     let mut debounce = Debounce::default();
     let mut sleep = SleepDetector::new();
 
-    let start = Instant::now();
-    let mut schedules: Vec<Schedule> = peers
-        .iter()
-        .map(|p| {
-            Schedule::new(
-                start,
-                Duration::from_secs(p.dynamic_endpoint_refresh_seconds),
-            )
-        })
-        .collect();
     let mut waiting_reported = false;
     loop {
         let changed = watcher.wait(TICK)?;
@@ -314,23 +515,56 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
                 continue;
             }
         };
-        if debounce.take(now) {
-            rehandshake_all(config, &target, &with_endpoint, &on_device);
-            continue;
-        }
-        for (peer, schedule) in peers.iter().zip(&mut schedules) {
-            let (current, handshake) = on_device
-                .get(&peer.public_key.0)
-                .copied()
-                .unwrap_or((None, None));
-            let handshake_age = handshake.and_then(|t| SystemTime::now().duration_since(t).ok());
+        let network_changed = debounce.take(now);
+        for t in &mut tracked {
+            let Some(active) = t.sync(&on_device) else {
+                continue;
+            };
+            let server = t.peer.server(active);
+            let device = on_device[&server.0.0];
+            if network_changed {
+                rehandshake(config, &target, server, device.endpoint);
+                continue;
+            }
+            if let Some(watch) = &mut t.failover {
+                match watch.observe(now, device.counters) {
+                    Decision::Wait => {}
+                    Decision::Probe => {
+                        eprintln!(
+                            "refresh: peer {}: no answer for {}s; asking for a handshake",
+                            server.1,
+                            watch.dwell().as_secs()
+                        );
+                        rehandshake(config, &target, server, device.endpoint);
+                        continue;
+                    }
+                    Decision::Switch { from, to, silent } => {
+                        switch(config, &target, t, from, to, silent);
+                        continue;
+                    }
+                }
+                if t.recorded_all_down && !watch.all_down() {
+                    match record(config, t.peer, |f| f.all_down_since = None) {
+                        Ok(()) => t.recorded_all_down = false,
+                        Err(e) => eprintln!("refresh: {e:#}"),
+                    }
+                }
+            }
+            let handshake_age = device
+                .counters
+                .handshake
+                .and_then(|t| SystemTime::now().duration_since(t).ok());
+            let named = matches!(server.2, Some(e) if matches!(e.host, EndpointHost::Name(_)));
+            let Some(schedule) = t.schedule.as_mut().filter(|_| named) else {
+                continue;
+            };
             if !schedule.take(now, handshake_age) {
                 continue;
             }
-            if let Err(e) = refresh_peer(config, &target, peer, current) {
+            if let Err(e) = refresh_server(config, &target, server, device.endpoint) {
                 eprintln!(
                     "refresh: peer {}: {e:#}; keeping the current endpoint and retrying",
-                    peer.public_key_text
+                    server.1
                 );
             }
         }

@@ -70,6 +70,23 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     #[serde(rename = "allowedIPs")]
     pub allowed_ips: Vec<String>,
+    /// Which of the peer's servers is in use; none for a peer without alternatives.
+    pub failover: Option<FailoverStatus>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverStatus {
+    /// 0: the peer itself; n: its alternative n (counted from 1).
+    pub active: usize,
+    pub active_public_key: String,
+    /// As configured.
+    pub active_endpoint: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub last_switch_at: Option<u64>,
+    pub last_switch_reason: Option<String>,
+    /// Set while no server has answered since then (seconds since the Unix epoch).
+    pub all_down_since: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -436,10 +453,34 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
         .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(state.started_at))
         .unwrap_or_default();
     for record in &state.peers {
-        let Some(key) = Key::from_base64(&record.public_key) else {
-            continue;
+        // The device holds the server in use: the recorded one, or else whichever of the
+        // peer's servers it has (a switch may have failed half-way).
+        let servers: Vec<(&str, Option<&String>)> =
+            std::iter::once((record.public_key.as_str(), record.endpoint.as_ref()))
+                .chain(
+                    record
+                        .alternatives
+                        .iter()
+                        .map(|a| (a.public_key.as_str(), Some(&a.endpoint))),
+                )
+                .collect();
+        let on_device = |text: &str| {
+            let key = Key::from_base64(text)?;
+            device.peers.iter().find(|p| p.config.public_key.0 == key.0)
         };
-        let Some(info) = device.peers.iter().find(|p| p.config.public_key.0 == key.0) else {
+        let found = on_device(record.active_public_key()).and_then(|info| {
+            let index = servers
+                .iter()
+                .position(|(k, _)| *k == record.active_public_key())?;
+            Some((index, info))
+        });
+        let found = found.or_else(|| {
+            servers
+                .iter()
+                .enumerate()
+                .find_map(|(i, (k, _))| on_device(k).map(|info| (i, info)))
+        });
+        let Some((active, info)) = found else {
             status.verdict = Verdict::Down;
             status.reasons.push(format!(
                 "peer {} is missing from the device",
@@ -447,6 +488,27 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
             ));
             continue;
         };
+        let (active_key, active_endpoint) = servers[active];
+        let failover = (!record.alternatives.is_empty()).then(|| {
+            let last = record.failover.as_ref();
+            FailoverStatus {
+                active,
+                active_public_key: active_key.to_string(),
+                active_endpoint: active_endpoint.cloned(),
+                last_switch_at: last.and_then(|f| f.last_switch_at),
+                last_switch_reason: last.and_then(|f| f.last_switch_reason.clone()),
+                all_down_since: last.and_then(|f| f.all_down_since),
+            }
+        });
+        if let Some(since) = failover.as_ref().and_then(|f| f.all_down_since) {
+            status.verdict = status.verdict.max(Verdict::Degraded);
+            status.reasons.push(format!(
+                "peer {}: none of its {} servers has answered since {since} (Unix time); \
+                 refresh keeps trying them in order, waiting longer each round",
+                record.public_key,
+                servers.len()
+            ));
+        }
         let handshake_age = info
             .stats
             .last_handshake_time
@@ -457,7 +519,7 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
                 .reasons
                 .push(format!("peer {}: {problem}", record.public_key));
         }
-        if let Some(configured) = &record.endpoint {
+        if let Some(configured) = active_endpoint {
             let unresolvable = Endpoint::parse(configured)
                 .map(|e| wireguard::resolve(&e).is_err())
                 .unwrap_or(true);
@@ -482,6 +544,7 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
                 .iter()
                 .map(|a| format!("{}/{}", a.address, a.cidr))
                 .collect(),
+            failover,
         });
     }
 }
@@ -610,6 +673,16 @@ fn print_text(status: &NamespaceStatus) {
             peer.rx_bytes, peer.tx_bytes
         );
         println!("    allowed IPs: {}", peer.allowed_ips.join(", "));
+        if let Some(f) = &peer.failover {
+            let which = match f.active {
+                0 => "the peer itself".to_string(),
+                n => format!("alternative {n}"),
+            };
+            println!("    server:      {which}, {}", f.active_public_key);
+            if let (Some(at), Some(reason)) = (f.last_switch_at, &f.last_switch_reason) {
+                println!("    switched:    at {at} (Unix time): {reason}");
+            }
+        }
     }
     for reason in &status.reasons {
         println!("  reason:    {reason}");

@@ -18,7 +18,7 @@ use crate::system::link::Netlink;
 use crate::system::relays;
 use crate::system::state::{
     LinkKind, Lock, LockError, PeerRecord, Phase, PortForwardingRecord, PublishRecord, Resource,
-    State,
+    ServerRecord, State,
 };
 use crate::system::wireguard::{self, Backend};
 use crate::system::{dns, firewall, netns};
@@ -228,6 +228,15 @@ fn build(
         .map(|p| PeerRecord {
             public_key: p.public_key_text.clone(),
             endpoint: p.endpoint.as_ref().map(ToString::to_string),
+            alternatives: p
+                .alternatives
+                .iter()
+                .map(|a| ServerRecord {
+                    public_key: a.public_key_text.clone(),
+                    endpoint: a.endpoint.to_string(),
+                })
+                .collect(),
+            failover: None,
         })
         .collect();
     state.publish_ports = config

@@ -338,6 +338,44 @@ pub struct PeerRecord {
     pub public_key: String,
     /// As configured: a host name stays a host name.
     pub endpoint: Option<String>,
+    /// The servers that can stand in for this peer, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<ServerRecord>,
+    /// Which server carries the peer, once `refresh` has switched; none means the peer itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerRecord {
+    pub public_key: String,
+    /// As configured.
+    pub endpoint: String,
+}
+
+/// The server on the device in the peer's place, and the last switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverRecord {
+    /// 0: the peer itself; n: `alternatives[n - 1]`.
+    pub active: usize,
+    /// The key the device holds for this peer.
+    pub active_public_key: String,
+    /// Seconds since the Unix epoch.
+    pub last_switch_at: Option<u64>,
+    pub last_switch_reason: Option<String>,
+    /// Set while no server has answered since then (seconds since the Unix epoch).
+    pub all_down_since: Option<u64>,
+}
+
+impl PeerRecord {
+    /// The key the device holds for this peer: the active alternative's, or its own.
+    pub fn active_public_key(&self) -> &str {
+        self.failover
+            .as_ref()
+            .map_or(&self.public_key, |f| &f.active_public_key)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -507,6 +545,32 @@ impl State {
                 let _ = rest.save();
                 Err(e)
             }
+        }
+    }
+}
+
+/// Changes the state file of a namespace that is up, under the namespace's lock, on the state as
+/// it is then. False, and nothing changed or left behind, when the namespace is not up.
+pub fn update_up(
+    namespace: &str,
+    timeout: Duration,
+    change: impl FnOnce(&mut State),
+) -> Result<bool> {
+    if !State::load(namespace)?.is_some_and(|s| s.phase == Phase::Up) {
+        return Ok(false);
+    }
+    let lock = Lock::acquire(namespace, timeout)?;
+    match State::load(namespace)? {
+        Some(mut state) if state.phase == Phase::Up => {
+            change(&mut state);
+            state.save()?;
+            Ok(true)
+        }
+        Some(_) => Ok(false),
+        // `down` came first and removed its lock file; ours must go too.
+        None => {
+            lock.remove();
+            Ok(false)
         }
     }
 }

@@ -8,6 +8,11 @@
 //!                                                            wgt<id>p  "peer": wireguard-go
 //!                                                              wgt<id>w 10.200.<id>.129/25, fd77:<id>::1/64
 //!   wgt<id>c  the confined namespace `up` builds; its tunnel address is 10.200.<id>.130
+//!
+//!   with Rig::add_second_peer (failover tests), a second server with a key of its own:
+//!     wgt<id>d 10.200.<id>.17/29 ── veth ── wgt<id>e 10.200.<id>.18/29
+//!                                             wgt<id>q  "second peer": wireguard-go
+//!                                               wgt<id>v 10.200.<id>.129/25, fd77:<id>::1/64
 //! ```
 //!
 //! The root namespace only gets `unreachable` routes for 10.200.<id>.0/24 and fd77:<id>::/32,
@@ -116,6 +121,7 @@ pub struct Rig {
     host_fd: OwnedFd,
     peer_fd: OwnedFd,
     peer_wg: Option<Child>,
+    second: Option<SecondPeer>,
     children: Vec<Child>,
     /// A field drops after `Drop::drop` has run, so the routes outlast the rest of the rig.
     _guard_routes: GuardRoutes,
@@ -163,6 +169,7 @@ impl Rig {
             host_fd,
             peer_fd,
             peer_wg: None,
+            second: None,
             children: Vec::new(),
             _guard_routes: guard_routes,
         };
@@ -214,38 +221,164 @@ impl Rig {
 
     /// (Re)starts the peer's WireGuard daemon and configures it for the confined side.
     pub fn start_peer_wg(&mut self) -> Result<()> {
-        let _ = std::fs::remove_file(uapi_socket(&self.peer_if));
-        let child = self
-            .command_in(&self.peer_fd, &["wireguard-go", "-f", &self.peer_if])
+        let child = self.start_server_wg(
+            &self.peer_fd,
+            &self.peer,
+            &self.peer_if,
+            &self.peer_key,
+            None,
+        )?;
+        self.peer_wg = Some(child);
+        Ok(())
+    }
+
+    /// wireguard-go as a server for the confined side in the namespace `fd` (named `ns`), on
+    /// the interface `interface` with the peer's tunnel addresses (10.200.<id>.129/25,
+    /// fd77:<id>::1/64), listening on [`WG_PORT`].
+    fn start_server_wg(
+        &self,
+        fd: &OwnedFd,
+        ns: &str,
+        interface: &str,
+        key: &Key,
+        preshared_key: Option<&Key>,
+    ) -> Result<Child> {
+        let _ = std::fs::remove_file(uapi_socket(interface));
+        let mut child = self
+            .command_in(fd, &["wireguard-go", "-f", interface])
             .env("WG_PROCESS_FOREGROUND", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting wireguard-go for the peer")?;
-        self.peer_wg = Some(child);
-        let socket = uapi_socket(&self.peer_if);
-        wait_for(Duration::from_secs(10), "the peer's wireguard-go", || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        })?;
-        let (p, id, w) = (&self.peer, self.id, &self.peer_if);
-        add_address(p, &format!("10.200.{id}.129/25"), w)?;
-        add_address(p, &format!("fd77:{id}::1/64"), w)?;
-        sh(&["ip", "-n", p, "link", "set", w, "up"])?;
-        DeviceUpdate::new()
-            .set_private_key(self.peer_key.clone())
-            .set_listen_port(WG_PORT)
-            .replace_peers()
-            .add_peer(
-                PeerConfigBuilder::new(&self.confined_key.get_public())
-                    .add_allowed_ip(self.confined_ip().into(), 32)
-                    .add_allowed_ip(format!("fd77:{id}::2").parse::<IpAddr>()?, 128),
-            )
-            .apply(
-                &w.parse().map_err(|e| anyhow!("{e:?}"))?,
-                Backend::Userspace,
-            )
-            .context("configuring the peer's WireGuard")?;
+            .context("starting wireguard-go for a server")?;
+        let configured = (|| -> Result<()> {
+            let socket = uapi_socket(interface);
+            wait_for(Duration::from_secs(10), "a server's wireguard-go", || {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            })?;
+            let id = self.id;
+            add_address(ns, &format!("10.200.{id}.129/25"), interface)?;
+            add_address(ns, &format!("fd77:{id}::1/64"), interface)?;
+            sh(&["ip", "-n", ns, "link", "set", interface, "up"])?;
+            let mut peer = PeerConfigBuilder::new(&self.confined_key.get_public())
+                .add_allowed_ip(self.confined_ip().into(), 32)
+                .add_allowed_ip(format!("fd77:{id}::2").parse::<IpAddr>()?, 128);
+            if let Some(psk) = preshared_key {
+                peer = peer.set_preshared_key(psk.clone());
+            }
+            DeviceUpdate::new()
+                .set_private_key(key.clone())
+                .set_listen_port(WG_PORT)
+                .replace_peers()
+                .add_peer(peer)
+                .apply(
+                    &interface.parse().map_err(|e| anyhow!("{e:?}"))?,
+                    Backend::Userspace,
+                )
+                .context("configuring a server's WireGuard")
+        })();
+        if let Err(e) = configured {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(child)
+    }
+
+    /// Builds the second server (see the layout above). Its preshared key, when given, is
+    /// what the confined side must use with it.
+    pub fn add_second_peer(&mut self, preshared_key: Option<Key>) -> Result<()> {
+        let id = self.id;
+        let ns = format!("wgt{id}q");
+        ensure!(
+            !netns::path(&ns).exists(),
+            "namespace {ns} already exists: another run of this test?"
+        );
+        netns::create(&ns)?;
+        let fd = match netns::open(&ns) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = netns::delete(&ns);
+                return Err(e);
+            }
+        };
+        // From here on Drop cleans up.
+        self.second = Some(SecondPeer {
+            ns: ns.clone(),
+            fd,
+            host_veth: format!("wgt{id}d"),
+            peer_veth: format!("wgt{id}e"),
+            wg_if: format!("wgt{id}v"),
+            key: Key::generate_private(),
+            preshared_key,
+            wg: None,
+        });
+        let second = self.second.as_ref().context("second peer")?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.host,
+            "link",
+            "add",
+            &second.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &second.peer_veth,
+            "netns",
+            &ns,
+        ])?;
+        for (ns, link) in [(&self.host, &second.host_veth), (&ns, &second.peer_veth)] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{link}.disable_ipv6=1"),
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
+        }
+        add_address(&self.host, &format!("10.200.{id}.17/29"), &second.host_veth)?;
+        add_address(&ns, &format!("10.200.{id}.18/29"), &second.peer_veth)?;
+        self.start_second_peer_wg()
+    }
+
+    pub fn second_peer(&self) -> &SecondPeer {
+        self.second.as_ref().expect("add_second_peer first")
+    }
+
+    pub fn second_peer_underlay(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.id, 18)
+    }
+
+    /// (Re)starts the second server's WireGuard.
+    pub fn start_second_peer_wg(&mut self) -> Result<()> {
+        let second = self.second.as_ref().context("add_second_peer first")?;
+        let child = self.start_server_wg(
+            &second.fd,
+            &second.ns,
+            &second.wg_if,
+            &second.key,
+            second.preshared_key.as_ref(),
+        )?;
+        self.second.as_mut().context("second peer")?.wg = Some(child);
         Ok(())
+    }
+
+    /// Stops the second server's WireGuard.
+    pub fn stop_second_peer_wg(&mut self) {
+        if let Some(second) = &mut self.second {
+            if let Some(mut child) = second.wg.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_file(uapi_socket(&second.wg_if));
+        }
     }
 
     /// Stops the peer's WireGuard: the tunnel is down from then on.
@@ -470,6 +603,18 @@ impl Rig {
     }
 }
 
+/// A second server for the confined namespace; see [`Rig::add_second_peer`].
+pub struct SecondPeer {
+    pub ns: String,
+    pub fd: OwnedFd,
+    pub host_veth: String,
+    pub peer_veth: String,
+    pub wg_if: String,
+    pub key: Key,
+    pub preshared_key: Option<Key>,
+    wg: Option<Child>,
+}
+
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
@@ -524,8 +669,10 @@ impl Drop for Rig {
             let _ = child.wait();
         }
         self.stop_peer_wg();
+        self.stop_second_peer_wg();
         // Anything still running in our namespaces was started for this test; end it by PID.
         let mut fds = vec![&self.host_fd, &self.peer_fd];
+        fds.extend(self.second.as_ref().map(|s| &s.fd));
         let confined = netns::open(&self.confined).ok();
         fds.extend(confined.as_ref());
         for fd in fds {
@@ -542,6 +689,10 @@ impl Drop for Rig {
             let _ = netns::delete(&self.confined);
         }
         let _ = sh(&["ip", "-n", &self.host, "link", "del", &self.host_veth]);
+        if let Some(second) = &self.second {
+            let _ = sh(&["ip", "-n", &self.host, "link", "del", &second.host_veth]);
+            let _ = netns::delete(&second.ns);
+        }
         let _ = netns::delete(&self.peer);
         let _ = netns::delete(&self.host);
         let _ = std::fs::remove_file(uapi_socket(&self.confined));

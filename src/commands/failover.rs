@@ -1,0 +1,269 @@
+//! Failover, the part of `refresh` that puts the next of a peer's servers in place of the one in
+//! use when that one stops answering. This file decides; `refresh` acts.
+//!
+//! A server has stopped answering when the tunnel sent something (its tx bytes grew) and got
+//! nothing back (rx bytes and the latest handshake stand still) for `failoverAfterSeconds`.
+//! A healthy server answers data within WireGuard's passive keepalive (10 s), but it never
+//! answers a persistent keepalive, so an idle tunnel with keepalive looks the same for up to
+//! two minutes. Before switching, the peer is therefore made to handshake anew: a server that
+//! is only quiet answers that at once; after [`PROBE_GRACE`] without an answer (and with
+//! something sent meanwhile) the next server takes over.
+//!
+//! Order: the peer itself, then its alternatives, then the peer itself again. A server that
+//! works is kept until it fails (no switching back while it answers). When no server answered
+//! for a whole round, every further round gives each server twice as long, up to
+//! [`MAX_DWELL`]: never a tight loop.
+
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a forced handshake may go unanswered before the server counts as gone: one
+/// WireGuard retry interval.
+pub const PROBE_GRACE: Duration = Duration::from_secs(5);
+/// The longest a server is given in the rounds after every server failed.
+pub const MAX_DWELL: Duration = Duration::from_secs(600);
+
+/// What WireGuard reports about the server in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub rx: u64,
+    pub tx: u64,
+    pub handshake: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Wait,
+    /// Make the server in use handshake anew, to tell a quiet server from a dead one.
+    Probe,
+    /// Put server `to` in the place of server `from`, which left the tunnel unanswered for
+    /// `silent`.
+    Switch {
+        from: usize,
+        to: usize,
+        silent: Duration,
+    },
+}
+
+/// One peer's servers and what the one in use did lately.
+#[derive(Debug)]
+pub struct Watch {
+    servers: usize,
+    after: Duration,
+    active: usize,
+    seen: Option<Counters>,
+    unanswered_since: Option<Instant>,
+    probed_at: Option<Instant>,
+    sent_since_probe: bool,
+    /// Switches since a server last answered.
+    failed_in_row: usize,
+}
+
+impl Watch {
+    pub fn new(servers: usize, active: usize, after: Duration) -> Watch {
+        Watch {
+            servers: servers.max(1),
+            after,
+            active,
+            seen: None,
+            unanswered_since: None,
+            probed_at: None,
+            sent_since_probe: false,
+            failed_in_row: 0,
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// Another server is in use than the last decision said (a switch that could not be
+    /// made, or someone else's change): watch that one from now on.
+    pub fn set_active(&mut self, active: usize) {
+        self.active = active;
+        self.seen = None;
+        self.unanswered_since = None;
+        self.probed_at = None;
+    }
+
+    /// No server has answered for a whole round.
+    pub fn all_down(&self) -> bool {
+        self.failed_in_row >= self.servers
+    }
+
+    /// How long the server in use may stay unanswered: `after`, doubled for every whole round
+    /// without an answer.
+    pub fn dwell(&self) -> Duration {
+        let rounds = u32::try_from(self.failed_in_row / self.servers).unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(rounds.min(16)).unwrap_or(u32::MAX);
+        self.after
+            .saturating_mul(factor)
+            .min(MAX_DWELL.max(self.after))
+    }
+
+    pub fn observe(&mut self, now: Instant, counters: Counters) -> Decision {
+        let Some(before) = self.seen.replace(counters) else {
+            // A server just put in place that has sent and heard nothing is unanswered from
+            // now: while it waits for a handshake answer, WireGuard sends only every 5 s.
+            if counters.tx > 0 && counters.rx == 0 && counters.handshake.is_none() {
+                self.unanswered_since = Some(now);
+            }
+            return Decision::Wait;
+        };
+        // A peer added anew (a probe, a switch, a reload) counts from zero.
+        let reset = counters.tx < before.tx || counters.rx < before.rx;
+        let (rx_before, tx_before) = if reset {
+            (0, 0)
+        } else {
+            (before.rx, before.tx)
+        };
+        let answered = counters.rx > rx_before
+            || (counters.handshake.is_some() && counters.handshake != before.handshake);
+        if answered {
+            self.unanswered_since = None;
+            self.probed_at = None;
+            self.failed_in_row = 0;
+            return Decision::Wait;
+        }
+        if counters.tx > tx_before {
+            self.unanswered_since.get_or_insert(now);
+            self.sent_since_probe |= self.probed_at.is_some();
+        }
+        let Some(since) = self.unanswered_since else {
+            return Decision::Wait;
+        };
+        if now.duration_since(since) < self.dwell() {
+            return Decision::Wait;
+        }
+        match self.probed_at {
+            None => {
+                self.probed_at = Some(now);
+                self.sent_since_probe = false;
+                Decision::Probe
+            }
+            Some(at) if now.duration_since(at) < PROBE_GRACE => Decision::Wait,
+            // Nothing was sent after the probe: no evidence either way, and nothing waits.
+            Some(_) if !self.sent_since_probe => {
+                self.unanswered_since = None;
+                self.probed_at = None;
+                Decision::Wait
+            }
+            Some(_) => {
+                let from = self.active;
+                self.failed_in_row += 1;
+                self.set_active((from + 1) % self.servers);
+                Decision::Switch {
+                    from,
+                    to: self.active,
+                    silent: now.duration_since(since),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(rx: u64, tx: u64, handshake: Option<u64>) -> Counters {
+        Counters {
+            rx,
+            tx,
+            handshake: handshake.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
+        }
+    }
+
+    /// Feeds one observation per second from `t` on; returns the decisions that were not Wait.
+    fn run(w: &mut Watch, t: &mut Instant, steps: &[Counters]) -> Vec<(usize, Decision)> {
+        let mut out = Vec::new();
+        for (i, counters) in steps.iter().enumerate() {
+            let d = w.observe(*t, *counters);
+            if d != Decision::Wait {
+                out.push((i, d));
+            }
+            *t += Duration::from_secs(1);
+        }
+        out
+    }
+
+    #[test]
+    fn a_server_that_answers_is_kept() {
+        let mut t = Instant::now();
+        let mut w = Watch::new(2, 0, Duration::from_secs(5));
+        // Traffic both ways.
+        let steps: Vec<_> = (0..30).map(|i| c(100 * i, 100 * i, Some(1))).collect();
+        assert!(run(&mut w, &mut t, &steps).is_empty());
+        // Idle: nothing sent, nothing received: no reason to switch, however long.
+        let steps: Vec<_> = (0..300).map(|_| c(3000, 3000, Some(1))).collect();
+        assert!(run(&mut w, &mut t, &steps).is_empty());
+    }
+
+    #[test]
+    fn a_quiet_server_is_probed_and_kept_when_it_answers() {
+        let mut t = Instant::now();
+        let mut w = Watch::new(2, 0, Duration::from_secs(5));
+        // Keepalives go out, nothing comes back: after 5 s, a probe.
+        let steps: Vec<_> = (0..8).map(|i| c(0, 32 * i, Some(1))).collect();
+        let decisions = run(&mut w, &mut t, &steps);
+        assert_eq!(decisions, vec![(6, Decision::Probe)]);
+        // The re-added peer handshakes: counters from zero, a new handshake.
+        assert_eq!(w.observe(t, c(92, 148, Some(50))), Decision::Wait);
+        assert_eq!(w.active(), 0);
+        assert!(!w.all_down());
+    }
+
+    #[test]
+    fn a_dead_server_is_replaced_then_all_rounds_back_off() {
+        let mut t = Instant::now();
+        let after = Duration::from_secs(5);
+        let mut w = Watch::new(2, 0, after);
+        let sending = |n: u64| -> Vec<Counters> { (1..=n).map(|i| c(0, 100 * i, None)).collect() };
+        // Sent and never heard: unanswered from the first look; probe after 5 s, switch 5 s
+        // later.
+        let decisions = run(&mut w, &mut t, &sending(11));
+        assert_eq!(decisions[0], (5, Decision::Probe));
+        assert!(matches!(
+            decisions[1],
+            (10, Decision::Switch { from: 0, to: 1, .. })
+        ));
+        assert!(!w.all_down());
+        // The alternative is dead too: back to the peer itself, and now all are down.
+        let decisions = run(&mut w, &mut t, &sending(11));
+        assert!(matches!(
+            decisions.last(),
+            Some((10, Decision::Switch { from: 1, to: 0, .. }))
+        ));
+        assert!(w.all_down());
+        // The next round gives each server twice as long.
+        assert_eq!(w.dwell(), 2 * after);
+        // The first look at a server that has only sent counts as unanswered already.
+        let mut fresh = Watch::new(2, 1, after);
+        fresh.observe(t, c(0, 148, None));
+        assert_eq!(fresh.unanswered_since, Some(t));
+        let decisions = run(&mut w, &mut t, &sending(30));
+        assert_eq!(decisions[0].0, 10, "probe after 10 s: {decisions:?}");
+        // Backoff is capped.
+        let mut w = Watch::new(2, 0, after);
+        w.failed_in_row = 1000;
+        assert_eq!(w.dwell(), MAX_DWELL);
+        // An answer ends the outage.
+        let mut w = Watch::new(2, 1, after);
+        w.failed_in_row = 4;
+        w.observe(t, c(0, 100, None));
+        w.observe(t, c(60, 200, Some(9)));
+        assert!(!w.all_down());
+        assert_eq!(w.dwell(), after);
+    }
+
+    #[test]
+    fn no_switch_without_something_sent_after_the_probe() {
+        let mut t = Instant::now();
+        let mut w = Watch::new(3, 0, Duration::from_secs(5));
+        let mut steps: Vec<_> = (1..=6).map(|i| c(0, 100 * i, None)).collect();
+        // After the probe the counters restart and stay at zero: the program stopped sending.
+        steps.extend((0..10).map(|_| c(0, 0, None)));
+        let decisions = run(&mut w, &mut t, &steps);
+        assert_eq!(decisions, vec![(5, Decision::Probe)]);
+        assert_eq!(w.active(), 0);
+    }
+}
