@@ -73,6 +73,8 @@ let
     endpoint = null;
     dynamicEndpointRefreshSeconds = 0;
     persistentKeepalive = null;
+    alternatives = null;
+    failoverAfterSeconds = 30;
   };
   publishDefaults = {
     protocol = "tcp";
@@ -176,6 +178,14 @@ let
             ];
             endpoint = "185.213.154.68:51820";
             persistentKeepalive = 25;
+            alternatives = [
+              {
+                publicKey = "Qn1Y1OUs6Ns6k9kYnyHydsyahJybUmRqPxMw9Q8Mbzo=";
+                endpoint = "se-sto-wg-002.example.net:51820";
+                presharedKeyFile = null;
+              }
+            ];
+            failoverAfterSeconds = 20;
           })
         ];
       };
@@ -345,6 +355,8 @@ let
         "${long}.privateKeyFile is null"
         "${long}.peers.0.allowedIPs is empty"
         "${long}.peers.0 sets both presharedKey and presharedKeyFile"
+        "${long}.peers.0.alternatives is an empty list"
+        "${long}.peers.0 has alternatives but no endpoint"
         "services.wireguard-namespaces.stored.configFile = \"/nix/store/00000000000000000000000000000000-mullvad.conf\" must be an absolute path outside the Nix store"
         ''services.wireguard-namespace and services.wireguard-namespaces.vpn use the same namespace''
       ];

@@ -37,6 +37,7 @@
           presharedKey = "J3uSElF58qJasY+M7kq61nQXcxJgkOcMOYF7+6XYAe8=";
           presharedKeyFile = "/run/secrets/long.psk";
           allowedIPs = [ ];
+          alternatives = [ ];
         }
       ];
     };

@@ -19,6 +19,13 @@
         ];
         endpoint = "185.213.154.68:51820";
         persistentKeepalive = 25;
+        alternatives = [
+          {
+            publicKey = "Qn1Y1OUs6Ns6k9kYnyHydsyahJybUmRqPxMw9Q8Mbzo=";
+            endpoint = "se-sto-wg-002.example.net:51820";
+          }
+        ];
+        failoverAfterSeconds = 20;
       }
     ];
   };
