@@ -395,13 +395,33 @@ impl Netlink {
 }
 
 /// Tells when the namespace's way out may have changed: a default route or an address came or
-/// went. Subscribed to rtnetlink's multicast groups, so nothing is polled.
+/// went. Subscribed to rtnetlink's multicast groups, so nothing is polled. What is already
+/// known and only refreshed (router advertisements renew IPv6 addresses and routes every few
+/// minutes) is no change.
 pub struct ChangeWatcher {
-    runtime: tokio::runtime::Runtime,
+    netlink: Netlink,
     messages: futures::channel::mpsc::UnboundedReceiver<(
         rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
         rtnetlink::sys::SocketAddr,
     )>,
+    known: std::collections::HashSet<WayOut>,
+}
+
+/// One part of the way out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum WayOut {
+    Address {
+        interface: u32,
+        address: IpAddr,
+        prefix: u8,
+    },
+    DefaultRoute {
+        ipv6: bool,
+        table: u32,
+        gateway: Option<IpAddr>,
+        interface: u32,
+        priority: u32,
+    },
 }
 
 impl ChangeWatcher {
@@ -418,7 +438,7 @@ impl ChangeWatcher {
             .context("starting the netlink runtime")?;
         let groups =
             RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
-        let (mut connection, _, messages) = {
+        let (mut connection, handle, messages) = {
             let _guard = runtime.enter();
             rtnetlink::new_connection().context("opening a netlink socket")?
         };
@@ -428,14 +448,60 @@ impl ChangeWatcher {
             .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
             .context("subscribing to route and address changes")?;
         runtime.spawn(connection);
-        Ok(ChangeWatcher { runtime, messages })
+        let mut watcher = ChangeWatcher {
+            netlink: Netlink { runtime, handle },
+            messages,
+            known: std::collections::HashSet::new(),
+        };
+        // Subscribed first, then listed: nothing that changes in between is missed.
+        let nl = &watcher.netlink;
+        let addresses = nl
+            .block(async {
+                nl.handle
+                    .address()
+                    .get()
+                    .execute()
+                    .map(|r| r.map_err(to_io))
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .context("listing addresses")?;
+        let mut known: Vec<WayOut> = addresses
+            .into_iter()
+            .filter_map(|a| way_out(&RouteNetlinkMessage::NewAddress(a)))
+            .map(|(part, _)| part)
+            .collect();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes = nl
+                .block(
+                    nl.handle
+                        .route()
+                        .get(query)
+                        .execute()
+                        .map(|r| r.map_err(to_io))
+                        .try_collect::<Vec<_>>(),
+                )
+                .context("listing routes")?;
+            known.extend(
+                routes
+                    .into_iter()
+                    .filter_map(|r| way_out(&RouteNetlinkMessage::NewRoute(r)))
+                    .map(|(part, _)| part),
+            );
+        }
+        watcher.known.extend(known);
+        Ok(watcher)
     }
 
     /// Waits up to `timeout` for a change; true when one came. Consumes every message that is
     /// already queued, so a storm of changes counts once.
-    pub fn wait(&mut self, timeout: std::time::Duration) -> Result<bool> {
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
         let mut changed = false;
         let first = self
+            .netlink
             .runtime
             .block_on(async { tokio::time::timeout(timeout, self.messages.next()).await });
         let mut next = match first {
@@ -444,25 +510,80 @@ impl ChangeWatcher {
             Ok(Some(message)) => Some(message),
         };
         while let Some((message, _)) = next {
-            changed |= is_way_out(&message.payload);
+            if let rtnetlink::packet_core::NetlinkPayload::InnerMessage(inner) = &message.payload
+                && let Some((part, added)) = way_out(inner)
+            {
+                changed |= if added {
+                    self.known.insert(part)
+                } else {
+                    self.known.remove(&part);
+                    true
+                };
+            }
             next = self.messages.try_recv().ok();
         }
         Ok(changed)
     }
 }
 
-/// Default routes and addresses decide how (and whether) the endpoint is reached; other routes
-/// (a container bridge's, a VPN's host route) do not.
-fn is_way_out(payload: &rtnetlink::packet_core::NetlinkPayload<RouteNetlinkMessage>) -> bool {
-    use rtnetlink::packet_core::NetlinkPayload;
-    match payload {
-        NetlinkPayload::InnerMessage(
-            RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route),
-        ) => route.header.destination_prefix_length == 0 && route.header.kind == RouteType::Unicast,
-        NetlinkPayload::InnerMessage(
-            RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address),
-        ) => address.header.scope == AddressScope::Universe,
-        _ => false,
+/// The part of the way out a message is about, and whether it came (or went). Default routes
+/// and addresses decide how (and whether) the endpoint is reached; other routes (a container
+/// bridge's, a VPN's host route) and link-local addresses do not.
+fn way_out(message: &RouteNetlinkMessage) -> Option<(WayOut, bool)> {
+    match message {
+        RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route) => {
+            if route.header.destination_prefix_length != 0
+                || route.header.kind != RouteType::Unicast
+            {
+                return None;
+            }
+            let mut table = u32::from(route.header.table);
+            let (mut gateway, mut interface, mut priority) = (None, 0, 0);
+            for attribute in &route.attributes {
+                match attribute {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Gateway(RouteAddress::Inet(a)) => {
+                        gateway = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Gateway(RouteAddress::Inet6(a)) => {
+                        gateway = Some(IpAddr::V6(*a))
+                    }
+                    RouteAttribute::Oif(i) => interface = *i,
+                    RouteAttribute::Priority(p) => priority = *p,
+                    _ => {}
+                }
+            }
+            let part = WayOut::DefaultRoute {
+                ipv6: route.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6,
+                table,
+                gateway,
+                interface,
+                priority,
+            };
+            Some((part, matches!(message, RouteNetlinkMessage::NewRoute(_))))
+        }
+        RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address) => {
+            if address.header.scope != AddressScope::Universe {
+                return None;
+            }
+            let local = address.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let ip = local.or_else(|| {
+                address.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })?;
+            let part = WayOut::Address {
+                interface: address.header.index,
+                address: ip,
+                prefix: address.header.prefix_len,
+            };
+            Some((part, matches!(message, RouteNetlinkMessage::NewAddress(_))))
+        }
+        _ => None,
     }
 }
 
