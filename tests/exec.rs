@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -97,6 +97,34 @@ fn identity_only() -> Result<()> {
         "as nobody the command saw:\n{got}\nexpected:\n{}",
         expected.join("\n")
     );
+
+    // Killing exec's process group (as a deadline does) ends the command too, although the
+    // command runs in a session of its own.
+    let mut command = rig.command_in(
+        rig.host_fd(),
+        &as_nobody(&rig, &["sh", "-c", "echo $$; exec sleep 38"]),
+    );
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let command_pid: i32 = line.trim().parse().with_context(|| format!("{line:?}"))?;
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL)?;
+    let _ = child.wait();
+    let gone = wait_for(Duration::from_secs(3), "the command to end", || {
+        !Path::new(&format!("/proc/{command_pid}")).exists()
+    });
+    if gone.is_err() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(command_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    gone.context("the command outlived exec, killed with its process group")?;
 
     // A command that cannot be found or run gives the shell's statuses, as without --user.
     let plain_file = rig.dir.join("not-executable");

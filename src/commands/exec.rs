@@ -213,6 +213,7 @@ pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i3
     let Some(who) = identity else {
         return Ok(replace_with(&args));
     };
+    let relay = nix::unistd::getpid();
     let status = terminal::run_in_own_session(who.uid, || {
         // What root had open (including descriptors it let us inherit) stays with root.
         // SAFETY: close_range only closes descriptors; nothing after this uses them.
@@ -225,6 +226,14 @@ pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i3
         }
         if let Err(e) = become_user(&who) {
             eprintln!("error: exec: becoming {}: {e:#}", who.name);
+            return 126;
+        }
+        // The command lives no longer than this exec. In a session of its own it is out of
+        // reach of a kill of exec's process group (a deadline's SIGKILL, say), so it gets one
+        // when exec dies. Set after the change of uid, which clears it.
+        if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+            || nix::unistd::getppid() != relay
+        {
             return 126;
         }
         replace_with(&args)
