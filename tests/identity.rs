@@ -64,6 +64,20 @@ fn namespace_made_again() -> Result<()> {
     sh(&["ip", "netns", "add", c])?;
     let admins = netns::identity(netns::open(c)?)?;
 
+    // Nothing enters the admin's namespace as if it were the guarded one.
+    let exec = rig.exec(&["true"])?;
+    ensure!(
+        !exec.status.success() && String::from_utf8_lossy(&exec.stderr).contains("not the one"),
+        "exec ran in a namespace wg-namespace did not make: {}",
+        text(&exec)
+    );
+    let status = rig.helper(&["status", "--namespace", c])?;
+    ensure!(
+        status.status.code() == Some(4),
+        "status of a namespace made again: {}",
+        text(&status)
+    );
+
     let out = down_output(&rig)?;
     ensure!(out.status.success(), "down failed: {}", text(&out));
     let still = netns::open(c).ok().map(netns::identity).transpose()?;

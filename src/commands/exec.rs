@@ -32,7 +32,15 @@ pub fn enter(namespace: &str, uid: Uid) -> Result<()> {
             etc.join("resolv.conf").display()
         );
     }
-    let fd = crate::system::netns::open(namespace)?;
+    // Only the namespace `up` made and recorded: one made under the same name since has no
+    // leak guard.
+    let fd = crate::system::state::State::load(namespace)?
+        .and_then(|state| state.open_netns())
+        .with_context(|| {
+            format!(
+                "network namespace {namespace:?} is not up, or is not the one wg-namespace made"
+            )
+        })?;
     setns(&fd, CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
     unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
     // Our mounts must not propagate back to the host.

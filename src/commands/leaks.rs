@@ -276,7 +276,9 @@ pub fn run(namespace: &str) -> Result<i32> {
     let Some(state) = State::load(namespace)?.filter(|s| s.phase == Phase::Up) else {
         bail!("check-leaks: namespace {namespace:?} is not up");
     };
-    let fd = netns::open(namespace)?;
+    let fd = state.open_netns().with_context(|| {
+        format!("check-leaks: network namespace {namespace:?} is gone or is not the one wg-namespace made")
+    })?;
     let mut probes = Vec::new();
 
     let links = crate::system::link::Netlink::inside(&fd)?.links()?;

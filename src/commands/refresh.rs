@@ -65,10 +65,10 @@ fn target(config: &Config) -> Result<Target> {
         bail!("namespace {ns:?} is not up");
     };
     let backend = state.backend.context("the state file names no backend")?;
-    Ok(Target {
-        backend,
-        fd: crate::system::netns::open(ns)?,
-    })
+    let fd = state.open_netns().with_context(|| {
+        format!("network namespace {ns:?} is gone or is not the one wg-namespace made")
+    })?;
+    Ok(Target { backend, fd })
 }
 
 /// Resolves one server's endpoint and moves its peer when the address changed.
