@@ -182,23 +182,28 @@ struct Round {
     restarted: bool,
 }
 
-/// Asks for every protocol in turn. A restart seen after the first answer means the earlier
-/// answers came from the gateway's previous life: the round is asked once more.
+/// Asks for every protocol in turn, each request within [`REQUEST_DEADLINE`] and all of them
+/// before `end`. A restart seen after the first answer means the earlier answers came from the
+/// gateway's previous life: the round is asked once more.
 fn request_round(
     settings: &PortForwarding,
     epoch: &mut Option<(u32, Instant)>,
-    deadline: Duration,
+    end: Instant,
 ) -> Result<Round> {
     let mut restarted_any = false;
     for _ in 0..2 {
         let mut granted = Vec::new();
         let mut restarted_late = false;
         for &protocol in &settings.protocols {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("gateway {} did not answer in time", settings.gateway);
+            }
             let mapping = request(
                 settings.gateway,
                 protocol,
                 settings.lifetime_seconds,
-                deadline,
+                left.min(REQUEST_DEADLINE),
             )?;
             if mapping.public_port() == 0 || mapping.lifetime().is_zero() {
                 bail!(
@@ -397,11 +402,12 @@ impl Forwarder<'_> {
 
     fn attempt(&mut self) {
         let now = Instant::now();
-        // A request must not keep a port open past its mapping's end.
-        let deadline = self.mapping.as_ref().map_or(REQUEST_DEADLINE, |m| {
+        // Requests must not keep a port open past its mapping's end (give or take a second).
+        let round_time = REQUEST_DEADLINE * 2 * self.settings.protocols.len() as u32;
+        let end = self.mapping.as_ref().map_or(now + round_time, |m| {
             m.expires
-                .saturating_duration_since(now)
-                .clamp(Duration::from_secs(1), REQUEST_DEADLINE)
+                .max(now + Duration::from_secs(1))
+                .min(now + round_time)
         });
         // Retries come at least as often as renewals would, so that a gateway back from a short
         // silence finds us before the mapping it still holds lapses.
@@ -412,7 +418,7 @@ impl Forwarder<'_> {
             Duration::from_secs(u64::from(lifetime / 2)).clamp(Duration::from_secs(1), MAX_BACKOFF);
         // Lifetimes count from the request, not the answer: the gateway's clock started first.
         let (asked, asked_wall) = (now, unix_now());
-        let round = match request_round(self.settings, &mut self.epoch, deadline) {
+        let round = match request_round(self.settings, &mut self.epoch, end) {
             Ok(round) => round,
             Err(e) => {
                 self.failures += 1;
