@@ -47,6 +47,9 @@ fn main() {
         libtest_mimic::Trial::test("usage_errors_are_one_line_and_exit_2", || {
             usage_errors().map_err(|e| format!("{e:#}").into())
         }),
+        libtest_mimic::Trial::test("import_prints_options_without_secrets", || {
+            import_prints_options().map_err(|e| format!("{e:#}").into())
+        }),
         libtest_mimic::Trial::test("render_matches_golden_files", || {
             render_golden().map_err(|e| format!("{e:#}").into())
         }),
@@ -1244,6 +1247,111 @@ fn extra_rules_cannot_open_the_guard() -> Result<()> {
     );
     ensure!(report.contains("PASS dns-udp-elsewhere"), "{report}");
     Ok(())
+}
+
+/// `import` turns a provider's file into options a user can paste (Nix that parses, or the
+/// helper's JSON that `check` accepts once the placeholder key exists), never printing a key.
+fn import_prints_options() -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir().join(format!("wgns-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveDir(dir.clone());
+    let write = |name: &str, text: &str| -> Result<std::path::PathBuf> {
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        Ok(path)
+    };
+    let private = "yHUHbtQeE0HChRwRyuYyclbyPdjKQczRwtTT+QWr31M=";
+    let psk = "rVXs/Ni9tu3oDBLS4hOyAUAa1qTWVA3loR8eL20os3I=";
+    let conf = write(
+        "proton.conf",
+        &format!(
+            "[Interface]\r\n# NetShield = 1\r\nPrivateKey = {private}\r\nAddress = 10.2.0.2/32\r\n\
+             DNS = 10.2.0.1\r\nListenPort = 51820\r\n\r\n[Peer]\r\nPublicKey = \
+             xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\r\nPresharedKey = {psk}\r\n\
+             AllowedIPs = 0.0.0.0/0\r\nEndpoint = 185.159.157.13:51820\r\n"
+        ),
+    )?;
+    let conf = conf.to_str().context("path")?;
+
+    let nix = std::process::Command::new(BIN)
+        .args(["import", conf])
+        .output()?;
+    let printed = String::from_utf8_lossy(&nix.stdout);
+    ensure!(nix.status.success(), "import: {}", text(&nix));
+    ensure!(
+        !printed.contains(private) && !printed.contains(psk),
+        "import printed a secret: {printed}"
+    );
+    ensure!(
+        printed.contains("privateKeyFile = \"/run/secrets/wireguard-private-key\";")
+            && printed.contains("dns_server = \"10.2.0.1\";")
+            && printed.contains("endpoint = \"185.159.157.13:51820\";"),
+        "import --nix: {printed}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&nix.stderr).contains(&format!("warning: {conf}:6: ListenPort")),
+        "import did not warn about ListenPort: {}",
+        text(&nix)
+    );
+    if let Ok(parsed) = std::process::Command::new("nix-instantiate")
+        .args(["--parse", "-E", &printed])
+        .output()
+    {
+        ensure!(
+            parsed.status.success(),
+            "import --nix is not Nix: {}",
+            text(&parsed)
+        );
+    }
+
+    let json = std::process::Command::new(BIN)
+        .args(["import", conf, "--json"])
+        .output()?;
+    ensure!(json.status.success(), "import --json: {}", text(&json));
+    let mut document: Value = serde_json::from_slice(&json.stdout)?;
+    document["privateKeyFile"] = json!(write("key", private)?);
+    document["peers"][0]["presharedKeyFile"] = json!(write("psk", psk)?);
+    let config = dir.join("imported.json");
+    std::fs::write(&config, document.to_string())?;
+    let check = std::process::Command::new(BIN)
+        .args(["check", "--config", config.to_str().context("path")?])
+        .output()?;
+    ensure!(
+        check.status.success(),
+        "check of the imported JSON: {}",
+        text(&check)
+    );
+
+    let bad = write("bad.conf", "[Interface]\nPostUp = curl x | sh\n")?;
+    let out = std::process::Command::new(BIN)
+        .args(["import", bad.to_str().context("path")?])
+        .output()?;
+    ensure!(
+        out.status.code() == Some(2)
+            && String::from_utf8_lossy(&out.stderr).trim_end()
+                == format!(
+                    "error: {}:2: PostUp runs shell commands as root; wg-namespace does not run them: remove the line (firewall rules belong in extraFirewallRules)",
+                    bad.display()
+                ),
+        "import of a file with PostUp: {}",
+        text(&out)
+    );
+    Ok(())
+}
+
+/// Removes a scratch directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn usage_errors() -> Result<()> {
