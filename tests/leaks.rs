@@ -1725,6 +1725,23 @@ fn conf_file_alone() -> Result<()> {
         through.is_empty() && logged.is_empty(),
         "DNS reached a server the file does not list: {through:?} {logged:?}"
     );
+    let status = rig.helper(&["status", "--namespace", &rig.confined, "--json"])?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    ensure!(
+        status["namespaces"][0]["dns"]["servers"]
+            == json!([rig.peer_tunnel_ip().to_string(), other.to_string()]),
+        "status --json dns: {}",
+        status["namespaces"][0]["dns"]
+    );
+    // check-leaks knows both servers are the namespace's own (resolv-conf probe).
+    let out = rig.helper(&["check-leaks", "--namespace", &rig.confined])?;
+    let report = LeakReport::parse(&out);
+    ensure!(
+        report.failed().is_empty() && report.code == Some(0),
+        "check-leaks on a namespace from a file: {:?}\n{}",
+        report.failed(),
+        report.text
+    );
     rig.down()?;
     rig.assert_clean()
 }

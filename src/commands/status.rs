@@ -167,6 +167,8 @@ pub struct FirewallStatus {
 #[serde(rename_all = "camelCase")]
 pub struct DnsStatus {
     pub server: Option<String>,
+    /// Every server in resolv.conf, `server` first.
+    pub servers: Vec<String>,
     pub resolv_conf: bool,
 }
 
@@ -224,6 +226,11 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
     status.backend = state.backend.map(|b| b.as_str().to_string());
     status.up_since = Some(state.started_at);
     status.dns.server = Some(state.dns_server.to_string());
+    status.dns.servers = if state.dns_servers.is_empty() {
+        vec![state.dns_server.to_string()]
+    } else {
+        state.dns_servers.iter().map(ToString::to_string).collect()
+    };
     status.publish_ports = state.publish_ports.clone();
 
     let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
@@ -604,9 +611,10 @@ fn print_text(status: &NamespaceStatus) {
                 (false, _) => "MISSING",
             }
         );
-        if let Some(server) = &status.dns.server {
+        if status.dns.server.is_some() {
             println!(
-                "  dns:       {server}{}",
+                "  dns:       {}{}",
+                status.dns.servers.join(", "),
                 if status.dns.resolv_conf {
                     ""
                 } else {
