@@ -605,11 +605,7 @@ impl Config {
         }
         let mut dns_servers: Vec<IpAddr> = Vec::new();
         if dns_server.is_none() && more_dns.is_empty() {
-            if let Some(path) = &config_file {
-                for ip in &file.dns {
-                    check_dns_server(&format!("configFile: {} DNS", path.display()), *ip)?;
-                }
-            }
+            // Checked by the parser, which names the line.
             dns_servers.extend(&file.dns);
         } else {
             for ip in dns_server.iter().chain(&more_dns) {
@@ -846,7 +842,18 @@ fn read_config_file(path: &Path) -> std::result::Result<crate::system::files::Se
 
 /// A resolver address the namespace can actually send queries to and get answers from.
 fn check_dns_server(field: &str, ip: IpAddr) -> Result<()> {
-    let problem = match ip {
+    match resolver_problem(ip) {
+        Some(problem) => Err(ConfigError::new(
+            field,
+            format!("{ip} {problem}, not a resolver"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Why `ip` cannot be a DNS server, if it cannot (also used for a wg-quick file's `DNS`).
+pub fn resolver_problem(ip: IpAddr) -> Option<&'static str> {
+    match ip {
         _ if ip.is_unspecified() => Some("is the unspecified address"),
         _ if ip.is_multicast() => Some("is a multicast address"),
         IpAddr::V4(v4) if v4.is_broadcast() => Some("is the broadcast address"),
@@ -856,13 +863,6 @@ fn check_dns_server(field: &str, ip: IpAddr) -> Result<()> {
             Some("is link-local and would need a scope (an interface); use a routable address")
         }
         _ => None,
-    };
-    match problem {
-        Some(problem) => Err(ConfigError::new(
-            field,
-            format!("{ip} {problem}, not a resolver"),
-        )),
-        None => Ok(()),
     }
 }
 

@@ -241,8 +241,14 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
             (Section::Interface, "dns") => {
                 for item in list(line, key, value)? {
                     match item.parse::<IpAddr>() {
-                        Ok(ip) if !out.dns.contains(&ip) => out.dns.push(ip),
-                        Ok(_) => {}
+                        Ok(ip) => {
+                            if let Some(problem) = crate::config::resolver_problem(ip) {
+                                return fail(line, format!("DNS {ip} {problem}, not a resolver"));
+                            }
+                            if !out.dns.contains(&ip) {
+                                out.dns.push(ip);
+                            }
+                        }
                         Err(_) => {
                             return fail(
                                 line,
@@ -686,6 +692,8 @@ mod tests {
             (format!("{head}PostDown = true\n"), "line 3: PostDown runs shell commands"),
             (format!("{head}Address = 10.2.0.2/33\n"), "line 3: Address 10.2.0.2/33 is not an address"),
             (format!("{head}DNS = 10.2.0.1, vpn.lan\n"), "line 3: DNS vpn.lan is not an IP address"),
+            (format!("{head}DNS = 10.2.0.1\nDNS = 224.0.0.251\n"), "line 4: DNS 224.0.0.251 is a multicast address, not a resolver"),
+            (format!("{head}DNS = fe80::1\n"), "line 3: DNS fe80::1 is link-local"),
             (format!("{head}MTU = 90000\n"), "line 3: MTU 90000 is not a whole number between 576 and 65456"),
             (format!("{head}MTU = 1420\nMTU = 1280\n"), "line 4: MTU is given a second time; the first is on line 3"),
             ("[Interface]\nPrivateKey = not-a-key-but-secret\n".into(), "line 2: PrivateKey is not a base64 WireGuard key"),
