@@ -309,6 +309,58 @@ let
       )
     ];
 
+  # portForwarding: a unit of its own, bound to the namespace's, on the same JSON document.
+  portForwardingChecks =
+    let
+      config = example "port-forwarding";
+      unit = config.systemd.services.wireguard-namespace-vpn-port-forward;
+      document = namespaceDefaults // {
+        dns_server = "10.2.0.1";
+        ips = [ "10.2.0.2/32" ];
+        privateKeyFile = "/run/secrets/proton.key";
+        peers = [
+          (peerDefaults // {
+            publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=";
+            allowedIPs = [ "0.0.0.0/0" ];
+            endpoint = "185.159.157.1:51820";
+          })
+        ];
+        portForwarding = {
+          gateway = "10.2.0.1";
+          protocols = [
+            "udp"
+            "tcp"
+          ];
+          lifetimeSeconds = 60;
+          onPortChange = "/etc/wg-namespace/transmission-port";
+          onPortChangeUser = "transmission";
+        };
+      };
+    in
+    complete "port-forwarding" config
+    ++ [
+      (equal "port-forwarding: units"
+        [
+          "wireguard-namespace-vpn"
+          "wireguard-namespace-vpn-port-forward"
+          "wireguard-namespace-vpn-refresh"
+        ]
+        (ours (attrNames config.systemd.services))
+      )
+      (equal "port-forwarding: ExecStart runs port-forward on the JSON document"
+        "${helper config} port-forward --config ${jsonFile "vpn" document}"
+        unit.serviceConfig.ExecStart
+      )
+      (equal "port-forwarding: bound to the namespace's unit" [ "wireguard-namespace-vpn.service" ]
+        unit.bindsTo
+      )
+      (equal "port-forwarding: stops and restarts with it" [ "wireguard-namespace-vpn.service" ]
+        unit.partOf
+      )
+      (equal "port-forwarding: Restart" "always" unit.serviceConfig.Restart)
+      (check "port-forwarding: nftables on PATH" (hasPackage pkgs.nftables unit))
+    ];
+
   confinedChecks =
     let
       config = example "confined";
@@ -381,7 +433,13 @@ let
     ];
 
   checks =
-    noneChecks ++ seedChecks ++ twoChecks ++ configFileChecks ++ confinedChecks ++ failingChecks;
+    noneChecks
+    ++ seedChecks
+    ++ twoChecks
+    ++ configFileChecks
+    ++ portForwardingChecks
+    ++ confinedChecks
+    ++ failingChecks;
   failures = filter (c: !c.ok) checks;
 
   # The option documentation as the NixOS manual would build it (descriptions must be valid
