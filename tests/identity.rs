@@ -121,6 +121,11 @@ impl Bystander {
         Ok(json!({ "pid": id.pid, "startTime": id.start_time }))
     }
 
+    /// What it runs: a forged record can name exactly that.
+    fn executable(&self) -> Result<std::path::PathBuf> {
+        Ok(std::fs::read_link(format!("/proc/{}/exe", self.0.id()))?)
+    }
+
     fn alive(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
     }
@@ -164,10 +169,12 @@ fn forged_records() -> Result<()> {
         json!({"kind": "link", "name": decoy, "namespace": c, "moved": false,
                "index": decoy_index, "linkKind": "wireguard"}),
         json!({"kind": "etcDir", "path": victim, "createdParent": false}),
+        // The records even name what the processes run: only how `up` starts its own
+        // processes (their arguments) makes them ours.
         json!({"kind": "daemon", "process": daemon_bystander.record()?,
-               "executables": ["/usr/bin/wireguard-go"], "interface": c}),
+               "executables": [daemon_bystander.executable()?], "interface": c}),
         json!({"kind": "publisher", "process": relay_bystander.record()?,
-               "executables": [BIN]}),
+               "executables": [relay_bystander.executable()?]}),
     ];
     state["resources"]
         .as_array_mut()

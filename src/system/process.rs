@@ -81,6 +81,24 @@ impl ProcessId {
         ))
     }
 
+    /// The process's arguments (`/proc/<pid>/cmdline`), when it is still this very process.
+    pub fn arguments(&self) -> Option<Vec<String>> {
+        let path = PathBuf::from(format!("/proc/{}/cmdline", self.pid));
+        let bytes =
+            crate::system::files::read_regular(&path, crate::system::files::PROC_LIMIT).ok()?;
+        // Checked after reading: the arguments were this very process's.
+        if !self.is_alive() {
+            return None;
+        }
+        Some(
+            bytes
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+        )
+    }
+
     /// Whether this process runs one of `executables` (compared after resolving symlinks).
     pub fn runs_one_of(&self, executables: &[PathBuf]) -> bool {
         self.executable().is_some_and(|running| {

@@ -220,9 +220,14 @@ impl Resource {
                 executables,
                 interface,
             } => {
+                // Started as `<command> -f <interface>` (behind the gate or not).
+                let started_as = |argv: &[String]| {
+                    argv.len() >= 2 && argv[argv.len() - 2..] == ["-f", interface.as_str()]
+                };
                 let undone = stop_process(
                     process,
                     executables,
+                    started_as,
                     "userspace WireGuard daemon",
                     Stop::Now,
                 )?;
@@ -234,7 +239,13 @@ impl Resource {
             Resource::Publisher {
                 process,
                 executables,
-            } => stop_process(process, executables, "port relay", Stop::Politely),
+            } => stop_process(
+                process,
+                executables,
+                |argv| started_for(argv, "publish", ns),
+                "port relay",
+                Stop::Politely,
+            ),
             Resource::Relay {
                 process,
                 executables,
@@ -242,6 +253,7 @@ impl Resource {
             } => stop_process(
                 process,
                 executables,
+                |argv| started_for(argv, "relay", ns),
                 &format!("relay for {entry}"),
                 Stop::Politely,
             ),
@@ -298,11 +310,20 @@ enum Stop {
     Now,
 }
 
+/// Whether `argv` is our own `<subcommand> --namespace <namespace> ...` (behind the gate or not).
+fn started_for(argv: &[String], subcommand: &str, namespace: &str) -> bool {
+    argv.windows(3)
+        .any(|w| w[0] == subcommand && w[1] == "--namespace" && w[2] == namespace)
+}
+
 /// Ends a recorded process when the PID still holds the very process (start time) running
-/// what it was recorded to run.
+/// what it was recorded to run, with the arguments `up` gives such a process for this
+/// namespace (`started_as`). The record's list of executables alone proves nothing: the
+/// record may be forged.
 fn stop_process(
     process: &ProcessId,
     executables: &[PathBuf],
+    started_as: impl Fn(&[String]) -> bool,
     what: &str,
     how: Stop,
 ) -> Result<Undone> {
@@ -321,6 +342,13 @@ fn stop_process(
             .map_or_else(|| "something else".into(), |e| e.display().to_string());
         return Ok(Undone::LeftAlone(format!(
             "the {what} recorded as pid {} runs {running}, not what wg-namespace started",
+            process.pid
+        )));
+    }
+    if !process.arguments().is_some_and(|argv| started_as(&argv)) {
+        return Ok(Undone::LeftAlone(format!(
+            "the {what} recorded as pid {} was not started by wg-namespace for this namespace \
+             (its arguments differ)",
             process.pid
         )));
     }
@@ -685,14 +713,15 @@ mod tests {
         };
         // Even a record that matches init's start time and program leaves it alone.
         let executables = init.executable().into_iter().collect::<Vec<_>>();
-        let undone =
-            stop_process(&init, &executables, "daemon", super::Stop::Now).expect("no error");
+        let undone = stop_process(&init, &executables, |_| true, "daemon", super::Stop::Now)
+            .expect("no error");
         assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
         let zero = ProcessId {
             pid: 0,
             start_time: 0,
         };
-        let undone = stop_process(&zero, &[], "daemon", super::Stop::Now).expect("no error");
+        let undone =
+            stop_process(&zero, &[], |_| true, "daemon", super::Stop::Now).expect("no error");
         assert!(matches!(undone, Undone::LeftAlone(_)), "{undone:?}");
     }
 }
