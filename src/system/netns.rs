@@ -79,7 +79,8 @@ fn prepare_run_dir() -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetnsId {
-    /// `SO_NETNS_COOKIE` of a socket made inside: unique for the whole uptime.
+    /// `SO_NETNS_COOKIE` of a socket made inside: unique for the whole uptime (0 on Linux
+    /// before 5.14, which has none).
     pub cookie: u64,
     pub inode: u64,
 }
@@ -116,8 +117,12 @@ fn cookie_here() -> Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading the namespace cookie (SO_NETNS_COOKIE needs Linux 5.14 or later)");
+        let error = std::io::Error::last_os_error();
+        // Linux before 5.14 has no cookie: there the inode alone has to do.
+        if error.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            return Ok(0);
+        }
+        return Err(error).context("reading the namespace cookie");
     }
     Ok(cookie)
 }
