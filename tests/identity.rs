@@ -27,6 +27,10 @@ fn main() {
             "up_never_talks_to_another_daemons_socket",
             another_daemons_socket,
         ),
+        trial(
+            "a_state_file_of_another_format_version_is_refused_in_one_line",
+            other_version,
+        ),
     ])
 }
 
@@ -321,5 +325,32 @@ fn another_daemons_socket() -> Result<()> {
     rig.kill_tracked(other);
     // Killed, it leaves its socket file: that is the other daemon's, not a leftover of `up`.
     let _ = std::fs::remove_file(&socket);
+    rig.assert_clean()
+}
+
+fn other_version() -> Result<()> {
+    let rig = Rig::new(115)?;
+    rig.up_with(&rig.config()?)?;
+    let mut state = read_state(&rig)?;
+    let current = state["version"].as_u64().context("version")?;
+    state["version"] = json!(current - 1);
+    write_state(&rig, &state)?;
+    let out = down_output(&rig)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let refused =
+        !out.status.success() && stderr.lines().count() == 1 && stderr.contains("format version");
+    ensure!(
+        netns::exists(&rig.confined),
+        "down acted on a record it cannot read"
+    );
+    // Put the version back so the rig's own `down` clears everything.
+    state["version"] = json!(current);
+    write_state(&rig, &state)?;
+    ensure!(
+        refused,
+        "down must refuse another format version in one line: {}",
+        text(&out)
+    );
+    rig.down()?;
     rig.assert_clean()
 }
