@@ -18,6 +18,7 @@
 
 let
   inherit (lib)
+    all
     any
     concatLists
     concatStringsSep
@@ -51,17 +52,23 @@ let
 
   alternativeOptions = {
     publicKey = mkOption {
-      type = types.str;
+      type = types.nullOr types.str;
+      default = null;
       example = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
-      description = "The public key of this server, base64-encoded as printed by `wg pubkey`.";
+      description = ''
+        The public key of this server, base64-encoded as printed by `wg pubkey`. Required
+        unless {option}`configFile` is set.
+      '';
     };
 
     endpoint = mkOption {
-      type = types.str;
+      type = types.nullOr types.str;
+      default = null;
       example = "se-sto-wg-002.example.net:51820";
       description = ''
         Where to reach this server, written like the peer's {option}`endpoint`. Host names are
-        resolved in the host's network namespace when the server is switched to.
+        resolved in the host's network namespace when the server is switched to. Required
+        unless {option}`configFile` is set.
       '';
     };
 
@@ -72,6 +79,22 @@ let
       description = ''
         Absolute path of a file holding the preshared key shared with this server, read when
         the server is switched to and never copied to the Nix store. `null` for none.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/mullvad-se-sto-002.conf";
+      description = ''
+        Absolute path of a provider's wg-quick file for this server, read by the helper as root
+        at run time (never copied to the Nix store), instead of {option}`publicKey`,
+        {option}`endpoint` and {option}`presharedKeyFile`. Its one `[Peer]` gives the server's
+        `PublicKey`, `Endpoint` and `PresharedKey`. Its `[Interface]` must not describe another
+        end: an `Address` must equal the namespace's addresses, and a `PrivateKey` must equal
+        the one the namespace's own `configFile` holds (it is ignored when the namespace uses
+        `privateKeyFile`). Other lines (`AllowedIPs`, `DNS`, ...) are not used: the server stands
+        in with the peer's settings.
       '';
     };
   };
@@ -180,7 +203,9 @@ let
         kept until it fails (no switching back while it answers), and `up` starts with the peer
         itself. When none answers, each round gives every server twice as long (up to
         10 minutes) and `wg-namespace status` reports the namespace as degraded. Requires
-        {option}`endpoint`. `null` for none; an empty list is an error.
+        {option}`endpoint`. `null` for none; an empty list is an error. A server can also be a
+        provider's wg-quick file ({option}`configFile`), so that several of a provider's files
+        become one namespace that fails over between them.
       '';
     };
 
@@ -685,6 +710,7 @@ let
       publicKey
       endpoint
       presharedKeyFile
+      configFile
       ;
   };
 
@@ -963,6 +989,16 @@ let
           message = oneLine ''
             ${loc}.peers.${toString i}.alternatives is an empty list. List at least one server
             that can stand in for the peer ${peer.publicKey}, or leave it null.'';
+        }
+        {
+          assertion = all (
+            a: (a.configFile != null) != (a.publicKey != null || a.endpoint != null)
+              && (a.configFile != null || (a.publicKey != null && a.endpoint != null))
+          ) (if peer.alternatives == null then [ ] else peer.alternatives);
+          message = oneLine ''
+            ${loc}.peers.${toString i}.alternatives has a server that is neither given by
+            configFile alone nor by publicKey and endpoint. Give each alternative either a
+            provider's wg-quick file (configFile) or its publicKey and endpoint.'';
         }
         {
           assertion = peer.alternatives == null || peer.endpoint != null;

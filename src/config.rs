@@ -48,7 +48,7 @@ pub const PEER_KEYS: &[&str] = &[
 ];
 
 /// Keys of one entry of a peer's `alternatives`.
-pub const ALTERNATIVE_KEYS: &[&str] = &["publicKey", "endpoint", "presharedKeyFile"];
+pub const ALTERNATIVE_KEYS: &[&str] = &["publicKey", "endpoint", "presharedKeyFile", "configFile"];
 
 /// `failoverAfterSeconds` when not given, and its smallest value: below WireGuard's own retry
 /// interval (5 s) a server could not even be asked twice.
@@ -390,7 +390,7 @@ pub struct Server {
     pub public_key: Key,
     pub public_key_text: String,
     pub endpoint: Endpoint,
-    pub preshared_key_file: Option<PathBuf>,
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl Peer {
@@ -552,21 +552,7 @@ impl Config {
         };
         let mut warnings = Vec::new();
         let file = match &config_file {
-            Some(path) => {
-                let read = read(path).map_err(|problem| {
-                    ConfigError::new(format!("configFile: {}", path.display()), problem)
-                })?;
-                warnings.extend(read.warning.map(|w| format!("configFile: {w}")));
-                let file = crate::wgquick::parse(&read.bytes).map_err(|e| {
-                    ConfigError::new(format!("{}:{}", path.display(), e.line), e.problem)
-                })?;
-                warnings.extend(
-                    file.warnings
-                        .iter()
-                        .map(|w| format!("{}:{}", path.display(), w.trim_start_matches("line "))),
-                );
-                file
-            }
+            Some(path) => read_wg_quick("configFile", path, read, &mut warnings)?,
             None => crate::wgquick::WgQuick::default(),
         };
         let from_file = |key: &str, problem: &str| match &config_file {
@@ -646,11 +632,16 @@ impl Config {
             (None, None) => return Err(from_file("privateKeyFile", "has no PrivateKey line")),
         };
 
-        let mut peers = root
-            .opt_list("peers")?
-            .iter()
-            .map(parse_peer)
-            .collect::<Result<Vec<_>>>()?;
+        let mut peers = Vec::new();
+        let mut this_end = ThisEnd {
+            read,
+            private_key: &private_key,
+            ips: &ips,
+            warnings: &mut warnings,
+        };
+        for item in root.opt_list("peers")? {
+            peers.push(parse_peer(&item, &mut this_end)?);
+        }
         if peers.is_empty() {
             peers = file.peers.clone();
         }
@@ -835,6 +826,26 @@ impl Config {
 /// Reads `configFile` as root reads key files: only when no other user can change it, and at
 /// most [`crate::wgquick::MAX_FILE_BYTES`]. A world-readable file is read, with a warning: it
 /// holds the private key.
+/// Reads and parses a provider's wg-quick file named by `field`, collecting its warnings.
+fn read_wg_quick(
+    field: &str,
+    path: &Path,
+    read: ReadConfigFile,
+    warnings: &mut Vec<String>,
+) -> Result<crate::wgquick::WgQuick> {
+    let read = read(path)
+        .map_err(|problem| ConfigError::new(format!("{field}: {}", path.display()), problem))?;
+    warnings.extend(read.warning.map(|w| format!("{field}: {w}")));
+    let file = crate::wgquick::parse(&read.bytes)
+        .map_err(|e| ConfigError::new(format!("{}:{}", path.display(), e.line), e.problem))?;
+    warnings.extend(
+        file.warnings
+            .iter()
+            .map(|w| format!("{}:{}", path.display(), w.trim_start_matches("line "))),
+    );
+    Ok(file)
+}
+
 fn read_config_file(path: &Path) -> std::result::Result<crate::system::files::SecretFile, String> {
     crate::system::files::read_secret(path, "wg-quick file", crate::wgquick::MAX_FILE_BYTES)
         .map_err(|e| e.problem)
@@ -905,7 +916,16 @@ fn absolute_path(field: &str, text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn parse_peer(item: &Item) -> Result<Peer> {
+/// What an alternative given as a provider's file must agree with: failover changes the server,
+/// never this end's key or addresses.
+struct ThisEnd<'a> {
+    read: ReadConfigFile<'a>,
+    private_key: &'a PrivateKeySource,
+    ips: &'a [Cidr],
+    warnings: &'a mut Vec<String>,
+}
+
+fn parse_peer(item: &Item, this_end: &mut ThisEnd) -> Result<Peer> {
     let peer = item.object()?;
     peer.reject_unknown(PEER_KEYS)?;
 
@@ -988,7 +1008,7 @@ fn parse_peer(item: &Item) -> Result<Peer> {
             }
             items
                 .iter()
-                .map(parse_alternative)
+                .map(|item| parse_alternative(item, this_end))
                 .collect::<Result<Vec<_>>>()?
         }
     };
@@ -1013,9 +1033,23 @@ fn parse_peer(item: &Item) -> Result<Peer> {
     })
 }
 
-fn parse_alternative(item: &Item) -> Result<Server> {
+fn parse_alternative(item: &Item, this_end: &mut ThisEnd) -> Result<Server> {
     let server = item.object()?;
     server.reject_unknown(ALTERNATIVE_KEYS)?;
+    if let Some(text) = server.opt_str("configFile")? {
+        for key in ["publicKey", "endpoint", "presharedKeyFile"] {
+            if server.get(key).is_some() {
+                return Err(server.error(
+                    key,
+                    "conflicts with configFile: give a server either as a provider's file or by publicKey and endpoint",
+                ));
+            }
+        }
+        let field = server.field("configFile");
+        let path = absolute_path(&field, text)?;
+        let file = read_wg_quick(&field, &path, this_end.read, this_end.warnings)?;
+        return server_from_file(&field, &path, file, this_end);
+    }
     let public_key_text = server.req_str("publicKey")?.trim().to_string();
     let public_key = Key::from_base64(&public_key_text).ok_or_else(|| {
         server.error(
@@ -1026,15 +1060,64 @@ fn parse_alternative(item: &Item) -> Result<Server> {
     let text = server.req_str("endpoint")?;
     let endpoint =
         Endpoint::parse(text).map_err(|p| server.error("endpoint", format!("{text:?} {p}")))?;
-    let preshared_key_file = match server.opt_str("presharedKeyFile")? {
-        Some(text) => Some(absolute_path(&server.field("presharedKeyFile"), text)?),
+    let preshared_key = match server.opt_str("presharedKeyFile")? {
+        Some(text) => Some(PresharedKey::File(absolute_path(
+            &server.field("presharedKeyFile"),
+            text,
+        )?)),
         None => None,
     };
     Ok(Server {
         public_key,
         public_key_text,
         endpoint,
-        preshared_key_file,
+        preshared_key,
+    })
+}
+
+/// The one server of a provider's file. Its [Interface] must describe this end as the
+/// namespace has it, where it says anything.
+fn server_from_file(
+    field: &str,
+    path: &Path,
+    file: crate::wgquick::WgQuick,
+    this_end: &mut ThisEnd,
+) -> Result<Server> {
+    let fail = |problem: String| ConfigError::new(format!("{field}: {}", path.display()), problem);
+    let [peer] = <[Peer; 1]>::try_from(file.peers).map_err(|peers| {
+        fail(format!(
+            "has {} [Peer] sections; an alternative is one server",
+            peers.len()
+        ))
+    })?;
+    let endpoint = peer
+        .endpoint
+        .ok_or_else(|| fail("its [Peer] has no Endpoint".into()))?;
+    match (&file.private_key, this_end.private_key) {
+        (Some(theirs), PrivateKeySource::ConfigFile(ours)) if theirs != ours => {
+            return Err(fail(
+                "has another PrivateKey than the namespace; failover changes the server, not this end's key".into(),
+            ));
+        }
+        (Some(_), PrivateKeySource::File(key_file)) => this_end.warnings.push(format!(
+            "{field}: {}: its PrivateKey is not used; the namespace keeps the key of {}",
+            path.display(),
+            key_file.display()
+        )),
+        _ => {}
+    }
+    let same_addresses = file.addresses.len() == this_end.ips.len()
+        && file.addresses.iter().all(|a| this_end.ips.contains(a));
+    if !file.addresses.is_empty() && !same_addresses {
+        return Err(fail(
+            "has another Address than the namespace's ips; failover changes the server, not this end's addresses".into(),
+        ));
+    }
+    Ok(Server {
+        public_key: peer.public_key,
+        public_key_text: peer.public_key_text,
+        endpoint,
+        preshared_key: peer.preshared_key,
     })
 }
 
@@ -1577,6 +1660,71 @@ mod tests {
             assert_eq!(path, Path::new("/run/secrets/mullvad.conf"));
             Ok(provider_file())
         })
+    }
+
+    #[test]
+    fn alternatives_from_provider_files() {
+        const OTHER: &str = "s5SzHhoDFL1S3FlX7L8GEzZs3szHDZ6RrEJeY+Dbvmw=";
+        let server = |private: &str, address: &str, peers: &str| crate::system::files::SecretFile {
+            bytes: format!("[Interface]\nPrivateKey = {private}\nAddress = {address}\n{peers}")
+                .into_bytes(),
+            warning: None,
+        };
+        let one = format!(
+            "[Peer]\nPublicKey = {OTHER}\nPresharedKey = {PSK_LIKE}\nAllowedIPs = 0.0.0.0/0\nEndpoint = se2.example.net:51820\n"
+        );
+        let both = "10.66.1.2/32, fc00:bbbb::2/128";
+        let read = |path: &Path| {
+            Ok(match path.to_str().unwrap() {
+                "/run/secrets/mullvad.conf" => provider_file(),
+                "/run/secrets/se2.conf" => server(PSK_LIKE, both, &one),
+                "/run/secrets/two.conf" => server(
+                    PSK_LIKE,
+                    both,
+                    &format!(
+                        "{one}{}",
+                        one.replace(OTHER, "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=")
+                    ),
+                ),
+                "/run/secrets/key.conf" => server(KEY, both, &one),
+                "/run/secrets/address.conf" => server(PSK_LIKE, "10.66.9.9/32", &one),
+                other => panic!("read {other}"),
+            })
+        };
+        let with = |alternative: Value| {
+            let json = serde_json::json!({
+                "configFile": "/run/secrets/mullvad.conf",
+                "peers": [{ "publicKey": KEY, "allowedIPs": ["0.0.0.0/0"],
+                            "endpoint": "185.65.135.224:51820", "alternatives": [alternative] }]
+            });
+            Config::parse_with(&json.to_string(), &read)
+        };
+        let config = with(serde_json::json!({ "configFile": "/run/secrets/se2.conf" })).unwrap();
+        let alternative = &config.peers[0].alternatives[0];
+        assert_eq!(alternative.public_key_text, OTHER);
+        assert_eq!(alternative.endpoint.to_string(), "se2.example.net:51820");
+        assert!(matches!(
+            alternative.preshared_key,
+            Some(PresharedKey::Inline(_))
+        ));
+
+        let error = |alternative: Value| with(alternative).unwrap_err().to_string();
+        assert_eq!(
+            error(serde_json::json!({ "configFile": "/run/secrets/two.conf" })),
+            "peers[0].alternatives[0].configFile: /run/secrets/two.conf: has 2 [Peer] sections; an alternative is one server"
+        );
+        assert!(
+            error(serde_json::json!({ "configFile": "/run/secrets/key.conf" }))
+                .ends_with("has another PrivateKey than the namespace; failover changes the server, not this end's key")
+        );
+        assert!(
+            error(serde_json::json!({ "configFile": "/run/secrets/address.conf" }))
+                .contains("has another Address than the namespace's ips")
+        );
+        assert_eq!(
+            error(serde_json::json!({ "configFile": "/run/secrets/se2.conf", "publicKey": OTHER })),
+            "peers[0].alternatives[0].publicKey: conflicts with configFile: give a server either as a provider's file or by publicKey and endpoint"
+        );
     }
 
     #[test]

@@ -194,19 +194,32 @@ fn route_returns() -> Result<()> {
 const FAILOVER_AFTER: u64 = 5;
 
 /// A rig with a second server, a config whose peer has it as its alternative (with a preshared
-/// key), `up`, `refresh` running (its log in refresh.log) and a confined ping getting replies.
-fn failover_rig(id: u8) -> Result<(Rig, Pinger)> {
+/// key; given by key, endpoint and key file, or `as_file` as a provider's wg-quick file), `up`,
+/// `refresh` running (its log in refresh.log) and a confined ping getting replies.
+fn failover_rig(id: u8, as_file: bool) -> Result<(Rig, Pinger)> {
     let mut rig = Rig::new(id)?;
     let psk = wireguard_control::Key::generate_preshared();
     rig.add_second_peer(Some(psk.clone()))?;
-    let psk_file = rig.write_secret("second.psk", &psk.to_base64())?;
+    let public_key = rig.second_peer().key.get_public().to_base64();
+    let endpoint = format!("{}:{WG_PORT}", rig.second_peer_underlay());
+    let alternative = if as_file {
+        let file = rig.write_secret(
+            "second.conf",
+            &format!(
+                "[Interface]\nAddress = {}/32\n\n[Peer]\nPublicKey = {public_key}\n\
+                 PresharedKey = {}\nAllowedIPs = 0.0.0.0/0\nEndpoint = {endpoint}\n",
+                rig.confined_ip(),
+                psk.to_base64()
+            ),
+        )?;
+        json!({ "configFile": file })
+    } else {
+        let psk_file = rig.write_secret("second.psk", &psk.to_base64())?;
+        json!({ "publicKey": public_key, "endpoint": endpoint, "presharedKeyFile": psk_file })
+    };
     let mut config = rig.config()?;
     config["peers"][0]["failoverAfterSeconds"] = json!(FAILOVER_AFTER);
-    config["peers"][0]["alternatives"] = json!([{
-        "publicKey": rig.second_peer().key.get_public().to_base64(),
-        "endpoint": format!("{}:{WG_PORT}", rig.second_peer_underlay()),
-        "presharedKeyFile": psk_file,
-    }]);
+    config["peers"][0]["alternatives"] = json!([alternative]);
     let path = rig.up_with(&config)?;
     let refresher = rig
         .command_in(
@@ -310,7 +323,7 @@ impl Watchers {
 }
 
 fn failover_in_place() -> Result<()> {
-    let (mut rig, pinger) = failover_rig(151)?;
+    let (mut rig, pinger) = failover_rig(151, false)?;
     let (_, before) = status(&rig)?;
     ensure!(
         before["peers"][0]["failover"]["active"] == 0,
@@ -368,7 +381,8 @@ fn failover_in_place() -> Result<()> {
 }
 
 fn all_servers_down() -> Result<()> {
-    let (mut rig, pinger) = failover_rig(152)?;
+    // The second server comes as a provider's wg-quick file.
+    let (mut rig, pinger) = failover_rig(152, true)?;
     let watchers = Watchers::start(&rig)?;
     rig.stop_peer_wg();
     rig.stop_second_peer_wg();

@@ -183,6 +183,7 @@ let
                 publicKey = "Qn1Y1OUs6Ns6k9kYnyHydsyahJybUmRqPxMw9Q8Mbzo=";
                 endpoint = "se-sto-wg-002.example.net:51820";
                 presharedKeyFile = null;
+                configFile = null;
               }
             ];
             failoverAfterSeconds = 20;

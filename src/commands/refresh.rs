@@ -210,20 +210,17 @@ fn server_settings(peer: &Peer, index: usize) -> Result<PeerSettings> {
     let (key, _, endpoint) = peer.server(index);
     let endpoint = endpoint.context("no endpoint")?;
     let address = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
-    let preshared_key = match index.checked_sub(1) {
-        None => match &peer.preshared_key {
-            None => None,
-            Some(PresharedKey::Inline(key)) => Some(key.clone()),
-            Some(PresharedKey::File(path)) => {
-                Some(wireguard::read_key_file("presharedKeyFile", path)?.0)
-            }
-        },
-        Some(i) => match &peer.alternatives[i].preshared_key_file {
-            None => None,
-            Some(path) => Some(
-                wireguard::read_key_file(&format!("alternatives[{i}].presharedKeyFile"), path)?.0,
-            ),
-        },
+    let (field, preshared_key) = match index.checked_sub(1) {
+        None => ("presharedKeyFile".to_string(), &peer.preshared_key),
+        Some(i) => (
+            format!("alternatives[{i}].presharedKeyFile"),
+            &peer.alternatives[i].preshared_key,
+        ),
+    };
+    let preshared_key = match preshared_key {
+        None => None,
+        Some(PresharedKey::Inline(key)) => Some(key.clone()),
+        Some(PresharedKey::File(path)) => Some(wireguard::read_key_file(&field, path)?.0),
     };
     Ok(PeerSettings {
         public_key: key.clone(),
