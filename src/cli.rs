@@ -40,6 +40,31 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Bring a namespace that is up to a new config in place: peers, addresses, routes, DNS
+    /// files, the ruleset and published ports change; the namespace and the processes inside
+    /// stay. Exit 5 when the change needs a restart (another namespace name or backend).
+    Reload {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The running namespace to reload (default: the config's namespace_name).
+        #[arg(long, value_name = "NAME")]
+        namespace: Option<String>,
+    },
+    /// Repair a namespace in place with the least invasive step that works (ruleset, DNS
+    /// files, the WireGuard interface and its daemon, endpoints, handshakes). Exit 5 when only
+    /// a restart can help.
+    Heal {
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "namespace",
+            required_unless_present = "namespace"
+        )]
+        config: Option<PathBuf>,
+        /// Heal with the config file the namespace was brought up (or last reloaded) with.
+        #[arg(long, value_name = "NAME")]
+        namespace: Option<String>,
+    },
     /// Remove everything `up` made. Succeeds when nothing is up.
     Down {
         #[arg(
@@ -206,6 +231,27 @@ fn run(command: Command) -> Result<i32, Failure> {
             let path = config;
             let config = Config::load(&path)?;
             crate::commands::updown::up(&config, Some(&path))?;
+            Ok(code::OK)
+        }
+        Command::Reload { config, namespace } => {
+            let path = config;
+            let config = Config::load(&path)?;
+            let namespace = namespace.as_deref().map(namespace_arg).transpose()?;
+            crate::commands::reload::run(&config, &path, namespace.as_deref())
+                .map_err(crate::exit::in_place)?;
+            Ok(code::OK)
+        }
+        Command::Heal { config, namespace } => {
+            let path = match (config, namespace) {
+                (Some(path), _) => path,
+                (None, Some(name)) => {
+                    crate::commands::heal::recorded_config(&namespace_arg(&name)?)
+                        .map_err(crate::exit::in_place)?
+                }
+                (None, None) => return Err(usage("heal needs --config or --namespace")),
+            };
+            let config = Config::load(&path)?;
+            crate::commands::heal::run(&config).map_err(crate::exit::in_place)?;
             Ok(code::OK)
         }
         Command::Down { config, namespace } => {

@@ -14,6 +14,10 @@ pub mod code {
     pub const DEGRADED: i32 = 3;
     /// `status`: the namespace cannot carry traffic (or is not up).
     pub const DOWN: i32 = 4;
+    /// `reload`, `heal`: the change cannot be made in place (another namespace name or
+    /// backend, or the namespace is not up any more); bring the namespace down and up again.
+    /// Nothing was changed. The NixOS module turns this into a restart of the unit.
+    pub const RESTART_NEEDED: i32 = 5;
 }
 
 /// An error on its way to the user: the one line to print and the exit code.
@@ -39,5 +43,16 @@ impl From<anyhow::Error> for Failure {
             // `{:#}` joins the context chain on one line.
             message: format!("{e:#}"),
         }
+    }
+}
+
+/// An error from a change in place: [`code::RESTART_NEEDED`] when the change needs a restart.
+pub fn in_place(e: anyhow::Error) -> Failure {
+    match crate::system::converge::restart_reason(&e) {
+        Some(_) => Failure {
+            code: code::RESTART_NEEDED,
+            message: format!("{e:#}"),
+        },
+        None => e.into(),
     }
 }

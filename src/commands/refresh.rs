@@ -80,6 +80,11 @@ fn refresh_server(
 ) -> Result<()> {
     let endpoint = endpoint.context("peer has no endpoint")?;
     let resolved = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
+    if let Err(e) =
+        crate::system::endpoints::remember(&config.namespace, &[(endpoint.to_string(), resolved)])
+    {
+        eprintln!("refresh: cannot keep the address of {endpoint}: {e:#}");
+    }
     if current != Some(resolved) {
         wireguard::set_endpoint(
             config.interface(),

@@ -111,6 +111,10 @@ pub struct NamespaceStatus {
     /// Present when portForwarding is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_forwarding: Option<PortForwardingStatus>,
+    /// The latest `reload`: when (seconds since the epoch) and what it changed.
+    pub last_reload: Option<crate::system::state::Event>,
+    /// The latest repairs `heal` made, oldest first.
+    pub heals: Vec<crate::system::state::Event>,
 }
 
 #[derive(Debug, Serialize)]
@@ -198,6 +202,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         up_since: None,
         forwarded_ports: Vec::new(),
         port_forwarding: None,
+        last_reload: None,
+        heals: Vec::new(),
     };
     let down = |status: &mut NamespaceStatus, reason: String| {
         status.verdict = Verdict::Down;
@@ -232,6 +238,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         state.dns_servers.iter().map(ToString::to_string).collect()
     };
     status.publish_ports = state.publish_ports.clone();
+    status.last_reload = state.last_reload.clone();
+    status.heals = state.heals.clone();
 
     let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
     status.dns.resolv_conf =
@@ -691,6 +699,25 @@ fn print_text(status: &NamespaceStatus) {
                 println!("    switched:    at {at} (Unix time): {reason}");
             }
         }
+    }
+    let when = |at: u64| {
+        let ago = crate::system::state::now_secs().saturating_sub(at);
+        format!("{ago}s ago")
+    };
+    if let Some(reload) = &status.last_reload {
+        let what = if reload.changes.is_empty() {
+            "nothing to change".to_string()
+        } else {
+            reload.changes.join("; ")
+        };
+        println!("  reloaded:  {} ({what})", when(reload.at));
+    }
+    for heal in &status.heals {
+        println!(
+            "  healed:    {} ({})",
+            when(heal.at),
+            heal.changes.join("; ")
+        );
     }
     for reason in &status.reasons {
         println!("  reason:    {reason}");

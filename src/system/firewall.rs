@@ -100,6 +100,15 @@ fn guard_items(fd: BorrowedFd<'_>) -> Result<Option<Vec<Value>>> {
     ))
 }
 
+/// A short fingerprint of `text` (FNV-1a, 64 bits): enough to notice a change, not a
+/// security check.
+pub fn digest(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 /// Packets dropped so far by each counted rule of the leak guard, keyed by the rule's comment.
 pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
     let items = guard_items(fd.as_fd())?.context("the leak guard table is not loaded")?;

@@ -16,7 +16,7 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
@@ -48,6 +48,8 @@ pub struct Link {
 pub struct Route {
     pub destination: Cidr,
     pub interface: u32,
+    /// Made by the kernel for an address's prefix, not by us.
+    pub kernel: bool,
 }
 
 /// The kernel's error as an `io::Error`, so callers can look at the errno.
@@ -267,6 +269,69 @@ impl Netlink {
         Ok(())
     }
 
+    /// Deletes the device routes `add_routes` made for `prefixes`. A route already gone is
+    /// not an error.
+    pub fn delete_routes(&self, index: u32, prefixes: &[Cidr]) -> Result<()> {
+        for chunk in prefixes.chunks(PIPELINE) {
+            let requests = chunk.iter().map(|prefix| {
+                let net = prefix.network();
+                let message = RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(net.addr, net.prefix)
+                    .map(|b| b.output_interface(index).scope(RouteScope::Link).build());
+                let handle = self.handle.clone();
+                async move {
+                    let message = message.with_context(|| format!("route to {net}"))?;
+                    match handle.route().del(message).execute().await.map_err(to_io) {
+                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                            Err(e).with_context(|| format!("deleting route to {net}"))
+                        }
+                        _ => Ok(()),
+                    }
+                }
+            });
+            self.runtime
+                .block_on(futures::future::try_join_all(requests))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `addresses` from link `index`; an address not there is not an error.
+    pub fn delete_addresses(&self, index: u32, addresses: &[Cidr]) -> Result<()> {
+        if addresses.is_empty() {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(async {
+                let mut stream = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute();
+                let mut doomed = Vec::new();
+                while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                    let local = message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let prefix = message.header.prefix_len;
+                    if local.is_some_and(|addr| addresses.contains(&Cidr { addr, prefix })) {
+                        doomed.push(message);
+                    }
+                }
+                for message in doomed {
+                    if let Err(e) = self.handle.address().del(message).execute().await {
+                        let e = to_io(e);
+                        if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) {
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok::<_, io::Error>(())
+            })
+            .context("deleting addresses")
+    }
+
     /// An `unreachable` route: packets for `prefix` fail at once instead of following the
     /// default route off the machine.
     pub fn add_unreachable(&self, prefix: Cidr) -> Result<()> {
@@ -387,6 +452,7 @@ impl Netlink {
                         prefix: message.header.destination_prefix_length,
                     },
                     interface,
+                    kernel: message.header.protocol == RouteProtocol::Kernel,
                 });
             }
         }

@@ -2,7 +2,9 @@
 //! namespace's files, processes, the state journal and the relays. Nothing here knows about the
 //! command line or exit codes; errors go up as values.
 
+pub mod converge;
 pub mod dns;
+pub mod endpoints;
 pub mod files;
 pub mod firewall;
 pub mod forwarding;
@@ -14,3 +16,23 @@ pub mod state;
 pub mod terminal;
 pub mod uapi;
 pub mod wireguard;
+
+/// Test-only: `up`, `reload` and `heal` stop themselves (SIGSTOP) just before the step or
+/// change of this name, with everything earlier done and on record, so fault tests can kill
+/// them at a precise point. Only debug builds (what `cargo test` builds) look at it: the
+/// release binary the NixOS package ships has no such switch.
+pub const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_BEFORE";
+
+/// Whether this build stops at [`PAUSE_ENV`]'s points.
+pub const PAUSE_SWITCH: bool = cfg!(debug_assertions);
+
+/// Stops this process (SIGSTOP) when [`PAUSE_ENV`] names `point` and this is a debug build.
+pub fn pause_point(point: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var(PAUSE_ENV).as_deref() == Ok(point) {
+        eprintln!("wg-namespace: paused before step {point}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}

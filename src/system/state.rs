@@ -438,6 +438,35 @@ pub struct State {
     pub port_forwarding: Option<PortForwardingRecord>,
     /// In creation order.
     pub resources: Vec<Resource>,
+    /// The userspace daemon's command as last applied; a change recreates the interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_command: Option<Vec<String>>,
+    /// Digest of the ruleset text last loaded, so that `reload` of the same config leaves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ruleset_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<Event>,
+    /// The latest repairs `heal` made, oldest first, at most [`HEALS_KEPT`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heals: Vec<Event>,
+}
+
+/// How many heal events the state file keeps.
+pub const HEALS_KEPT: usize = 10;
+
+/// A `reload` or `heal` that changed something: when, and what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub changes: Vec<String>,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,9 +493,7 @@ impl State {
             boot_id: boot_id(),
             phase: Phase::Building,
             owner: ProcessId::current(),
-            started_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_at: now_secs(),
             config_path: None,
             backend: None,
             dns_server,
@@ -477,6 +504,10 @@ impl State {
             publish_ports: Vec::new(),
             port_forwarding: None,
             resources: Vec::new(),
+            userspace_command: None,
+            ruleset_digest: None,
+            last_reload: None,
+            heals: Vec::new(),
         }
     }
 
@@ -600,6 +631,75 @@ pub fn update_up(
             lock.remove();
             Ok(false)
         }
+    }
+}
+
+/// The journal of a change in progress: each resource is on record in the state file before
+/// it is made, and off the record only after it is gone.
+pub struct Journal {
+    pub state: State,
+}
+
+impl Journal {
+    /// Records a resource that is about to be created.
+    pub fn record(&mut self, resource: Resource) -> Result<()> {
+        self.state.resources.push(resource);
+        self.state.save()
+    }
+
+    /// Records `resource`, then makes it with `make`. When `make` finds the name taken (someone
+    /// else got there between our check and now), the record goes again: undoing it would
+    /// remove what is not ours.
+    pub fn create<T>(&mut self, resource: Resource, make: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.record(resource)?;
+        make().inspect_err(|e| {
+            let taken = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AlreadyExists)
+            });
+            if taken {
+                self.state.resources.pop();
+                let _ = self.state.save();
+            }
+        })
+    }
+
+    /// Drops the newest record: its resource was never made.
+    pub fn forget_last(&mut self) -> Result<()> {
+        self.state.resources.pop();
+        self.state.save()
+    }
+
+    /// Notes the WireGuard link's index (None: not made yet), and whether it lives in the
+    /// namespace (else in the host namespace, where a userspace daemon makes it).
+    pub fn link_at(&mut self, new_index: Option<u32>, in_namespace: bool) -> Result<()> {
+        for resource in &mut self.state.resources {
+            if let Resource::Link { moved, index, .. } = resource {
+                *moved = in_namespace;
+                *index = new_index;
+            }
+        }
+        self.state.save()
+    }
+
+    /// Notes what the daemon runs now that it has started (a wrapper may have become
+    /// another program).
+    pub fn daemon_runs(&mut self, executable: PathBuf) -> Result<()> {
+        for resource in &mut self.state.resources {
+            if let Resource::Daemon { executables, .. } = resource
+                && !executables.contains(&executable)
+            {
+                executables.push(executable.clone());
+            }
+        }
+        self.state.save()
+    }
+
+    /// Takes resources off the record once they are gone.
+    pub fn forget(&mut self, gone: impl Fn(&Resource) -> bool) -> Result<()> {
+        self.state.resources.retain(|r| !gone(r));
+        self.state.save()
     }
 }
 

@@ -316,8 +316,20 @@ pub struct Prepared {
     pub warnings: Vec<String>,
 }
 
-pub fn prepare(config: &Config) -> Result<Prepared> {
+/// How [`prepare`] treats a host name that does not resolve right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unresolved {
+    /// Use the last good address from the endpoint cache; fail when there is none (`up`).
+    CacheOrFail,
+    /// Use the cache, else leave the endpoint unset, which keeps what the device has
+    /// (`reload`, `heal`: a passing DNS failure must not stop a repair).
+    CacheOrKeep,
+}
+
+pub fn prepare(config: &Config, unresolved: Unresolved) -> Result<Prepared> {
     let mut warnings = Vec::new();
+    let mut cache: Option<crate::system::endpoints::Cache> = None;
+    let mut fresh = Vec::new();
     let private_key = match &config.private_key {
         PrivateKeySource::File(path) => {
             let (key, warning) = read_key_file("privateKeyFile", path)?;
@@ -339,10 +351,37 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         };
         let endpoint = match &peer.endpoint {
             None => None,
-            Some(endpoint) => Some(
-                resolve(endpoint)
-                    .map_err(|e| anyhow!("peers[{i}].endpoint: cannot resolve {endpoint}: {e}"))?,
-            ),
+            Some(endpoint) => match resolve(endpoint) {
+                Ok(addr) => {
+                    if matches!(endpoint.host, EndpointHost::Name(_)) {
+                        fresh.push((endpoint.to_string(), addr));
+                    }
+                    Some(addr)
+                }
+                Err(e) => {
+                    let cache = cache
+                        .get_or_insert_with(|| crate::system::endpoints::load(&config.namespace));
+                    match (cache.get(&endpoint.to_string()), unresolved) {
+                        (Some(last), _) => {
+                            warnings.push(format!(
+                                "peers[{i}].endpoint: cannot resolve {endpoint} now ({e}); \
+                                 using its last good address {last}"
+                            ));
+                            Some(*last)
+                        }
+                        (None, Unresolved::CacheOrKeep) => {
+                            warnings.push(format!(
+                                "peers[{i}].endpoint: cannot resolve {endpoint} now ({e}); \
+                                 keeping the address the device has"
+                            ));
+                            None
+                        }
+                        (None, Unresolved::CacheOrFail) => {
+                            bail!("peers[{i}].endpoint: cannot resolve {endpoint}: {e}")
+                        }
+                    }
+                }
+            },
         };
         peers.push(PreparedPeer {
             public_key: peer.public_key.clone(),
@@ -350,6 +389,9 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
             endpoint,
             peer: peer.clone(),
         });
+    }
+    if let Err(e) = crate::system::endpoints::remember(&config.namespace, &fresh) {
+        warnings.push(format!("cannot keep the endpoints' addresses: {e:#}"));
     }
     Ok(Prepared {
         private_key,
@@ -373,7 +415,7 @@ pub struct PeerSettings {
 }
 
 /// One change to a device, applied in one request to the kernel or the daemon.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceChange {
     pub private_key: Option<Key>,
     pub listen_port: Option<u16>,
@@ -689,6 +731,62 @@ pub fn rehandshake(
     replace_peer(interface, backend, namespace, public_key, &settings)
 }
 
+/// A peer as the device has it, in the config's types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePeer {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub keepalive: Option<u16>,
+    /// Network addresses (host bits clear), as the device keeps them.
+    pub allowed_ips: Vec<Cidr>,
+    pub last_handshake: Option<std::time::SystemTime>,
+}
+
+/// The parts of the device that `reload` and `heal` compare with the config.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceView {
+    /// The device's public key: what its private key makes.
+    pub public_key: Option<Key>,
+    pub peers: Vec<DevicePeer>,
+}
+
+impl DeviceView {
+    pub fn of(device: &DeviceInfo) -> DeviceView {
+        let key = |k: &wireguard_control::Key| Some(Key(k.0)).filter(|k| k.0 != [0; 32]);
+        DeviceView {
+            public_key: device.public_key.as_ref().and_then(key),
+            peers: device
+                .peers
+                .iter()
+                .map(|p| DevicePeer {
+                    public_key: Key(p.config.public_key.0),
+                    preshared_key: p.config.preshared_key.as_ref().and_then(key),
+                    endpoint: p.config.endpoint,
+                    keepalive: p.config.persistent_keepalive_interval.filter(|&k| k != 0),
+                    allowed_ips: p
+                        .config
+                        .allowed_ips
+                        .iter()
+                        .map(|a| {
+                            Cidr {
+                                addr: a.address,
+                                prefix: a.cidr,
+                            }
+                            .network()
+                        })
+                        .collect(),
+                    last_handshake: p.stats.last_handshake_time,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The public key that belongs to `private`.
+pub fn public_key_of(private: &Key) -> Key {
+    Key(control_key(private).get_public().0)
+}
 #[cfg(test)]
 mod tests {
     use super::tun_queues_expected;

@@ -697,6 +697,9 @@ impl Drop for Rig {
         let _ = netns::delete(&self.host);
         let _ = std::fs::remove_file(uapi_socket(&self.confined));
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The endpoint cache `up` keeps for names (outside /run, so that it survives reboots).
+        let _ = std::fs::remove_dir_all(format!("/var/lib/wg-namespace/{}", self.confined));
+        let _ = std::fs::remove_dir("/var/lib/wg-namespace");
     }
 }
 

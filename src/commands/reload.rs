@@ -1,0 +1,45 @@
+//! `reload`: bring a namespace that is up to a new config in place. The namespace, its leak
+//! guard and the processes inside stay; only what differs changes (see
+//! [`crate::system::converge`]). Reloading the config that is applied changes nothing.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::system::converge::{self, Desired, Mode, Session};
+
+/// Applies `config` to the running namespace `namespace` (the config's own by default).
+pub fn run(config: &Config, config_path: &Path, namespace: Option<&str>) -> Result<()> {
+    reload(config, config_path, namespace).context("reload")
+}
+
+fn reload(config: &Config, config_path: &Path, namespace: Option<&str>) -> Result<()> {
+    let mut session = Session::open(namespace.unwrap_or(&config.namespace))?;
+    converge::check_in_place(session.state(), config, session.backend())?;
+    let desired = Desired::prepare(config)?;
+    let observed = session.observe(&desired)?;
+    let changes = converge::plan(
+        session.state(),
+        &desired,
+        &observed,
+        Mode::Reload,
+        SystemTime::now(),
+    );
+    session.apply(&desired, &changes)?;
+    session.commit(&desired, Some(config_path), Mode::Reload, &changes)?;
+    if changes.is_empty() {
+        eprintln!(
+            "reload: namespace {:?}: nothing to change",
+            config.namespace
+        );
+    } else {
+        eprintln!(
+            "reload: namespace {:?}: {} change(s) made in place",
+            config.namespace,
+            changes.len()
+        );
+    }
+    Ok(())
+}
