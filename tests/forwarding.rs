@@ -446,6 +446,15 @@ fn forwarded_port_follows_the_gateway() -> Result<()> {
         !reachable(&rig, port)?,
         "the port is open after port-forward stopped"
     );
+    let report = status(&rig)?;
+    ensure!(
+        report["verdict"] == "degraded"
+            && forwarded(&report).is_empty()
+            && report["reasons"]
+                .to_string()
+                .contains("no port-forward process reports"),
+        "status after port-forward stopped: {report:#}"
+    );
     rig.kill_tracked(forwarder);
     drop(server);
     rig.down()?;
