@@ -11,12 +11,13 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use wg_namespace::commands::updown::{PAUSE_ENV, PAUSE_SWITCH, STEPS};
+use wg_namespace::system::INNER_PAUSES;
 use wg_namespace::system::process::ProcessId;
 
 fn main() {
     run(vec![
         paused_trial(
-            "up_killed_at_each_step_recovers_and_leaves_nothing",
+            "up_killed_at_each_step_and_inside_steps_recovers_and_leaves_nothing",
             killed_at_each_step,
         ),
         trial(
@@ -84,7 +85,7 @@ fn killed_at_each_step() -> Result<()> {
     let service = rig.peer_service(REPLY)?;
     let config = rig.write_config("config.json", &rig.config()?)?;
     let config = config.to_str().context("path")?;
-    for step in STEPS {
+    for step in STEPS.into_iter().chain(INNER_PAUSES) {
         // Killed, then brought up again: the new `up` clears what the dead one left.
         kill(paused_up(&rig, config, step)?)?;
         let up = rig.helper(&["up", "--config", config])?;

@@ -165,6 +165,7 @@ fn build(
         // names a namespace without saying which one.
         let fd = netns::unshare_new()?;
         let id = netns::identity(&fd)?;
+        crate::system::pause_point("namespace-unrecorded");
         build.create(
             Resource::Namespace {
                 name: ns.into(),

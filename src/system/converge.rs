@@ -632,6 +632,7 @@ pub fn create_interface(
     }
     wireguard::remove_stale_socket(interface);
     let daemon = wireguard::spawn_daemon(&config.userspace_command, interface)?;
+    crate::system::pause_point("daemon-unrecorded");
     let process = daemon.process;
     journal.record(Resource::Daemon {
         process,
@@ -682,6 +683,7 @@ pub fn place_interface(
             .index_of(interface)?
             .context("the WireGuard link disappeared")?;
         host.move_to(index, ns_fd)?;
+        crate::system::pause_point("move-unrecorded");
         // Until the new index is on record, the one from the host stands: the kernel keeps an
         // index across a move when it is free in the new namespace, as in ours.
         journal.link_at(Some(index), true)?;

@@ -23,6 +23,15 @@ pub mod wireguard;
 /// release binary the NixOS package ships has no such switch.
 pub const PAUSE_ENV: &str = "WG_NAMESPACE_TEST_PAUSE_BEFORE";
 
+/// Points inside `up`'s steps where [`PAUSE_ENV`] can stop it too: something exists that its
+/// journal entry does not describe yet (an unnamed namespace, a daemon held at its gate, a
+/// link moved while the record still places it on the host).
+pub const INNER_PAUSES: [&str; 3] = [
+    "namespace-unrecorded",
+    "daemon-unrecorded",
+    "move-unrecorded",
+];
+
 /// Whether this build stops at [`PAUSE_ENV`]'s points.
 pub const PAUSE_SWITCH: bool = cfg!(debug_assertions);
 
