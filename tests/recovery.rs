@@ -377,6 +377,19 @@ fn failover_in_place() -> Result<()> {
         "{}",
         text(&text_out)
     );
+
+    // Reloading the same config keeps the server that works: no switch back to the dead one.
+    let config = rig.dir.join("config.json");
+    let reload = rig.helper(&["reload", "--config", config.to_str().context("path")?])?;
+    ensure!(reload.status.success(), "reload: {}", text(&reload));
+    let (_, reloaded) = status(&rig)?;
+    ensure!(
+        reloaded["peers"][0]["failover"]["active"] == 1,
+        "reload put the dead server back: {reloaded:#}"
+    );
+    let after_reload = Instant::now();
+    pinger.reply_after(after_reload, Duration::from_secs(5))?;
+    ensure!(pinger.alive(), "the confined ping ended");
     Ok(())
 }
 
