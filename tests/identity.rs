@@ -75,6 +75,17 @@ fn namespace_made_again() -> Result<()> {
         "exec ran in a namespace wg-namespace did not make: {}",
         text(&exec)
     );
+    let heal = rig.helper(&["heal", "--namespace", c])?;
+    ensure!(
+        !heal.status.success(),
+        "heal acted on a namespace wg-namespace did not make: {}",
+        text(&heal)
+    );
+    let tables = sh(&["ip", "netns", "exec", c, "nft", "list", "tables"])?;
+    ensure!(
+        tables.trim().is_empty(),
+        "a ruleset was loaded into the admin's namespace: {tables}"
+    );
     let status = rig.helper(&["status", "--namespace", c])?;
     ensure!(
         status.status.code() == Some(4),

@@ -756,8 +756,12 @@ impl Session {
                 return Err(needs_restart(format!("namespace {namespace:?} is not up")));
             }
         };
-        let fd = netns::open(namespace)
-            .map_err(|_| needs_restart(format!("the network namespace {namespace:?} is gone")))?;
+        // Only the namespace `up` made: one made under the same name since is someone else's.
+        let fd = state.open_netns().ok_or_else(|| {
+            needs_restart(format!(
+                "the network namespace {namespace:?} is gone or is not the one wg-namespace made"
+            ))
+        })?;
         let backend = state.backend.context("the state file names no backend")?;
         let inner = Netlink::inside(&fd)?;
         Ok(Session {
