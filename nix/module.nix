@@ -29,10 +29,12 @@ let
     listToAttrs
     literalExpression
     literalMD
+    mapAttrs'
     mapAttrsToList
     mkIf
     mkMerge
     mkOption
+    nameValuePair
     optional
     types
     unique
@@ -407,6 +409,11 @@ let
         Name of the network namespace (`/run/netns/<name>`), of the WireGuard interface inside it
         and of its unit `wireguard-namespace-<name>.service`. 1 to 15 bytes: letters, digits,
         `_`, `.` and `-`, starting with a letter, a digit or `_`.
+
+        On `nixos-rebuild switch`, a change to any other option of the namespace is applied in
+        place by `wg-namespace reload`: the namespace and the services confined to it keep
+        running. Changing the name (or {option}`backend`) restarts the namespace, and the
+        confined services with it.
       '';
     };
 
@@ -535,7 +542,8 @@ let
         Which WireGuard implementation carries the tunnel. `kernel` uses the Linux module,
         `userspace` runs {option}`userspaceCommand` (for kernels without WireGuard or for
         containers that cannot create the interface), and `auto` takes the kernel when it offers
-        WireGuard and the userspace daemon otherwise.
+        WireGuard and the userspace daemon otherwise. A change cannot be applied in place: it
+        restarts the namespace.
       '';
     };
 
@@ -627,10 +635,14 @@ let
         default = false;
         example = true;
         description = ''
-          Whether to check the namespace periodically with `wg-namespace status` and restart
-          `wireguard-namespace-<name>.service` when it reports a problem, for instance after the
-          peer was unreachable for a while or after the machine woke from sleep. A namespace that
-          was stopped on purpose is left alone.
+          Whether to check the namespace periodically with `wg-namespace heal`, which repairs
+          what went missing in place with the least invasive step (a missing or altered
+          ruleset, the namespace's files, the WireGuard interface or its userspace daemon, a
+          relay, an overdue handshake) and never takes the namespace down, so confined services
+          keep running. Only when it cannot (the namespace itself is gone, a repair failed)
+          is `wireguard-namespace-<name>.service` restarted, and the confined services with it.
+          A passing DNS failure or an idle tunnel is never a reason for that. A namespace that
+          was stopped on purpose is left alone; one whose unit failed is restarted.
         '';
       };
 
@@ -783,6 +795,33 @@ let
 
   helper = "${cfg.package}/bin/wg-namespace";
 
+  # Where a namespace's JSON document is found at run time. The path stays the same when the
+  # config changes, so the unit text does not, and `nixos-rebuild switch` reloads instead of
+  # restarting (the document's store path is in reloadTriggers). The activation script updates
+  # /etc before switch-to-configuration reloads units, so the reload reads the new document.
+  stableDocument = name: "/etc/wg-namespace/${name}.json";
+
+  # Exit status of `reload` and `heal` when only a restart can apply the change or repair the
+  # namespace (code::RESTART_NEEDED in src/exit.rs).
+  restartNeeded = 5;
+
+  # On the PATH NixOS gives every unit.
+  systemctl = "systemctl";
+
+  # `reload` of the running namespace; one it cannot make in place becomes a restart (queued
+  # after this reload job: systemd merges it and runs the restart next).
+  reloadScript =
+    name:
+    pkgs.writeShellScript "wg-namespace-${name}-reload" ''
+      code=0
+      ${helper} reload --namespace ${name} --config ${stableDocument name} || code=$?
+      if [ "$code" = ${toString restartNeeded} ]; then
+        echo "the change to namespace ${name} needs a restart; restarting ${unitName name}.service"
+        exec ${systemctl} restart --no-block ${unitName name}.service
+      fi
+      exit "$code"
+    '';
+
   # The userspace daemon, when it may be needed and no other command is configured.
   usesWireguardGo = ns: ns.backend != "kernel" && ns.userspaceCommand == null;
 
@@ -792,14 +831,19 @@ let
     after = [ "network-online.target" ];
     wantedBy = [ "multi-user.target" ];
     path = [ pkgs.nftables ] ++ optional (usesWireguardGo ns) pkgs.wireguard-go;
-    # ExecStart names the JSON file, so a changed config restarts the namespace on switch.
+    # A changed document is applied in place by ExecReload: the namespace, and the services
+    # confined to it, keep running. What cannot change in place stays in the unit's text, so
+    # that changing it restarts: the name (in the unit's name and paths) and the backend.
     restartIfChanged = true;
+    reloadTriggers = [ (jsonDocument ns) ];
+    unitConfig.X-WireguardNamespaceBackend = ns.backend;
     # Keep retrying while the network (or the endpoint's DNS) is not there yet at boot.
     startLimitIntervalSec = 0;
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
-      ExecStart = "${helper} up --config ${jsonDocument ns}";
+      ExecStart = "${helper} up --config ${stableDocument name}";
+      ExecReload = reloadScript name;
       ExecStop = "${helper} down --namespace ${name}";
       # Also after an `up` killed half-way (timeout): `down` does nothing when nothing is up.
       ExecStopPost = "${helper} down --namespace ${name}";
@@ -810,6 +854,10 @@ let
       TimeoutStartSec = "2min";
       # The userspace daemon and the port relay outlive `up` in this cgroup; stop kills them.
       KillMode = "control-group";
+      # The last good address of each endpoint name (endpoints.json), kept across restarts
+      # and reboots: `up` goes on with it when a name does not resolve at that moment.
+      StateDirectory = "wg-namespace/${name}";
+      StateDirectoryMode = "0700";
     };
   };
 
@@ -843,31 +891,38 @@ let
   };
 
   healthUnit = name: {
-    description = "Restart WireGuard namespace ${name} when it is unhealthy";
+    description = "Heal WireGuard namespace ${name} in place when something is missing";
     after = [ "${unitName name}.service" ];
     serviceConfig = {
       Type = "oneshot";
       # A check that hangs must not keep the timer from firing again.
       TimeoutStartSec = "1min";
     };
+    # `heal` repairs what it finds missing with the least invasive step (the ruleset, the
+    # namespace's files, the WireGuard interface or its daemon, a relay, a handshake) and
+    # never takes the namespace down; confined services keep running. Only when it cannot
+    # (the namespace is gone, a repair failed) is the unit restarted, and they with it.
     script = ''
       unit=${unitName name}.service
-      state=$(systemctl is-active "$unit" || true)
+      state=$(${systemctl} is-active "$unit" || true)
       case "$state" in
-        active | failed) ;;
+        active) ;;
+        failed)
+          echo "$unit has failed; restarting it"
+          exec ${systemctl} restart --no-block "$unit"
+          ;;
         *)
           echo "$unit is $state; leaving it alone"
           exit 0
           ;;
       esac
-      if report=$(${helper} status --namespace ${name} 2>&1); then
-        exit 0
-      else
-        code=$?
+      code=0
+      ${helper} heal --config ${stableDocument name} || code=$?
+      if [ "$code" = ${toString restartNeeded} ]; then
+        echo "namespace ${name} cannot be healed in place; restarting $unit"
+        exec ${systemctl} restart --no-block "$unit"
       fi
-      printf '%s\n' "$report"
-      echo "namespace ${name} is unhealthy (wg-namespace status exited $code); restarting $unit"
-      systemctl restart --no-block "$unit"
+      exit "$code"
     '';
   };
 
@@ -1139,6 +1194,9 @@ in
       assertions = concatLists (map namespaceAssertions declared) ++ duplicateAssertions;
       warnings = presharedKeyWarnings ++ publishWarnings;
       environment.systemPackages = [ cfg.package ];
+      environment.etc = mapAttrs' (
+        name: ns: nameValuePair "wg-namespace/${name}.json" { source = jsonDocument ns; }
+      ) namespaces;
       # The relays of publishPorts and hostServices run as this user, not as root (the helper
       # falls back to nobody where it does not exist).
       users.users.wg-namespace = {

@@ -131,10 +131,36 @@ let
     ++ [
       (equal "seed: units" [ "wireguard-namespace-vpn" ] (ours (attrNames config.systemd.services)))
       (equal "seed: timers" [ ] (ours (attrNames config.systemd.timers)))
-      (equal "seed: ExecStart runs up on the JSON document"
-        "${helper config} up --config ${jsonFile "vpn" document}"
+      # The unit names a path that stays the same when the document changes, and the document
+      # in reloadTriggers: a changed config is a reload (`wg-namespace reload`), not a restart.
+      (equal "seed: ExecStart runs up on the document under /etc"
+        "${helper config} up --config /etc/wg-namespace/vpn.json"
         unit.serviceConfig.ExecStart
       )
+      (equal "seed: /etc/wg-namespace/vpn.json is the JSON document"
+        "${jsonFile "vpn" document}"
+        config.environment.etc."wg-namespace/vpn.json".source
+      )
+      (equal "seed: the document is the reload trigger" [ (jsonFile "vpn" document) ]
+        unit.reloadTriggers
+      )
+      (equal "seed: X-Reload-Triggers in the unit" true (unit.unitConfig ? X-Reload-Triggers))
+      (equal "seed: the backend is in the unit's text, so changing it restarts" "auto"
+        unit.unitConfig.X-WireguardNamespaceBackend
+      )
+      (check "seed: ExecReload runs reload on the same path and restarts on exit 5" (
+        let
+          # writeShellScript's derivation keeps its text; nothing is built to read it.
+          script = unit.serviceConfig.ExecReload.text;
+        in
+        hasInfix "${helper config} reload --namespace vpn --config /etc/wg-namespace/vpn.json" script
+        && hasInfix ''[ "$code" = 5 ]'' script
+        && hasInfix "systemctl restart --no-block wireguard-namespace-vpn.service" script
+      ))
+      (equal "seed: StateDirectory keeps the endpoint cache" "wg-namespace/vpn"
+        unit.serviceConfig.StateDirectory
+      )
+      (equal "seed: StateDirectoryMode" "0700" unit.serviceConfig.StateDirectoryMode)
       (equal "seed: ExecStop" "${helper config} down --namespace vpn" unit.serviceConfig.ExecStop)
       (equal "seed: Type" "oneshot" unit.serviceConfig.Type)
       (equal "seed: RemainAfterExit" true unit.serviceConfig.RemainAfterExit)
@@ -250,14 +276,19 @@ let
         ]
         (ours (attrNames units))
       )
-      (equal "two: mullvad document"
-        "${helper config} up --config ${jsonFile "mullvad" mullvad}"
-        units.wireguard-namespace-mullvad.serviceConfig.ExecStart
+      (equal "two: mullvad document" (jsonFile "mullvad" mullvad)
+        config.environment.etc."wg-namespace/mullvad.json".source
       )
-      (equal "two: office document"
-        "${helper config} up --config ${jsonFile "office" office}"
-        units.wireguard-namespace-office.serviceConfig.ExecStart
+      (equal "two: office document" (jsonFile "office" office)
+        config.environment.etc."wg-namespace/office.json".source
       )
+      (equal "two: office reloads on its own document" [ (jsonFile "office" office) ]
+        units.wireguard-namespace-office.reloadTriggers
+      )
+      (equal "two: backends in the units' text" [ "kernel" "userspace" ] [
+        units.wireguard-namespace-mullvad.unitConfig.X-WireguardNamespaceBackend
+        units.wireguard-namespace-office.unitConfig.X-WireguardNamespaceBackend
+      ])
       (check "two: no wireguard-go for the kernel backend" (
         !hasPackage pkgs.wireguard-go units.wireguard-namespace-mullvad
       ))
@@ -276,11 +307,12 @@ let
         ours (attrNames config.systemd.timers)
       ))
       (equal "two: health interval" "30s" timer.timerConfig.OnUnitActiveSec)
-      (check "two: health check restarts the namespace" (
-        hasInfix "systemctl restart --no-block \"$unit\"" health.script
+      (check "two: health check heals in place" (
+        hasInfix "${helper config} heal --config /etc/wg-namespace/office.json" health.script
       ))
-      (check "two: health check runs status" (
-        hasInfix "${helper config} status --namespace office" health.script
+      (check "two: health check restarts only when heal exits 5" (
+        hasInfix ''[ "$code" = 5 ]'' health.script
+        && hasInfix "systemctl restart --no-block \"$unit\"" health.script
       ))
     ];
 
@@ -304,9 +336,8 @@ let
         ]
         (ours (attrNames config.systemd.services))
       )
-      (equal "config-file: ExecStart runs up on a document naming only the file"
-        "${helper config} up --config ${jsonFile "vpn" document}"
-        config.systemd.services.wireguard-namespace-vpn.serviceConfig.ExecStart
+      (equal "config-file: the document names only the file" (jsonFile "vpn" document)
+        config.environment.etc."wg-namespace/vpn.json".source
       )
     ];
 
@@ -393,6 +424,12 @@ let
       (equal "confined: bindsTo" [ main ] service.bindsTo)
       (equal "confined: after" [ main ] service.after)
       (equal "confined: partOf" [ main ] service.partOf)
+      # PartOf= carries stop and restart only; a reload of the namespace's unit (a changed
+      # config) must reach no confined service, so nothing may propagate reloads to it.
+      (check "confined: no reload propagation" (
+        !(service.unitConfig ? ReloadPropagatedFrom)
+        && !(config.systemd.services.wireguard-namespace-vpn.unitConfig ? PropagatesReloadTo)
+      ))
       (equal "confined: own settings kept" true service.serviceConfig.DynamicUser)
     ];
 
