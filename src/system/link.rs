@@ -289,8 +289,7 @@ impl Netlink {
                     }
                 }
             });
-            self.runtime
-                .block_on(futures::future::try_join_all(requests))?;
+            self.block(futures::future::try_join_all(requests))?;
         }
         Ok(())
     }
@@ -300,36 +299,35 @@ impl Netlink {
         if addresses.is_empty() {
             return Ok(());
         }
-        self.runtime
-            .block_on(async {
-                let mut stream = self
-                    .handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .execute();
-                let mut doomed = Vec::new();
-                while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                    let local = message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
-                        _ => None,
-                    });
-                    let prefix = message.header.prefix_len;
-                    if local.is_some_and(|addr| addresses.contains(&Cidr { addr, prefix })) {
-                        doomed.push(message);
+        self.block(async {
+            let mut stream = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            let mut doomed = Vec::new();
+            while let Some(message) = stream.try_next().await.map_err(to_io)? {
+                let local = message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                });
+                let prefix = message.header.prefix_len;
+                if local.is_some_and(|addr| addresses.contains(&Cidr { addr, prefix })) {
+                    doomed.push(message);
+                }
+            }
+            for message in doomed {
+                if let Err(e) = self.handle.address().del(message).execute().await {
+                    let e = to_io(e);
+                    if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) {
+                        return Err(e);
                     }
                 }
-                for message in doomed {
-                    if let Err(e) = self.handle.address().del(message).execute().await {
-                        let e = to_io(e);
-                        if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) {
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok::<_, io::Error>(())
-            })
-            .context("deleting addresses")
+            }
+            Ok::<_, io::Error>(())
+        })
+        .context("deleting addresses")
     }
 
     /// An `unreachable` route: packets for `prefix` fail at once instead of following the
