@@ -26,6 +26,10 @@ fn main() {
             "all_servers_down_is_degraded_and_retried_with_backoff",
             all_servers_down,
         ),
+        trial(
+            "an_outage_on_record_ends_with_the_first_answer_after_refresh_restarts",
+            outage_outlives_a_restart,
+        ),
         libtest_mimic::Trial::test("bad_alternatives_are_one_line_naming_the_field", || {
             bad_alternatives().map_err(|e| format!("{e:#}").into())
         }),
@@ -139,15 +143,7 @@ fn route_returns() -> Result<()> {
     let unattended = outage(&mut rig, &pinger, &gateway)?;
 
     let log = rig.dir.join("refresh.log");
-    let refresher = rig
-        .command_in(
-            rig.host_fd(),
-            &[BIN, "refresh", "--config", path.to_str().context("path")?],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    rig.track(refresher);
+    start_refresh(&mut rig, &path)?;
     std::thread::sleep(Duration::from_secs(1));
     // What is already there, refreshed (as router advertisements refresh IPv6 addresses every
     // few minutes), is no change: no handshake anew for it.
@@ -196,7 +192,7 @@ const FAILOVER_AFTER: u64 = 5;
 /// A rig with a second server, a config whose peer has it as its alternative (with a preshared
 /// key; given by key, endpoint and key file, or `as_file` as a provider's wg-quick file), `up`,
 /// `refresh` running (its log in refresh.log) and a confined ping getting replies.
-fn failover_rig(id: u8, as_file: bool) -> Result<(Rig, Pinger)> {
+fn failover_rig(id: u8, as_file: bool) -> Result<(Rig, Pinger, u32)> {
     let mut rig = Rig::new(id)?;
     let psk = wireguard_control::Key::generate_preshared();
     rig.add_second_peer(Some(psk.clone()))?;
@@ -221,19 +217,28 @@ fn failover_rig(id: u8, as_file: bool) -> Result<(Rig, Pinger)> {
     config["peers"][0]["failoverAfterSeconds"] = json!(FAILOVER_AFTER);
     config["peers"][0]["alternatives"] = json!([alternative]);
     let path = rig.up_with(&config)?;
-    let refresher = rig
-        .command_in(
-            rig.host_fd(),
-            &[BIN, "refresh", "--config", path.to_str().context("path")?],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(rig.dir.join("refresh.log"))?)
-        .spawn()?;
-    rig.track(refresher);
+    let refresher = start_refresh(&mut rig, &path)?;
     let target = rig.peer_tunnel_ip();
     let pinger = Pinger::start(&mut rig, target)?;
     pinger.reply_after(Instant::now(), Duration::from_secs(10))?;
-    Ok((rig, pinger))
+    Ok((rig, pinger, refresher))
+}
+
+/// `refresh` in the rig's host namespace, its messages appended to refresh.log; its PID.
+fn start_refresh(rig: &mut Rig, config: &std::path::Path) -> Result<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rig.dir.join("refresh.log"))?;
+    let refresher = rig
+        .command_in(
+            rig.host_fd(),
+            &[BIN, "refresh", "--config", config.to_str().context("path")?],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(rig.track(refresher))
 }
 
 fn refresh_log(rig: &Rig) -> String {
@@ -323,7 +328,7 @@ impl Watchers {
 }
 
 fn failover_in_place() -> Result<()> {
-    let (mut rig, pinger) = failover_rig(151, false)?;
+    let (mut rig, pinger, _) = failover_rig(151, false)?;
     let (_, before) = status(&rig)?;
     ensure!(
         before["peers"][0]["failover"]["active"] == 0,
@@ -395,7 +400,7 @@ fn failover_in_place() -> Result<()> {
 
 fn all_servers_down() -> Result<()> {
     // The second server comes as a provider's wg-quick file.
-    let (mut rig, pinger) = failover_rig(152, true)?;
+    let (mut rig, pinger, _) = failover_rig(152, true)?;
     let watchers = Watchers::start(&rig)?;
     rig.stop_peer_wg();
     rig.stop_second_peer_wg();
@@ -467,6 +472,45 @@ fn all_servers_down() -> Result<()> {
     })?;
     watchers.check()?;
     ensure!(pinger.alive(), "the confined ping ended");
+    Ok(())
+}
+
+/// All servers down and on record as such; `refresh` restarts (as the module restarts it on a
+/// config change); the server in use comes back: the outage on record ends without a switch.
+fn outage_outlives_a_restart() -> Result<()> {
+    let (mut rig, pinger, refresher) = failover_rig(153, false)?;
+    rig.stop_peer_wg();
+    rig.stop_second_peer_wg();
+    wait_for(
+        Duration::from_secs(40),
+        "every server to count as down",
+        || status(&rig).is_ok_and(|(_, ns)| !ns["peers"][0]["failover"]["allDownSince"].is_null()),
+    )
+    .with_context(|| refresh_log(&rig))?;
+    rig.kill_tracked(refresher);
+    let config = rig.dir.join("config.json");
+    start_refresh(&mut rig, &config)?;
+    let (_, before) = status(&rig)?;
+    let active = before["peers"][0]["failover"]["active"].clone();
+    ensure!(
+        active == 0,
+        "after two switches the peer itself is back: {before:#}"
+    );
+    let restarted = Instant::now();
+    rig.start_peer_wg()?;
+    pinger.reply_after(restarted, Duration::from_secs(10))?;
+    wait_for(Duration::from_secs(5), "allDownSince to clear", || {
+        status(&rig).is_ok_and(|(_, ns)| ns["peers"][0]["failover"]["allDownSince"].is_null())
+    })
+    .with_context(|| refresh_log(&rig))?;
+    let (code, after) = status(&rig)?;
+    ensure!(
+        after["peers"][0]["failover"]["active"] == active
+            && after["peers"][0]["failover"]["lastSwitchAt"]
+                == before["peers"][0]["failover"]["lastSwitchAt"],
+        "switched although the server in use answered: {after:#}"
+    );
+    ensure!(code == 0, "status exit {code}: {after:#}");
     Ok(())
 }
 

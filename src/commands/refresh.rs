@@ -480,6 +480,17 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
         eprintln!("refresh: no peer has an endpoint; nothing to do");
         return Ok(());
     }
+    // An outage on record from before a restart is cleared by the first answer, too.
+    if let Ok(Some(state)) = State::load(&config.namespace) {
+        for t in &mut tracked {
+            t.recorded_all_down = state.peers.iter().any(|r| {
+                r.public_key == t.peer.public_key_text
+                    && r.failover
+                        .as_ref()
+                        .is_some_and(|f| f.all_down_since.is_some())
+            });
+        }
+    }
     // Where this process runs is the host's network: its changes are what matter.
     let mut watcher = crate::system::link::ChangeWatcher::here()
         .context("watching the host's routes and addresses")?;
