@@ -27,6 +27,9 @@ pub struct Rendered {
     pub nsswitch_conf: String,
     pub hosts: String,
     pub ruleset: String,
+    /// The ruleset's fingerprint without the forwarded port's elements, which change while the
+    /// config does not: what reload and heal compare to see whether the ruleset changed.
+    pub ruleset_digest: String,
 }
 
 /// The DNS servers of one family as nft writes a destination: one address, or a set.
@@ -151,10 +154,21 @@ pub fn render(config: &Config) -> Result<Rendered> {
         forwarded: forwarded_elements(config),
     };
     let get = |name: &str| render_one(&env, name, &inputs);
+    let ruleset = get("namespace.nft")?;
+    let ruleset_digest = if inputs.forwarded.is_empty() {
+        crate::system::firewall::digest(&ruleset)
+    } else {
+        let without = Inputs {
+            forwarded: String::new(),
+            ..inputs
+        };
+        crate::system::firewall::digest(&render_one(&env, "namespace.nft", &without)?)
+    };
     Ok(Rendered {
         resolv_conf: get("resolv.conf")?,
         nsswitch_conf: get("nsswitch.conf")?,
         hosts: get("hosts")?,
-        ruleset: get("namespace.nft")?,
+        ruleset,
+        ruleset_digest,
     })
 }

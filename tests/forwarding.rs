@@ -552,6 +552,62 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
         "the rendered ruleset lacks {elements}"
     );
 
+    // A reload of the same config: the moved port alone is no reason to load the ruleset.
+    let reload = |rig: &Rig, config: &Value| -> Result<Value> {
+        let path = rig.write_config("config.json", config)?;
+        let out = rig.helper(&["reload", "--config", path.to_str().context("path")?])?;
+        ensure!(out.status.success(), "reload: {}", text(&out));
+        Ok(status(rig)?["lastReload"]["changes"].clone())
+    };
+    let changes = reload(&rig, &forwarding_config(&rig, &hook)?)?;
+    ensure!(
+        !changes.to_string().contains("ruleset"),
+        "a reload without changes loaded the ruleset: {changes}"
+    );
+    // A reload that does load it (flush ruleset and all) keeps the port open, even with
+    // port-forward unable to put it back.
+    let mut changed = forwarding_config(&rig, &hook)?;
+    changed["extraFirewallRules"] = "add table inet scratch".into();
+    let stop =
+        |signal| nix::sys::signal::kill(nix::unistd::Pid::from_raw(forwarder as i32), signal);
+    stop(nix::sys::signal::Signal::SIGSTOP)?;
+    let changes = reload(&rig, &changed);
+    let open = reachable(&rig, AFTER_RESTART);
+    stop(nix::sys::signal::Signal::SIGCONT)?;
+    let changes = changes?;
+    ensure!(
+        changes.to_string().contains("ruleset"),
+        "the ruleset was not reloaded: {changes}"
+    );
+    ensure!(open?, "the reload closed the forwarded port");
+    ensure!(
+        !reachable(&rig, FIRST_PORT)?,
+        "the reload opened another port"
+    );
+
+    // Heal rebuilds a deleted interface in place (a new ifindex): mapped again at once, and
+    // since the gateway kept the port, the hook is left alone.
+    let asked_before = server.seen().len();
+    let calls_before = calls(&calls_log).len();
+    let confined = rig.confined.clone();
+    let out = rig
+        .command_in(&rig.confined_fd()?, &["ip", "link", "del", &confined])
+        .output()?;
+    ensure!(out.status.success(), "ip link del: {}", text(&out));
+    let out = rig.helper(&["heal", "--namespace", &confined])?;
+    ensure!(out.status.success(), "heal: {}", text(&out));
+    wait_for(Duration::from_secs(8), "a request after the heal", || {
+        server.seen().len() > asked_before
+    })?;
+    wait_for(Duration::from_secs(8), "the port after the heal", || {
+        reachable(&rig, AFTER_RESTART).unwrap_or(false)
+    })?;
+    ensure!(
+        calls(&calls_log).len() == calls_before,
+        "the hook ran again for the same port: {:?}",
+        calls(&calls_log)
+    );
+
     // The namespace made anew (down, up) under the running process: it follows, maps again and
     // tells the application, which restarted with the namespace.
     rig.down()?;

@@ -335,8 +335,7 @@ pub fn plan(
     let rendered = &desired.rendered;
     let mut changes = Vec::new();
 
-    let ruleset_changed =
-        state.ruleset_digest.as_deref() != Some(&firewall::digest(&rendered.ruleset));
+    let ruleset_changed = state.ruleset_digest.as_deref() != Some(&rendered.ruleset_digest);
     if ruleset_changed || !observed.guard_intact || !observed.policy_loaded {
         changes.push(Change::Ruleset);
     }
@@ -563,7 +562,7 @@ fn peer_change(state: &State, desired: &Desired, device: &DeviceView, mode: Mode
 /// Loads the rendered ruleset into the namespace and records its digests.
 pub fn load_ruleset(fd: &OwnedFd, rendered: &Rendered, state: &mut State) -> Result<()> {
     firewall::load(fd, &rendered.ruleset)?;
-    state.ruleset_digest = Some(firewall::digest(&rendered.ruleset));
+    state.ruleset_digest = Some(rendered.ruleset_digest.clone());
     Ok(())
 }
 
@@ -1143,7 +1142,7 @@ mod tests {
         let mut state = State::new("t", "10.9.0.1".parse().unwrap());
         record_config(&mut state, &applied.config);
         state.backend = Some(Backend::Userspace);
-        state.ruleset_digest = Some(firewall::digest(&applied.rendered.ruleset));
+        state.ruleset_digest = Some(applied.rendered.ruleset_digest.clone());
         let observed = Observed {
             guard_intact: true,
             policy_loaded: true,
