@@ -128,6 +128,7 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
     let mut section = Section::None;
     let mut interface_line = None;
     let mut peer: Option<PeerDraft> = None;
+    let mut peer_lines = Vec::new();
     let mut seen_keys = HashSet::new();
     // Keys that may appear once per section, lower-cased, with the line they were on.
     let mut once: Vec<(String, usize)> = Vec::new();
@@ -169,6 +170,7 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
                     Section::Interface
                 }
                 "peer" => {
+                    peer_lines.push(line);
                     peer = Some(PeerDraft {
                         line,
                         public_key: None,
@@ -201,6 +203,8 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
         let key = key.trim();
         let value = value.trim();
         let lower = key.to_ascii_lowercase();
+        // From here on the key appears only in messages (found by fuzzing: a `\r` inside it).
+        let key = &shown(key);
         let repeatable = matches!(lower.as_str(), "address" | "dns" | "allowedips");
         if !repeatable && let Some((_, first)) = once.iter().find(|(k, _)| *k == lower) {
             return fail(
@@ -218,7 +222,7 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
             (Section::None, _) => {
                 return fail(
                     line,
-                    format!("{} comes before any [Interface] or [Peer]", shown(key)),
+                    format!("{key} comes before any [Interface] or [Peer]"),
                 );
             }
             (Section::Interface, "privatekey") => {
@@ -282,7 +286,7 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
                 peer_key(draft, line, key, &lower, value)?;
             }
             (Section::Interface, _) => {
-                return fail(line, format!("unknown key {} in [Interface]", shown(key)));
+                return fail(line, format!("unknown key {key} in [Interface]"));
             }
         }
     }
@@ -291,6 +295,16 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
     }
     if interface_line.is_none() {
         return fail(1, "has no [Interface] section; is this a wg-quick file?");
+    }
+    // The private key pasted where the server's public key belongs: WireGuard would never
+    // connect, and `import` would print the secret as a public key (found by fuzzing).
+    if let Some(private) = &out.private_key
+        && let Some(i) = out.peers.iter().position(|p| p.public_key == *private)
+    {
+        return fail(
+            peer_lines[i],
+            "[Peer] has this file's PrivateKey as its PublicKey; a peer's PublicKey is the server's",
+        );
     }
     Ok(out)
 }
@@ -336,7 +350,7 @@ fn peer_key(draft: &mut PeerDraft, line: usize, key: &str, lower: &str, value: &
                 Some(number(line, key, value, 0, 65535)?).filter(|&v| v != 0)
             };
         }
-        _ => return fail(line, format!("unknown key {} in [Peer]", shown(key))),
+        _ => return fail(line, format!("unknown key {key} in [Peer]")),
     }
     Ok(())
 }
@@ -712,6 +726,7 @@ mod tests {
             (format!("{head}{peer}Color = blue\n"), "line 6: unknown key Color in [Peer]"),
             (format!("{head}[Interface]\n"), "line 3: a second [Interface]; the first is on line 1"),
             (format!("{head}DNS =\n"), "line 3: DNS has no value"),
+            (format!("{head}[Peer]\nPublicKey = {KEY_A}\nAllowedIPs = 0.0.0.0/0\n"), "line 3: [Peer] has this file's PrivateKey as its PublicKey"),
             (peer.clone(), "line 1: has no [Interface] section"),
             (format!("{head}[Peer]\nPublicKey = bad\u{1b}[31mkey\nAllowedIPs = 0.0.0.0/0\n"), "line 4: PublicKey \"bad\\u{1b}[31mkey\" is not"),
         ]
@@ -754,6 +769,15 @@ mod tests {
         );
         let json = to_json(&file).to_string();
         assert!(!json.contains(KEY_A) && !json.contains(PSK), "{json}");
+    }
+
+    #[test]
+    fn keys_with_control_characters_stay_one_line() {
+        // Found by fuzz/fuzz_targets/wgquick.rs.
+        let e = error("[Interface]\nPrivatein\rterf =\n");
+        assert_eq!(e, "line 2: \"Privatein\\rterf\" has no value");
+        let e = error("[Interface]\nMT\rU = 1\nMT\rU = 2\n");
+        assert!(!e.contains('\r'), "{e}");
     }
 
     #[test]
