@@ -200,7 +200,16 @@ impl Netlink {
     }
 
     pub fn set_up(&self, index: u32) -> Result<()> {
-        let message = LinkUnspec::new_with_index(index).up().build();
+        self.set(LinkUnspec::new_with_index(index).up().build())
+            .with_context(|| format!("bringing link {index} up"))
+    }
+
+    pub fn set_down(&self, index: u32) -> Result<()> {
+        self.set(LinkUnspec::new_with_index(index).down().build())
+            .with_context(|| format!("taking link {index} down"))
+    }
+
+    fn set(&self, message: rtnetlink::packet_route::link::LinkMessage) -> io::Result<()> {
         self.block(async {
             self.handle
                 .link()
@@ -209,7 +218,6 @@ impl Netlink {
                 .await
                 .map_err(to_io)
         })
-        .with_context(|| format!("bringing link {index} up"))
     }
 
     pub fn set_mtu(&self, index: u32, mtu: u16) -> Result<()> {

@@ -220,22 +220,12 @@ fn delete_matching_link(
     index: Option<u32>,
     kind: LinkKind,
 ) -> Result<LinkDeleted> {
-    let links = nl.links()?;
-    let found = match index {
-        Some(index) => links.into_iter().find(|l| l.index == index),
-        None => links.into_iter().find(|l| l.name == name),
+    let index = match find_matching_link(nl, name, index, kind)? {
+        Ok(Some(index)) => index,
+        Ok(None) => return Ok(LinkDeleted::Done),
+        Err(not_ours) => return Ok(not_ours),
     };
-    let Some(link) = found else {
-        return Ok(LinkDeleted::Done);
-    };
-    let link_kind = link.kind.as_deref().unwrap_or("none");
-    if link.name != name || link_kind != kind.as_str() {
-        return Ok(LinkDeleted::NotOurs(format!(
-            "index {} is now {:?} of kind {link_kind}",
-            link.index, link.name
-        )));
-    }
-    match nl.delete(link.index) {
+    match nl.delete(index) {
         // Gone between the listing and the request: a killed daemon's TUN goes by itself.
         Err(e)
             if e.downcast_ref::<std::io::Error>()
@@ -246,6 +236,50 @@ fn delete_matching_link(
         }
         other => other.map(|()| LinkDeleted::Done),
     }
+}
+
+/// Takes the recorded link down inside `netns` instead of deleting it, for a namespace that is
+/// deleted right after: the kernel then destroys the link with the namespace, in the
+/// background, while nothing can send through it any more in between (a process still in the
+/// namespace keeps it alive, but without a way out).
+pub fn disable_link(
+    netns: impl AsFd,
+    name: &str,
+    index: Option<u32>,
+    kind: LinkKind,
+) -> Result<LinkDeleted> {
+    let nl = Netlink::inside(netns)?;
+    match find_matching_link(&nl, name, index, kind)? {
+        Ok(Some(index)) => nl.set_down(index).map(|()| LinkDeleted::Done),
+        Ok(None) => Ok(LinkDeleted::Done),
+        Err(not_ours) => Ok(not_ours),
+    }
+}
+
+/// The index of the recorded link: `Ok(None)` when there is none, `Err` when the index now
+/// belongs to another link.
+fn find_matching_link(
+    nl: &Netlink,
+    name: &str,
+    index: Option<u32>,
+    kind: LinkKind,
+) -> Result<std::result::Result<Option<u32>, LinkDeleted>> {
+    let links = nl.links()?;
+    let found = match index {
+        Some(index) => links.into_iter().find(|l| l.index == index),
+        None => links.into_iter().find(|l| l.name == name),
+    };
+    let Some(link) = found else {
+        return Ok(Ok(None));
+    };
+    let link_kind = link.kind.as_deref().unwrap_or("none");
+    if link.name != name || link_kind != kind.as_str() {
+        return Ok(Err(LinkDeleted::NotOurs(format!(
+            "index {} is now {:?} of kind {link_kind}",
+            link.index, link.name
+        ))));
+    }
+    Ok(Ok(Some(link.index)))
 }
 
 /// Reads a key file at run time through [`files::read_secret`] (the file, every directory on
