@@ -913,6 +913,13 @@ fn absolute_path(field: &str, text: &str) -> Result<PathBuf> {
             format!("{text:?} is not an absolute path"),
         ));
     }
+    // Paths end up in messages, which must stay one line (found by the fuzz target).
+    if text.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            field,
+            format!("{text:?} holds a control character"),
+        ));
+    }
     Ok(path)
 }
 
@@ -1840,6 +1847,16 @@ mod tests {
         assert_eq!(Config::parse(&v.to_string()).unwrap().mtu, Some(1420));
         v["mtu"] = 100.into();
         assert_eq!(error_of(v), "mtu: 100 is not between 576 and 65456");
+    }
+
+    #[test]
+    fn paths_with_line_breaks_are_refused() {
+        let mut v = minimal();
+        v["privateKeyFile"] = "/run/keys/a\nb".into();
+        assert_eq!(
+            error_of(v),
+            "privateKeyFile: \"/run/keys/a\\nb\" holds a control character"
+        );
     }
 
     #[test]

@@ -45,6 +45,21 @@ fn holds_up(config: &Config) {
     );
     assert!(!config.userspace_command.is_empty());
     assert!(!config.dns_server.is_ipv6() || config.ipv6_enabled());
+    for dns in std::iter::once(&config.dns_server).chain(&config.dns_servers) {
+        let scoped = matches!(dns, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local());
+        let broadcast = matches!(dns, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        assert!(
+            !dns.is_unspecified() && !dns.is_multicast() && !broadcast && !scoped,
+            "{dns} accepted as a resolver"
+        );
+    }
+    for (i, ip) in config.ips.iter().enumerate() {
+        assert!(
+            config.ips[..i].iter().all(|other| other.addr != ip.addr),
+            "{} twice in ips",
+            ip.addr
+        );
+    }
     let mut keys = std::collections::HashSet::new();
     for peer in &config.peers {
         assert!(keys.insert(peer.public_key.0), "duplicate key accepted");
@@ -85,6 +100,11 @@ const WORDS: &[&str] = &[
     "..",
     "a/b",
     "10.2.0.1",
+    "0.0.0.0",
+    "224.0.0.251",
+    "255.255.255.255",
+    "fe80::1",
+    "ff02::fb",
     "10.0.0.300",
     "fd77::1",
     "::",
