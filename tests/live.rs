@@ -37,6 +37,11 @@ fn main() {
         )
         .with_ignored_flag(!is_root() || !PAUSE_SWITCH),
         trial(
+            "heal_killed_midway_is_finished_by_heal_or_undone_by_down",
+            heal_killed_midway,
+        )
+        .with_ignored_flag(!is_root() || !PAUSE_SWITCH),
+        trial(
             "up_and_heal_go_on_with_the_last_good_address_when_a_name_does_not_resolve",
             last_good_address,
         ),
@@ -559,8 +564,13 @@ fn heal_in_place() -> Result<()> {
 
 /// Starts `reload` that stops itself just before the change `step`.
 fn paused_reload(rig: &Rig, config: &str, step: &str) -> Result<Child> {
+    paused(rig, "reload", config, step)
+}
+
+/// Starts `command` (reload, heal) that stops itself just before the change `step`.
+fn paused(rig: &Rig, command: &str, config: &str, step: &str) -> Result<Child> {
     let mut child = rig
-        .command_in(rig.host_fd(), &[BIN, "reload", "--config", config])
+        .command_in(rig.host_fd(), &[BIN, command, "--config", config])
         .env(PAUSE_ENV, step)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -568,7 +578,7 @@ fn paused_reload(rig: &Rig, config: &str, step: &str) -> Result<Child> {
     let pid = child.id();
     let stopped = wait_for(
         Duration::from_secs(10),
-        &format!("reload to pause before {step}"),
+        &format!("{command} to pause before {step}"),
         || ProcessId::of(pid).is_some_and(|p| p.is_stopped()),
     );
     if let Err(e) = stopped {
@@ -625,6 +635,45 @@ fn reload_killed_midway() -> Result<()> {
         rig.down()?;
         rig.assert_clean()
             .with_context(|| format!("down right after a kill before {step}"))?;
+    }
+    Ok(())
+}
+
+fn heal_killed_midway() -> Result<()> {
+    let rig = Rig::new(135)?;
+    let service = rig.peer_service("through the tunnel")?;
+    let path = rig.write_config("config.json", &rig.config()?)?;
+    let path = path.to_str().context("path")?;
+    let works = |when: &str| -> Result<()> {
+        let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))
+            .with_context(|| format!("the tunnel {when}"))?;
+        ensure!(answer == "through the tunnel", "{when}: {answer:?}");
+        Ok(())
+    };
+    for step in ["interface", "addresses", "routes", "rehandshake"] {
+        for then in ["heal", "down"] {
+            let up = rig.helper(&["up", "--config", path])?;
+            ensure!(up.status.success(), "up: {}", text(&up));
+            let index = link_index(&rig)?.context("no interface")?;
+            wg_namespace::system::link::Netlink::inside(rig.confined_fd()?)?.delete(index)?;
+            let mut child = paused(&rig, "heal", path, step)?;
+            child.kill()?;
+            child.wait()?;
+            if then == "heal" {
+                let out = heal(&rig, std::path::Path::new(path))?;
+                ensure!(
+                    out.status.success(),
+                    "heal after a kill before {step}: {}",
+                    text(&out)
+                );
+                works(&format!(
+                    "after a heal killed before {step} and another heal"
+                ))?;
+            }
+            rig.down()?;
+            rig.assert_clean()
+                .with_context(|| format!("down after a heal killed before {step}, then {then}"))?;
+        }
     }
     Ok(())
 }
