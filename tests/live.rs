@@ -325,6 +325,13 @@ fn reload_in_place() -> Result<()> {
     still_confined(&rig, pid, "after changing keepalive")?;
     connection.carries_data("after changing keepalive")?;
 
+    config["mtu"] = json!(1380);
+    reload_ok(&rig, &config, "mtu")?;
+    let link = sh(&["ip", "-n", &rig.confined, "link", "show", &rig.confined])?;
+    ensure!(link.contains(" mtu 1380 "), "the MTU after reload: {link}");
+    still_confined(&rig, pid, "after changing the MTU")?;
+    connection.carries_data("after changing the MTU")?;
+
     config["extraFirewallRules"] =
         json!("add rule inet my_table my_input tcp dport 51413 accept comment \"torrent\"");
     reload_ok(&rig, &config, "extraFirewallRules")?;

@@ -98,6 +98,7 @@ pub struct Observed {
     pub policy_loaded: bool,
     pub resolv_conf: Option<String>,
     pub nsswitch_conf: Option<String>,
+    pub hosts: Option<String>,
     /// None when the kernel has no IPv6.
     pub ipv6_disabled: Option<bool>,
     pub link: Option<Link>,
@@ -119,8 +120,10 @@ pub struct Observed {
 pub enum Change {
     /// Load the rendered ruleset in one transaction.
     Ruleset,
-    /// Replace resolv.conf and nsswitch.conf (each by an atomic rename).
+    /// Replace resolv.conf, nsswitch.conf and hosts (each by an atomic rename).
     EtcFiles,
+    /// Set the configured MTU on the WireGuard interface.
+    Mtu(u16),
     Ipv6 {
         enable: bool,
     },
@@ -155,6 +158,7 @@ impl Change {
         match self {
             Change::Ruleset => "ruleset",
             Change::EtcFiles => "etc",
+            Change::Mtu(_) => "mtu",
             Change::Ipv6 { .. } => "ipv6",
             Change::Interface => "interface",
             Change::LinkUp => "link-up",
@@ -187,7 +191,8 @@ impl Change {
         };
         match self {
             Change::Ruleset => "ruleset reloaded".into(),
-            Change::EtcFiles => "resolv.conf and nsswitch.conf rewritten".into(),
+            Change::EtcFiles => "resolv.conf, nsswitch.conf and hosts rewritten".into(),
+            Change::Mtu(mtu) => format!("MTU set to {mtu}"),
             Change::Ipv6 { enable: true } => "IPv6 enabled".into(),
             Change::Ipv6 { enable: false } => "IPv6 disabled".into(),
             Change::Interface => "WireGuard interface recreated".into(),
@@ -341,6 +346,7 @@ pub fn plan(
     }
     if observed.resolv_conf.as_deref() != Some(&rendered.resolv_conf)
         || observed.nsswitch_conf.as_deref() != Some(&rendered.nsswitch_conf)
+        || observed.hosts.as_deref() != Some(&rendered.hosts)
     {
         changes.push(Change::EtcFiles);
     }
@@ -365,6 +371,15 @@ pub fn plan(
     } else {
         if observed.link.as_ref().is_some_and(|l| !l.up) {
             changes.push(Change::LinkUp);
+        }
+        // Only a configured MTU is enforced; without one the backend's choice stands.
+        if let Some(mtu) = config.mtu
+            && observed
+                .link
+                .as_ref()
+                .is_some_and(|l| l.mtu != Some(u32::from(mtu)))
+        {
+            changes.push(Change::Mtu(mtu));
         }
         let device = observed.device.as_ref().unwrap_or(&nothing);
         let change = peer_change(state, desired, device, mode);
@@ -818,6 +833,7 @@ impl Session {
             policy_loaded: firewall::has_table(&self.fd, firewall::POLICY_TABLE)?,
             resolv_conf: read_small(&dir.join("resolv.conf")),
             nsswitch_conf: read_small(&dir.join("nsswitch.conf")),
+            hosts: read_small(&dir.join("hosts")),
             ipv6_disabled,
             link: link.clone(),
             daemon_alive,
@@ -882,6 +898,7 @@ impl Session {
             })?,
             Change::Interface => self.recreate_interface(desired),
             Change::LinkUp => self.inner.set_up(index()?),
+            Change::Mtu(mtu) => self.inner.set_mtu(index()?, *mtu),
             Change::Peers(delta) => wireguard::apply(interface, self.backend, &self.fd, delta)
                 .map_err(anyhow::Error::from),
             Change::Addresses { add, remove } => {
@@ -1148,12 +1165,14 @@ mod tests {
             policy_loaded: true,
             resolv_conf: Some(applied.rendered.resolv_conf.clone()),
             nsswitch_conf: Some(applied.rendered.nsswitch_conf.clone()),
+            hosts: Some(applied.rendered.hosts.clone()),
             ipv6_disabled: Some(true),
             link: Some(Link {
                 index: 5,
                 name: "t".into(),
                 up: true,
                 kind: Some("tun".into()),
+                mtu: Some(1420),
             }),
             daemon_alive: true,
             device: Some(DeviceView {
@@ -1190,6 +1209,27 @@ mod tests {
         let (state, observed) = live(&applied, now);
         assert_eq!(plan(&state, &applied, &observed, Mode::Reload, now), []);
         assert_eq!(plan(&state, &applied, &observed, Mode::Heal, now), []);
+    }
+
+    #[test]
+    fn a_configured_mtu_and_a_lost_hosts_file_are_put_back_in_place() {
+        let now = SystemTime::now();
+        let applied = desired(&config(0, &[PEER]));
+        let (state, mut observed) = live(&applied, now);
+        // The backend's own MTU stands while none is configured.
+        assert_eq!(plan(&state, &applied, &observed, Mode::Reload, now), []);
+        let mut with_mtu = config(0, &[PEER]);
+        with_mtu.mtu = Some(1380);
+        let wanted = desired(&with_mtu);
+        assert_eq!(
+            plan(&state, &wanted, &observed, Mode::Reload, now),
+            [Change::Mtu(1380)]
+        );
+        observed.hosts = None;
+        assert_eq!(
+            plan(&state, &applied, &observed, Mode::Heal, now),
+            [Change::EtcFiles]
+        );
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Link {
     pub up: bool,
     /// `IFLA_INFO_KIND`: "wireguard", "tun", "dummy", ...; None for links without one (lo).
     pub kind: Option<String>,
+    /// `IFLA_MTU`; None when the kernel did not say.
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,11 +127,16 @@ impl Netlink {
                     }),
                     _ => None,
                 });
+                let mtu = message.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                });
                 links.push(Link {
                     index: message.header.index,
                     name: name.unwrap_or_default(),
                     up: message.header.flags.contains(LinkFlags::Up),
                     kind,
+                    mtu,
                 });
             }
             Ok::<_, io::Error>(links)
