@@ -13,7 +13,6 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, SystemTime};
@@ -733,15 +732,10 @@ fn undo_recorded(journal: &mut Journal, which: impl Fn(&Resource) -> bool) -> Re
     journal.forget(which)
 }
 
-/// Reads a small file whole, or None when it is missing or unreadable.
+/// Reads a small file whole, or None when it is missing, unreadable, not a regular file (a FIFO
+/// would block) or larger than [`MAX_FILE`].
 fn read_small(path: &std::path::Path) -> Option<String> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_FILE)
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text)
+    crate::system::files::read_text(path, MAX_FILE).ok()
 }
 
 /// A namespace that is up, locked for one `reload` or `heal`.
