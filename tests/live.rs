@@ -23,6 +23,10 @@ fn main() {
             reload_in_place,
         ),
         trial(
+            "reload_adds_and_removes_an_ipv6_address_in_place",
+            reload_ipv6,
+        ),
+        trial(
             "reload_refuses_another_name_or_backend_with_code_5_and_changes_nothing",
             reload_refuses,
         ),
@@ -394,6 +398,49 @@ fn reload_in_place() -> Result<()> {
             .any(|c| c.as_str().is_some_and(|c| c.contains("relay"))),
         "lastReload: {changes:?}"
     );
+    rig.down()?;
+    rig.assert_clean()
+}
+
+fn reload_ipv6() -> Result<()> {
+    let mut rig = Rig::new(136)?;
+    let (peer6, mine6) = (
+        format!("fd77:{}::1", rig.id).parse::<std::net::Ipv6Addr>()?,
+        format!("fd77:{}::2", rig.id),
+    );
+    let service6 = Rig::serve_tcp(
+        rig.peer_fd(),
+        SocketAddr::new(peer6.into(), 8000),
+        "over IPv6",
+    )?;
+    let mut config = rig.config()?;
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let pid = confined_process(&mut rig)?;
+    ensure!(
+        Rig::tcp_request(&inside, service6, Duration::from_secs(1)).is_err(),
+        "IPv6 got through without an IPv6 address"
+    );
+
+    config["ips"] = json!([format!("{}/32", rig.confined_ip()), format!("{mine6}/128")]);
+    let said = reload_ok(&rig, &config, "an IPv6 address added")?;
+    ensure!(said.contains("IPv6 enabled"), "reload said: {said}");
+    let answer = Rig::tcp_request(&inside, service6, Duration::from_secs(5))
+        .context("TCP over IPv6 after the reload")?;
+    ensure!(answer == "over IPv6", "{answer:?}");
+    still_confined(&rig, pid, "after adding an IPv6 address")?;
+
+    config["ips"] = json!([format!("{}/32", rig.confined_ip())]);
+    reload_ok(&rig, &config, "the IPv6 address removed")?;
+    ensure!(
+        Rig::tcp_request(&inside, service6, Duration::from_secs(1)).is_err(),
+        "IPv6 still gets through after its address went"
+    );
+    let disabled = Rig::within(&inside, || {
+        std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+    })??;
+    ensure!(disabled.trim() == "1", "IPv6 not switched off inside again");
+    still_confined(&rig, pid, "after removing the IPv6 address")?;
     rig.down()?;
     rig.assert_clean()
 }
