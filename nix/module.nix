@@ -441,7 +441,8 @@ let
         Further DNS servers, IPv4 or IPv6, after {option}`dns_server`: all of them go into the
         namespace's `resolv.conf` in this order, and with {option}`strictDns` the firewall lets
         DNS go to exactly these and {option}`dns_server`. An IPv6 server needs an IPv6 address in
-        {option}`ips`.
+        {option}`ips`. The C library asks at most three servers in all; the helper warns about
+        more.
       '';
     };
 

@@ -95,6 +95,8 @@ pub const DEFAULT_FORWARDING_LIFETIME: u32 = 60;
 pub const DEFAULT_FORWARDING_USER: &str = "nobody";
 
 pub const DEFAULT_NAMESPACE: &str = "vpn";
+/// glibc's MAXNS: resolv.conf lines after the third `nameserver` are ignored.
+pub const MAX_NAMESERVERS: usize = 3;
 pub const DEFAULT_USERSPACE_COMMAND: &str = "wireguard-go";
 /// Linux interface names hold at most 15 bytes, and the interface is named after the namespace.
 pub const MAX_NAME_LEN: usize = 15;
@@ -603,6 +605,17 @@ impl Config {
         let dns_server = *dns_servers
             .first()
             .ok_or_else(|| from_file("dns_server", "has no DNS line"))?;
+        if dns_servers.len() > MAX_NAMESERVERS {
+            let unused: Vec<String> = dns_servers[MAX_NAMESERVERS..]
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            warnings.push(format!(
+                "{} DNS servers, but the C library asks only the first {MAX_NAMESERVERS} in resolv.conf; {} will not be asked",
+                dns_servers.len(),
+                unused.join(", ")
+            ));
+        }
 
         let extra_firewall_rules = root
             .opt_str("extraFirewallRules")?
@@ -1837,6 +1850,20 @@ mod tests {
         assert_eq!(
             error_of(v),
             "dnsServers[0]: \"resolver\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn more_than_three_dns_servers_are_warned_about() {
+        let mut v = minimal();
+        v["dnsServers"] = serde_json::json!(["10.2.0.2", "10.2.0.3"]);
+        assert!(Config::parse(&v.to_string()).unwrap().warnings.is_empty());
+        v["dnsServers"] = serde_json::json!(["10.2.0.2", "10.2.0.3", "10.2.0.4"]);
+        assert_eq!(
+            Config::parse(&v.to_string()).unwrap().warnings,
+            [
+                "4 DNS servers, but the C library asks only the first 3 in resolv.conf; 10.2.0.4 will not be asked"
+            ]
         );
     }
 
