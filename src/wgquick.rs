@@ -306,6 +306,18 @@ pub fn parse(bytes: &[u8]) -> Result<WgQuick> {
             "[Peer] has this file's PrivateKey as its PublicKey; a peer's PublicKey is the server's",
         );
     }
+    // The same for a preshared key pasted as a PublicKey.
+    let is_preshared = |key: &Key| {
+        out.peers
+            .iter()
+            .any(|p| matches!(&p.preshared_key, Some(PresharedKey::Inline(psk)) if psk == key))
+    };
+    if let Some(i) = out.peers.iter().position(|p| is_preshared(&p.public_key)) {
+        return fail(
+            peer_lines[i],
+            "[Peer] has a PresharedKey as its PublicKey; a peer's PublicKey is the server's",
+        );
+    }
     Ok(out)
 }
 
@@ -727,6 +739,7 @@ mod tests {
             (format!("{head}[Interface]\n"), "line 3: a second [Interface]; the first is on line 1"),
             (format!("{head}DNS =\n"), "line 3: DNS has no value"),
             (format!("{head}[Peer]\nPublicKey = {KEY_A}\nAllowedIPs = 0.0.0.0/0\n"), "line 3: [Peer] has this file's PrivateKey as its PublicKey"),
+            (format!("{head}{peer}PresharedKey = {KEY_B}\n"), "line 3: [Peer] has a PresharedKey as its PublicKey"),
             (peer.clone(), "line 1: has no [Interface] section"),
             (format!("{head}[Peer]\nPublicKey = bad\u{1b}[31mkey\nAllowedIPs = 0.0.0.0/0\n"), "line 4: PublicKey \"bad\\u{1b}[31mkey\" is not"),
         ]
