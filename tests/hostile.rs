@@ -322,6 +322,22 @@ fn failed_down_lock() -> Result<()> {
         listing.split_whitespace().collect::<Vec<_>>() == [format!("{ns}.json")],
         "after the failed down /run/wg-namespace holds {listing:?}, want only the state file"
     );
+
+    // A state file down cannot read (another format version): refused, and no lock file left.
+    std::fs::write(&state, r#"{"version": 1, "namespace": "wgfs105"}"#)?;
+    let (stderr, listing) = in_private_run(
+        &format!("mkdir -m 755 /run/wg-namespace\ncp \"$STATE\" /run/wg-namespace/{ns}.json"),
+        &["down", "--namespace", ns],
+        &[("STATE", &state)],
+    )?;
+    ensure!(
+        stderr.contains("has format version 1") && stderr.contains("exit 1"),
+        "down did not refuse the record: {stderr}"
+    );
+    ensure!(
+        listing.split_whitespace().collect::<Vec<_>>() == [format!("{ns}.json")],
+        "after down refused the record /run/wg-namespace holds {listing:?}, want only the state file"
+    );
     Ok(())
 }
 

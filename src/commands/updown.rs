@@ -235,12 +235,13 @@ fn build(
 /// Removes everything `up` recorded for `namespace`. Nothing recorded is success.
 pub fn down(namespace: &str) -> Result<()> {
     let lock = Lock::acquire(namespace, DOWN_LOCK_TIMEOUT).map_err(|e| anyhow!("down: {e:#}"))?;
-    let Some(state) = State::load(namespace)? else {
-        lock.remove();
-        return Ok(());
+    // What could not be read or undone stays on record for the next `down`; the lock file
+    // need not.
+    let result = match State::load(namespace) {
+        Ok(Some(state)) => state.teardown().map_err(|e| anyhow!("down: {e:#}")),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
     };
-    // What could not be undone stays on record for the next `down`; the lock file need not.
-    let result = state.teardown().map_err(|e| anyhow!("down: {e:#}"));
     lock.remove();
     result
 }
