@@ -1,7 +1,8 @@
 //! The kernel path, tested for real: boots Debian's own kernel (which has WireGuard) under qemu
 //! with an initramfs holding a static `wg-namespace`, and runs the checks in `scripts/vm/init`
 //! there: traffic through the tunnel, the UDP socket in the root namespace, the confined
-//! namespace's links, the inbound drop, `status --json` and a clean `down`.
+//! namespace's links, the inbound drop, `status --json`, `heal` of a deleted kernel link (made
+//! again in the same namespace, a process inside keeping its PID) and a clean `down`.
 //!
 //! Phases, each timed and printed: `scripts/vm/prepare-kernel` (downloads and caches the kernel
 //! on first use: the only network access), a static build of the helper, `build-initramfs`,
@@ -28,6 +29,7 @@ const CHECKS: &[&str] = &[
     "inbound-dropped",
     "status-handshake",
     "check-leaks",
+    "heal-kernel",
     "down-clean",
 ];
 
