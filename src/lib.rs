@@ -98,4 +98,42 @@ mod layers {
             ["cli", "system", "exit"]
         );
     }
+
+    /// wireguard-control's userspace backend starts a `wireguard-go` of its own when the socket
+    /// does not answer, and speaks to whoever serves the socket: userspace daemons are spoken to
+    /// only through `system::uapi`. Its `Backend` must be imported under another name, and that
+    /// name's `Userspace` never used.
+    #[test]
+    fn wireguard_controls_userspace_backend_is_never_used() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut wrong = Vec::new();
+        for file in sources(&src) {
+            let text = std::fs::read_to_string(&file).expect("a readable source file");
+            let mut names = vec!["wireguard_control::Backend".to_string()];
+            if let Some(at) = text.find("use wireguard_control::") {
+                let statement = &text[at..at + text[at..].find(';').unwrap_or(0)];
+                let words: Vec<&str> = statement
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                for (i, word) in words.iter().enumerate() {
+                    if *word == "Backend" {
+                        match words.get(i + 1..i + 3) {
+                            Some(["as", alias]) => names.push(alias.to_string()),
+                            _ => wrong.push(format!(
+                                "{} imports wireguard_control::Backend without a name of its own",
+                                file.display()
+                            )),
+                        }
+                    }
+                }
+            }
+            for name in names {
+                if text.contains(&format!("{name}::Userspace")) {
+                    wrong.push(format!("{} uses {name}::Userspace", file.display()));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
 }
