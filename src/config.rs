@@ -592,7 +592,8 @@ impl Config {
             check_dns_server(&field, *ip)?;
         }
         let mut dns_servers: Vec<IpAddr> = Vec::new();
-        if dns_server.is_none() && more_dns.is_empty() {
+        let dns_from_file = dns_server.is_none() && more_dns.is_empty();
+        if dns_from_file {
             // Checked by the parser, which names the line.
             dns_servers.extend(&file.dns);
         } else {
@@ -610,8 +611,13 @@ impl Config {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
+            // Named like every other message: the field, or the file the servers came from.
+            let source = match &config_file {
+                Some(path) if dns_from_file => path.display().to_string(),
+                _ => "dnsServers".to_string(),
+            };
             warnings.push(format!(
-                "{} DNS servers, but the C library asks only the first {MAX_NAMESERVERS} in resolv.conf; {} will not be asked",
+                "{source}: {} DNS servers, but the C library asks only the first {MAX_NAMESERVERS} in resolv.conf; {} will not be asked",
                 dns_servers.len(),
                 unused.join(", ")
             ));
@@ -1862,7 +1868,24 @@ mod tests {
         assert_eq!(
             Config::parse(&v.to_string()).unwrap().warnings,
             [
-                "4 DNS servers, but the C library asks only the first 3 in resolv.conf; 10.2.0.4 will not be asked"
+                "dnsServers: 4 DNS servers, but the C library asks only the first 3 in resolv.conf; 10.2.0.4 will not be asked"
+            ]
+        );
+        // From a configFile: the file is named (found by fuzzing: the warning named nothing).
+        let file = format!(
+            "[Interface]\nPrivateKey = {PSK_LIKE}\nAddress = 10.2.0.2/32\nDNS = 10.2.0.1, 10.2.0.2, 10.2.0.3, 10.2.0.4\n"
+        );
+        let config = Config::parse_with(r#"{"configFile": "/run/p.conf"}"#, &|_| {
+            Ok(crate::system::files::SecretFile {
+                bytes: file.clone().into_bytes(),
+                warning: None,
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            config.warnings,
+            [
+                "/run/p.conf: 4 DNS servers, but the C library asks only the first 3 in resolv.conf; 10.2.0.4 will not be asked"
             ]
         );
     }
