@@ -7,12 +7,11 @@
 //! a repair fails does it ask for a restart ([`crate::exit::code::RESTART_NEEDED`]).
 
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 use anyhow::{Context, Result, anyhow};
 
 use crate::config::Config;
-use crate::system::converge::{self, Desired, Mode, NeedsRestart, Session};
+use crate::system::converge::{self, Mode, NeedsRestart};
 use crate::system::state::State;
 
 /// The config file `namespace` was brought up or last reloaded with.
@@ -30,17 +29,7 @@ pub fn run(config: &Config) -> Result<()> {
 }
 
 fn heal(config: &Config) -> Result<()> {
-    let mut session = Session::open(&config.namespace)?;
-    converge::check_in_place(session.state(), config, session.backend())?;
-    let desired = Desired::prepare(config)?;
-    let observed = session.observe(&desired)?;
-    let changes = converge::plan(
-        session.state(),
-        &desired,
-        &observed,
-        Mode::Heal,
-        SystemTime::now(),
-    );
+    let (mut session, desired, changes) = converge::prepare(&config.namespace, config, Mode::Heal)?;
     let repaired = session.apply(&desired, &changes).and_then(|()| {
         if session.tunnel_present(config.interface()) {
             Ok(())

@@ -3,12 +3,11 @@
 //! [`crate::system::converge`]). Reloading the config that is applied changes nothing.
 
 use std::path::Path;
-use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 
 use crate::config::Config;
-use crate::system::converge::{self, Desired, Mode, Session};
+use crate::system::converge::{self, Mode};
 
 /// Applies `config` to the running namespace `namespace` (the config's own by default).
 pub fn run(config: &Config, config_path: &Path, namespace: Option<&str>) -> Result<()> {
@@ -16,17 +15,8 @@ pub fn run(config: &Config, config_path: &Path, namespace: Option<&str>) -> Resu
 }
 
 fn reload(config: &Config, config_path: &Path, namespace: Option<&str>) -> Result<()> {
-    let mut session = Session::open(namespace.unwrap_or(&config.namespace))?;
-    converge::check_in_place(session.state(), config, session.backend())?;
-    let desired = Desired::prepare(config)?;
-    let observed = session.observe(&desired)?;
-    let changes = converge::plan(
-        session.state(),
-        &desired,
-        &observed,
-        Mode::Reload,
-        SystemTime::now(),
-    );
+    let (mut session, desired, changes) =
+        converge::prepare(namespace.unwrap_or(&config.namespace), config, Mode::Reload)?;
     session.apply(&desired, &changes)?;
     session.commit(&desired, Some(config_path), Mode::Reload, &changes)?;
     if changes.is_empty() {

@@ -1078,6 +1078,27 @@ pub fn restart_reason(error: &anyhow::Error) -> Option<&NeedsRestart> {
     error.chain().find_map(|e| e.downcast_ref::<NeedsRestart>())
 }
 
+/// What `reload` and `heal` start with: the namespace's session (its lock held), the check that
+/// `config` can be applied in place, what is wanted, and the changes that get there.
+pub fn prepare(
+    namespace: &str,
+    config: &Config,
+    mode: Mode,
+) -> Result<(Session, Desired, Vec<Change>)> {
+    let session = Session::open(namespace)?;
+    check_in_place(session.state(), config, session.backend())?;
+    let desired = Desired::prepare(config)?;
+    let observed = session.observe(&desired)?;
+    let changes = plan(
+        session.state(),
+        &desired,
+        &observed,
+        mode,
+        std::time::SystemTime::now(),
+    );
+    Ok((session, desired, changes))
+}
+
 /// Refuses what cannot change in place: another namespace, another backend.
 pub fn check_in_place(state: &State, config: &Config, backend: Backend) -> Result<()> {
     if state.namespace != config.namespace {

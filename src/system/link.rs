@@ -30,6 +30,12 @@ const PIPELINE: usize = 64;
 /// microseconds; a request it never answers must not hold `up`, `down` or `status` forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Debug, Clone, Copy)]
+enum RouteOp {
+    Add,
+    Delete,
+}
+
 pub struct Netlink {
     runtime: tokio::runtime::Runtime,
     handle: Handle,
@@ -260,33 +266,19 @@ impl Netlink {
     }
 
     /// Adds a device route for each prefix (host bits cleared), pipelined: a thousand routes
-    /// cost a few round trips, not a thousand.
+    /// cost a few round trips, not a thousand. Two peers may share a prefix; one route serves
+    /// them.
     pub fn add_routes(&self, index: u32, prefixes: &[Cidr]) -> Result<()> {
-        for chunk in prefixes.chunks(PIPELINE) {
-            let requests = chunk.iter().map(|prefix| {
-                let net = prefix.network();
-                let message = RouteMessageBuilder::<IpAddr>::new()
-                    .destination_prefix(net.addr, net.prefix)
-                    .map(|b| b.output_interface(index).scope(RouteScope::Link).build());
-                let handle = self.handle.clone();
-                async move {
-                    let message = message.with_context(|| format!("route to {net}"))?;
-                    match handle.route().add(message).execute().await.map_err(to_io) {
-                        Ok(()) => Ok(()),
-                        // Two peers may share a prefix; one route serves them.
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-                        Err(e) => Err(e).with_context(|| format!("adding route to {net}")),
-                    }
-                }
-            });
-            self.block(futures::future::try_join_all(requests))?;
-        }
-        Ok(())
+        self.route_requests(index, prefixes, RouteOp::Add)
     }
 
     /// Deletes the device routes `add_routes` made for `prefixes`. A route already gone is
     /// not an error.
     pub fn delete_routes(&self, index: u32, prefixes: &[Cidr]) -> Result<()> {
+        self.route_requests(index, prefixes, RouteOp::Delete)
+    }
+
+    fn route_requests(&self, index: u32, prefixes: &[Cidr], op: RouteOp) -> Result<()> {
         for chunk in prefixes.chunks(PIPELINE) {
             let requests = chunk.iter().map(|prefix| {
                 let net = prefix.network();
@@ -296,11 +288,24 @@ impl Netlink {
                 let handle = self.handle.clone();
                 async move {
                     let message = message.with_context(|| format!("route to {net}"))?;
-                    match handle.route().del(message).execute().await.map_err(to_io) {
-                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                    let done = match op {
+                        RouteOp::Add => handle.route().add(message).execute().await,
+                        RouteOp::Delete => handle.route().del(message).execute().await,
+                    };
+                    match (op, done.map_err(to_io)) {
+                        (_, Ok(())) => Ok(()),
+                        (RouteOp::Add, Err(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            Ok(())
+                        }
+                        (RouteOp::Delete, Err(e)) if e.raw_os_error() == Some(libc::ESRCH) => {
+                            Ok(())
+                        }
+                        (RouteOp::Add, Err(e)) => {
+                            Err(e).with_context(|| format!("adding route to {net}"))
+                        }
+                        (RouteOp::Delete, Err(e)) => {
                             Err(e).with_context(|| format!("deleting route to {net}"))
                         }
-                        _ => Ok(()),
                     }
                 }
             });
