@@ -225,6 +225,19 @@ let
     };
   };
 
+  # The relays' idle timeout and session cap, the same for both directions.
+  idleTimeoutOption = mkOption {
+    type = types.ints.between 1 86400;
+    default = 300;
+    example = 3600;
+    description = ''
+      A relayed TCP connection, or a UDP client, with nothing sent either way for this many
+      seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
+      beyond that a new TCP connection is accepted and closed at once, and datagrams from a
+      new UDP client are dropped, until an older one ends or goes idle.
+    '';
+  };
+
   publishPortOptions = {
     protocol = mkOption {
       type = types.enum [
@@ -268,17 +281,7 @@ let
       '';
     };
 
-    idleTimeoutSeconds = mkOption {
-      type = types.ints.between 1 86400;
-      default = 300;
-      example = 3600;
-      description = ''
-        A relayed TCP connection, or a UDP client, with nothing sent either way for this many
-        seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
-        beyond that a new TCP connection is accepted and closed at once, and datagrams from a
-        new UDP client are dropped, until an older one ends or goes idle.
-      '';
-    };
+    idleTimeoutSeconds = idleTimeoutOption;
   };
 
   hostServiceOptions = {
@@ -318,17 +321,7 @@ let
       description = "Port of the service at {option}`hostAddress`.";
     };
 
-    idleTimeoutSeconds = mkOption {
-      type = types.ints.between 1 86400;
-      default = 300;
-      example = 3600;
-      description = ''
-        A relayed TCP connection, or a UDP client, with nothing sent either way for this many
-        seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
-        beyond that a new TCP connection is accepted and closed at once, and datagrams from a
-        new UDP client are dropped, until an older one ends or goes idle.
-      '';
-    };
+    idleTimeoutSeconds = idleTimeoutOption;
   };
 
 

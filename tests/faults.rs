@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use wg_namespace::commands::updown::{PAUSE_ENV, PAUSE_SWITCH, STEPS};
+use wg_namespace::commands::updown::{PAUSE_SWITCH, STEPS};
 use wg_namespace::system::INNER_PAUSES;
-use wg_namespace::system::process::ProcessId;
 
 fn main() {
     run(vec![
@@ -48,24 +47,7 @@ fn paused_trial(name: &str, test: fn() -> Result<()>) -> libtest_mimic::Trial {
 
 /// Starts `up` that stops itself just before `step`.
 fn paused_up(rig: &Rig, config: &str, step: &str) -> Result<Child> {
-    let mut child = rig
-        .command_in(rig.host_fd(), &[BIN, "up", "--config", config])
-        .env(PAUSE_ENV, step)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let stopped = wait_for(
-        Duration::from_secs(10),
-        &format!("up to pause before {step}"),
-        || ProcessId::of(pid).is_some_and(|p| p.is_stopped()),
-    );
-    if let Err(e) = stopped {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
-    Ok(child)
+    rig.paused("up", config, step)
 }
 
 fn kill(mut child: Child) -> Result<()> {

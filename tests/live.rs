@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use serde_json::{Value, json};
-use wg_namespace::commands::updown::{PAUSE_ENV, PAUSE_SWITCH};
+use wg_namespace::commands::updown::PAUSE_SWITCH;
 use wg_namespace::system::process::ProcessId;
 use wg_namespace::system::wireguard::{self, Backend, DeviceView};
 
@@ -618,29 +618,7 @@ fn heal_in_place() -> Result<()> {
 
 /// Starts `reload` that stops itself just before the change `step`.
 fn paused_reload(rig: &Rig, config: &str, step: &str) -> Result<Child> {
-    paused(rig, "reload", config, step)
-}
-
-/// Starts `command` (reload, heal) that stops itself just before the change `step`.
-fn paused(rig: &Rig, command: &str, config: &str, step: &str) -> Result<Child> {
-    let mut child = rig
-        .command_in(rig.host_fd(), &[BIN, command, "--config", config])
-        .env(PAUSE_ENV, step)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let pid = child.id();
-    let stopped = wait_for(
-        Duration::from_secs(10),
-        &format!("{command} to pause before {step}"),
-        || ProcessId::of(pid).is_some_and(|p| p.is_stopped()),
-    );
-    if let Err(e) = stopped {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
-    Ok(child)
+    rig.paused("reload", config, step)
 }
 
 fn reload_killed_midway() -> Result<()> {
@@ -710,7 +688,7 @@ fn heal_killed_midway() -> Result<()> {
             ensure!(up.status.success(), "up: {}", text(&up));
             let index = link_index(&rig)?.context("no interface")?;
             wg_namespace::system::link::Netlink::inside(rig.confined_fd()?)?.delete(index)?;
-            let mut child = paused(&rig, "heal", path, step)?;
+            let mut child = rig.paused("heal", path, step)?;
             child.kill()?;
             child.wait()?;
             if then == "heal" {

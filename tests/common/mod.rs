@@ -468,6 +468,29 @@ impl Rig {
     }
 
     /// The helper, run in the rig's host namespace.
+    /// Starts `wg-namespace COMMAND --config CONFIG` in the test's host namespace with the
+    /// test-only pause switch set to `step`, and returns once it has stopped itself there.
+    pub fn paused(&self, command: &str, config: &str, step: &str) -> Result<Child> {
+        let mut child = self
+            .command_in(self.host_fd(), &[BIN, command, "--config", config])
+            .env(wg_namespace::commands::updown::PAUSE_ENV, step)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let stopped = wait_for(
+            Duration::from_secs(10),
+            &format!("{command} to pause before {step}"),
+            || wg_namespace::system::process::ProcessId::of(pid).is_some_and(|p| p.is_stopped()),
+        );
+        if let Err(e) = stopped {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(child)
+    }
+
     pub fn helper(&self, args: &[&str]) -> Result<Output> {
         let mut argv = vec![BIN];
         argv.extend_from_slice(args);
