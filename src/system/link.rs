@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType,
@@ -320,24 +320,10 @@ impl Netlink {
             return Ok(());
         }
         self.block(async {
-            let mut stream = self
-                .handle
-                .address()
-                .get()
-                .set_link_index_filter(index)
-                .execute();
-            let mut doomed = Vec::new();
-            while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                let local = message.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                });
-                let prefix = message.header.prefix_len;
-                if local.is_some_and(|addr| addresses.contains(&Cidr { addr, prefix })) {
-                    doomed.push(message);
+            for (cidr, message) in self.address_messages(index).await? {
+                if !addresses.contains(&cidr) {
+                    continue;
                 }
-            }
-            for message in doomed {
                 if let Err(e) = self.handle.address().del(message).execute().await {
                     let e = to_io(e);
                     if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) {
@@ -384,32 +370,36 @@ impl Netlink {
 
     pub fn addresses(&self, index: u32) -> Result<Vec<Cidr>> {
         self.block(async {
-            let mut stream = self
-                .handle
-                .address()
-                .get()
-                .set_link_index_filter(index)
-                .execute();
-            let mut found = Vec::new();
-            while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                let prefix = message.header.prefix_len;
-                let addr = message.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(ip) => Some(*ip),
-                    _ => None,
-                });
-                let addr = addr.or_else(|| {
-                    message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(ip) => Some(*ip),
-                        _ => None,
-                    })
-                });
-                if let Some(addr) = addr {
-                    found.push(Cidr { addr, prefix });
-                }
-            }
-            Ok::<_, io::Error>(found)
+            let messages = self.address_messages(index).await?;
+            Ok::<_, io::Error>(messages.into_iter().map(|(cidr, _)| cidr).collect())
         })
         .context("listing addresses")
+    }
+
+    /// The addresses of link `index`, each with the message that deletes it. The local
+    /// address is ours; IFA_ADDRESS is the peer's on a point-to-point link that has one.
+    async fn address_messages(&self, index: u32) -> io::Result<Vec<(Cidr, AddressMessage)>> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut found = Vec::new();
+        while let Some(message) = stream.try_next().await.map_err(to_io)? {
+            let attribute = |want_local: bool| {
+                message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) if want_local => Some(*ip),
+                    AddressAttribute::Address(ip) if !want_local => Some(*ip),
+                    _ => None,
+                })
+            };
+            if let Some(addr) = attribute(true).or_else(|| attribute(false)) {
+                let prefix = message.header.prefix_len;
+                found.push((Cidr { addr, prefix }, message));
+            }
+        }
+        Ok(found)
     }
 
     /// Unicast routes of the main table, both families.
