@@ -175,11 +175,15 @@ fn tun_queues_open(pid: u32) -> usize {
         .count()
 }
 
-/// Removes a daemon's configuration socket when nothing answers on it any more.
+/// Removes a daemon's configuration socket when nothing answers on it any more, relative to
+/// the checked socket directory like every other removal of root's.
 pub fn remove_stale_socket(interface: &str) {
     let socket = uapi_socket(interface);
-    if socket.exists() && !uapi::answers(&socket) {
-        let _ = std::fs::remove_file(socket);
+    if socket.exists()
+        && !uapi::answers(&socket)
+        && let Ok(dir) = files::Dir::open(Path::new(UAPI_DIR))
+    {
+        let _ = dir.remove_file(&format!("{interface}.sock"));
     }
 }
 
