@@ -218,6 +218,19 @@ fn reachable(rig: &Rig, port: u16) -> Result<bool> {
     })
 }
 
+/// The hook's second call named AFTER_RESTART, which is open from the peer side while
+/// FIRST_PORT is closed again.
+fn moved_to_second_port(rig: &Rig, calls_log: &Path) -> Result<()> {
+    ensure!(
+        calls(calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 65534"),
+        "hook calls: {:?}",
+        calls(calls_log)
+    );
+    ensure!(reachable(rig, AFTER_RESTART)?, "the new port is closed");
+    ensure!(!reachable(rig, FIRST_PORT)?, "the old port is still open");
+    Ok(())
+}
+
 /// An onPortChange hook that logs `<argument> <env var> <uid>` to the file returned; it runs as
 /// nobody and may write only its own directory.
 fn hook(rig: &Rig) -> Result<(PathBuf, PathBuf)> {
@@ -333,13 +346,7 @@ fn forwarded_port_follows_the_gateway() -> Result<()> {
         "the mapping after the restart",
         || calls(&calls_log).len() == 2,
     )?;
-    ensure!(
-        calls(&calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 65534"),
-        "hook calls: {:?}",
-        calls(&calls_log)
-    );
-    ensure!(reachable(&rig, AFTER_RESTART)?, "the new port is closed");
-    ensure!(!reachable(&rig, FIRST_PORT)?, "the old port is still open");
+    moved_to_second_port(&rig, &calls_log)?;
     let log = std::fs::read_to_string(&daemon_log)?;
     ensure!(
         log.contains("restarted"),
@@ -527,13 +534,7 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
         changed_at.elapsed() < Duration::from_secs(10),
         "mapped again only at the renewal"
     );
-    ensure!(
-        calls(&calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 65534"),
-        "hook calls: {:?}",
-        calls(&calls_log)
-    );
-    ensure!(reachable(&rig, AFTER_RESTART)?, "the new port is closed");
-    ensure!(!reachable(&rig, FIRST_PORT)?, "the old port is still open");
+    moved_to_second_port(&rig, &calls_log)?;
 
     // A reload replaces the whole ruleset; what `render` writes keeps the forwarded port.
     let out_dir = rig.dir.join("rendered");

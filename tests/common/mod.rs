@@ -180,38 +180,10 @@ impl Rig {
 
     fn build_underlay(&self) -> Result<()> {
         let (h, p, id) = (&self.host, &self.peer, self.id);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "link",
-            "add",
-            &self.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.peer_veth,
-            "netns",
-            p,
-        ])?;
-        for (ns, link) in [(h, &self.host_veth), (p, &self.peer_veth)] {
-            // No IPv6 on the underlay: its neighbour discovery would only be noise in captures.
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-q",
-                "-w",
-                &format!("net.ipv6.conf.{link}.disable_ipv6=1"),
-            ])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
-        }
-        add_address(h, &format!("10.200.{id}.1/29"), &self.host_veth)?;
-        add_address(p, &format!("10.200.{id}.2/29"), &self.peer_veth)?;
+        underlay_link(
+            (h, &self.host_veth, &format!("10.200.{id}.1/29")),
+            (p, &self.peer_veth, &format!("10.200.{id}.2/29")),
+        )?;
         // Deleting .2 (to move the peer) must not take its sibling .3 along.
         let promote = format!("net.ipv4.conf.{}.promote_secondaries=1", self.peer_veth);
         sh(&["ip", "netns", "exec", p, "sysctl", "-q", "-w", &promote])?;
@@ -314,37 +286,10 @@ impl Rig {
             wg: None,
         });
         let second = self.second.as_ref().context("second peer")?;
-        sh(&[
-            "ip",
-            "-n",
-            &self.host,
-            "link",
-            "add",
-            &second.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &second.peer_veth,
-            "netns",
-            &ns,
-        ])?;
-        for (ns, link) in [(&self.host, &second.host_veth), (&ns, &second.peer_veth)] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-q",
-                "-w",
-                &format!("net.ipv6.conf.{link}.disable_ipv6=1"),
-            ])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-            sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
-        }
-        add_address(&self.host, &format!("10.200.{id}.17/29"), &second.host_veth)?;
-        add_address(&ns, &format!("10.200.{id}.18/29"), &second.peer_veth)?;
+        underlay_link(
+            (&self.host, &second.host_veth, &format!("10.200.{id}.17/29")),
+            (&ns, &second.peer_veth, &format!("10.200.{id}.18/29")),
+        )?;
         self.start_second_peer_wg()
     }
 
@@ -636,6 +581,31 @@ pub struct SecondPeer {
     pub key: Key,
     pub preshared_key: Option<Key>,
     wg: Option<Child>,
+}
+
+/// A veth pair from one test namespace to another, each end up with its address and without
+/// IPv6 (its neighbour discovery would only be noise in captures). Each end is
+/// (namespace, link, address).
+fn underlay_link(a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
+    sh(&[
+        "ip", "-n", a.0, "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns", b.0,
+    ])?;
+    for (ns, link, address) in [a, b] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv6.conf.{link}.disable_ipv6=1"),
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
+        add_address(ns, address, link)?;
+    }
+    Ok(())
 }
 
 pub fn cmdline(pid: u32) -> String {
