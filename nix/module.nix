@@ -855,12 +855,17 @@ let
     };
   };
 
-  refreshUnit = name: ns: {
-    description = "Keep WireGuard peers of namespace ${name} reachable";
+  # A long-running companion of the namespace's unit: started with it, stopped and restarted
+  # with it.
+  boundToNamespace = name: {
     bindsTo = [ "${unitName name}.service" ];
     partOf = [ "${unitName name}.service" ];
     after = [ "${unitName name}.service" ];
     wantedBy = [ "${unitName name}.service" ];
+  };
+
+  refreshUnit = name: ns: boundToNamespace name // {
+    description = "Keep WireGuard peers of namespace ${name} reachable";
     serviceConfig = {
       ExecStart = "${helper} refresh --config ${jsonDocument ns}";
       Restart = "always";
@@ -870,12 +875,8 @@ let
 
   # Its own unit rather than part of `refresh`: it lives inside the namespace (refresh works in
   # the host's), runs whenever port forwarding is on, and fails and restarts on its own.
-  portForwardUnit = name: ns: {
+  portForwardUnit = name: ns: boundToNamespace name // {
     description = "Forwarded port (NAT-PMP) of WireGuard namespace ${name}";
-    bindsTo = [ "${unitName name}.service" ];
-    partOf = [ "${unitName name}.service" ];
-    after = [ "${unitName name}.service" ];
-    wantedBy = [ "${unitName name}.service" ];
     path = [ pkgs.nftables ];
     serviceConfig = {
       ExecStart = "${helper} port-forward --config ${jsonDocument ns}";
