@@ -1,12 +1,12 @@
 //! The kernel path, tested for real: boots Debian's own kernel (which has WireGuard) under qemu
-//! with an initramfs holding a static `wg-namespace`, and runs the checks in `scripts/vm/init`
+//! with an initramfs holding `wg-namespace` and the libraries it links, and runs the checks in `scripts/vm/init`
 //! there: traffic through the tunnel, the UDP socket in the root namespace, the confined
 //! namespace's links, the inbound drop, `status --json`, `heal` of a deleted kernel link (made
 //! again in the same namespace, a process inside keeping its PID) and a clean `down`.
 //!
 //! Phases, each timed and printed: `scripts/vm/prepare-kernel` (downloads and caches the kernel
-//! on first use: the only network access), a static build of the helper, `build-initramfs`,
-//! `boot`. The console log stays in `target/tmp/kernel-vm/console.log`.
+//! on first use: the only network access), `build-initramfs` with the helper cargo built for
+//! the test, `boot`. The console log stays in `target/tmp/kernel-vm/console.log`.
 //!
 //! Run alone: `cargo test --test kernel_vm -- --nocapture` (or `scripts/vm/run`).
 //! `WG_NAMESPACE_VM_SKIP=1`, a missing qemu or running without root skip it: it is then reported
@@ -37,11 +37,7 @@ const CHECKS: &[&str] = &[
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// First preparation downloads ~70 MB; later ones only read the cache.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
-/// A cold static build compiles every dependency once.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 const INITRAMFS_TIMEOUT: Duration = Duration::from_secs(120);
-
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -49,20 +45,6 @@ fn repo() -> PathBuf {
 
 fn vm_script(name: &str) -> PathBuf {
     repo().join("scripts/vm").join(name)
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            if dir.is_absolute() {
-                dir
-            } else {
-                repo().join(dir)
-            }
-        }
-        None => repo().join("target"),
-    }
 }
 
 /// Phase names and durations, printed at the end and in any failure message.
@@ -237,16 +219,6 @@ fn judge(results: &BTreeMap<String, (String, String)>, done: bool) -> Vec<String
     problems
 }
 
-/// The helper's path from `cargo build --message-format=json` output.
-fn built_executable(messages: &str) -> Option<PathBuf> {
-    messages
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "wg-namespace")
-        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .next_back()
-}
-
 fn bash(script: &Path) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(script);
@@ -317,23 +289,11 @@ fn kernel_wireguard_in_a_vm() {
         "prepare-kernel printed no kernel directory"
     );
 
-    // 2. A static helper: for its own target so normal builds keep their artifacts.
-    let helper = match std::env::var_os("WG_NAMESPACE_VM_HELPER") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-            cmd.current_dir(repo())
-                .args(["build", "--bin", "wg-namespace", "--target", TARGET])
-                .arg("--message-format=json-render-diagnostics")
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("CARGO_BUILD_RUSTFLAGS");
-            let (built, _) = phase(&mut timings, "static helper build", cmd, BUILD_TIMEOUT);
-            require_success(&timings, "static helper build", &built);
-            built_executable(&built.stdout)
-                .unwrap_or_else(|| target_dir().join(TARGET).join("debug/wg-namespace"))
-        }
-    };
+    // 2. The helper cargo built for this test; it links libnftables, whose libraries (and
+    // glibc) come along into the initramfs.
+    let helper = std::env::var_os("WG_NAMESPACE_VM_HELPER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wg-namespace")));
 
     // 3. The initramfs: busybox, ip, nft, wg, the modules, the helper and scripts/vm/init.
     let mut cmd = bash(&vm_script("build-initramfs"));
