@@ -43,7 +43,11 @@ rustPlatform.buildRustPackage {
     export WG_NAMESPACE_VM_SKIP=1
   '';
 
-  # The helper loads its rulesets with `nft`.
+  # The helper loads its rulesets through libnftables in its own process, found at this path
+  # (the store path in the binary also makes nftables a runtime dependency), and reads them
+  # back with `nft`.
+  env.WG_NAMESPACE_LIBNFTABLES = "${lib.getLib nftables}/lib/libnftables.so.1";
+
   postInstall = ''
     wrapProgram $out/bin/wg-namespace --prefix PATH : ${lib.makeBinPath [ nftables ]}
   '';

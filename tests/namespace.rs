@@ -44,6 +44,14 @@ fn main() {
             "extra_rules_cannot_open_the_leak_guard",
             extra_rules_cannot_open_the_guard,
         ),
+        trial(
+            "rulesets_load_inside_the_namespace_never_on_the_host",
+            rulesets_load_inside_only,
+        ),
+        trial(
+            "no_process_inherits_the_helpers_nftables_socket",
+            no_nftables_socket_inherited,
+        ),
         libtest_mimic::Trial::test("usage_errors_are_one_line_and_exit_2", || {
             usage_errors().map_err(|e| format!("{e:#}").into())
         }),
@@ -1247,6 +1255,100 @@ fn extra_rules_cannot_open_the_guard() -> Result<()> {
     );
     ensure!(report.contains("PASS dns-udp-elsewhere"), "{report}");
     Ok(())
+}
+
+/// The ruleset is loaded in the helper's own process (libnftables), by a thread that enters the
+/// namespace first: up, reload and heal put it into the confined namespace and leave the
+/// ruleset of the namespace the helper runs in exactly as it was.
+fn rulesets_load_inside_only() -> Result<()> {
+    let rig = Rig::new(230)?;
+    let ruleset = |fd: &std::os::fd::OwnedFd| -> Result<String> {
+        let out = rig.command_in(fd, &["nft", "list", "ruleset"]).output()?;
+        ensure!(out.status.success(), "nft list ruleset: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let host_before = ruleset(rig.host_fd())?;
+    let check = |step: &str, rule: &str| -> Result<()> {
+        let inside = ruleset(&rig.confined_fd()?)?;
+        ensure!(
+            inside.contains("table inet wg_namespace_guard") && inside.contains(rule),
+            "after {step}, the namespace's ruleset lacks the guard or `{rule}`:\n{inside}"
+        );
+        let host = ruleset(rig.host_fd())?;
+        ensure!(
+            host == host_before,
+            "after {step}, the host's ruleset changed:\n{host}"
+        );
+        Ok(())
+    };
+    let mut config = rig.config()?;
+    config["extraFirewallRules"] = json!("add rule inet my_table my_input tcp dport 8081 accept");
+    let path = rig.up_with(&config)?;
+    check("up", "tcp dport 8081 accept")?;
+
+    config["extraFirewallRules"] = json!("add rule inet my_table my_input tcp dport 8082 accept");
+    let path_text = path.to_str().context("path")?;
+    rig.write_config("config.json", &config)?;
+    let out = rig.helper(&["reload", "--config", path_text])?;
+    ensure!(out.status.success(), "reload: {}", text(&out));
+    check("reload", "tcp dport 8082 accept")?;
+
+    let out = rig
+        .command_in(&rig.confined_fd()?, &["nft", "flush", "ruleset"])
+        .output()?;
+    ensure!(out.status.success(), "flush: {}", text(&out));
+    let out = rig.helper(&["heal", "--config", path_text])?;
+    ensure!(out.status.success(), "heal: {}", text(&out));
+    check("heal", "tcp dport 8082 accept")?;
+    rig.down()
+}
+
+/// A netlink socket made by root for nf_tables carries root's right to change the ruleset to
+/// whoever holds it, so the one libnftables opens in the helper must not reach the processes
+/// `up` starts (the daemon, the relays). Checked from the namespace's side: once `up` has
+/// returned, no process holds an nf_tables socket that lives in the confined namespace.
+fn no_nftables_socket_inherited() -> Result<()> {
+    let rig = Rig::new(231)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([
+        {"protocol": "tcp", "hostAddress": "127.0.0.1", "hostPort": 18090, "namespacePort": 8090}
+    ]);
+    rig.up_with(&config)?;
+    // /proc/net/netlink of the confined namespace: "sk Eth Pid Groups Rmem Wmem Dump Locks
+    // Drops Inode"; Eth 12 is NETLINK_NETFILTER.
+    let table = rig
+        .command_in(&rig.confined_fd()?, &["cat", "/proc/net/netlink"])
+        .output()?;
+    let inodes: Vec<String> = String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&"12")).then(|| fields.last().map(|i| i.to_string()))?
+        })
+        .collect();
+    let mut holders = Vec::new();
+    for process in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let target = target.to_string_lossy();
+            if inodes.iter().any(|i| target == format!("socket:[{i}]")) {
+                holders.push(format!(
+                    "{} ({})",
+                    process.file_name().to_string_lossy(),
+                    cmdline(process.file_name().to_string_lossy().parse().unwrap_or(0))
+                ));
+            }
+        }
+    }
+    ensure!(
+        holders.is_empty(),
+        "processes holding the helper's nf_tables socket: {holders:?}"
+    );
+    rig.down()
 }
 
 /// `import` turns a provider's file into options a user can paste (Nix that parses, or the

@@ -1,4 +1,5 @@
-//! The namespace's nftables ruleset, loaded with the `nft` program run inside the namespace.
+//! The namespace's nftables ruleset: loaded through libnftables inside the namespace, read back
+//! with the `nft` program run there.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -8,6 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::system::nft;
+
 /// The leak guard's table; its presence is what `status` calls "ruleset loaded".
 pub const GUARD_TABLE: &str = "wg_namespace_guard";
 /// The seed's policy table.
@@ -15,30 +18,39 @@ pub const POLICY_TABLE: &str = "my_table";
 /// Marks where extraFirewallRules start in the rendered ruleset.
 const EXTRA_MARKER: &str = "# extraFirewallRules";
 
-/// How long one `nft` run may take. Loading even a large ruleset takes well under a second.
+/// How long one nft command may take. Loading even a large ruleset takes well under a second.
 const NFT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Runs `nft` with `args` inside the namespace `fd`, feeding it `stdin`, within [`NFT_TIMEOUT`].
-fn nft(fd: BorrowedFd<'_>, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+/// Runs the script `text` through libnftables inside the namespace `fd`.
+fn run_nft(fd: BorrowedFd<'_>, text: &str) -> Result<nft::Outcome> {
+    nft::run_script(fd, text, NFT_TIMEOUT).context("loading nft rules (libnftables)")
+}
+
+/// Runs the `nft` program with `args` inside the namespace `fd`, within [`NFT_TIMEOUT`]. What
+/// only reads the ruleset goes this way: libnftables 1.0.6 reads freed memory when it prints
+/// JSON in a process that has had a context before (valgrind), which a short-lived `nft`
+/// process survives and this one must not risk.
+fn nft_program(fd: BorrowedFd<'_>, args: &[&str]) -> Result<Output> {
     let mut command = crate::system::process::command_in("nft", fd);
     command.args(args);
-    crate::system::process::output_within(&mut command, stdin.map(str::as_bytes), NFT_TIMEOUT)
-        .map_err(|e| match e.kind() {
+    crate::system::process::output_within(&mut command, None, NFT_TIMEOUT).map_err(|e| {
+        match e.kind() {
             std::io::ErrorKind::NotFound => {
                 anyhow::Error::new(e).context("running nft (is nftables installed and on PATH?)")
             }
             _ => anyhow::Error::new(e).context("running nft"),
-        })
+        }
+    })
 }
 
 /// Loads `ruleset` (which starts with `flush ruleset`) into the namespace. nft's complaint
 /// becomes one line, pointing into extraFirewallRules when that is where the problem is.
 pub fn load(fd: impl AsFd, ruleset: &str) -> Result<()> {
-    let output = nft(fd.as_fd(), &["-f", "-"], Some(ruleset))?;
-    if !output.status.success() {
+    let outcome = run_nft(fd.as_fd(), ruleset)?;
+    if !outcome.success {
         bail!(
             "nft rejected the ruleset: {}",
-            explain(&String::from_utf8_lossy(&output.stderr), ruleset)
+            explain(&outcome.error, ruleset)
         );
     }
     Ok(())
@@ -47,12 +59,9 @@ pub fn load(fd: impl AsFd, ruleset: &str) -> Result<()> {
 /// Runs a short nft script (one transaction) inside the namespace; nft's complaint becomes
 /// one line.
 pub fn run_script(fd: impl AsFd, script: &str) -> Result<()> {
-    let output = nft(fd.as_fd(), &["-f", "-"], Some(script))?;
-    if !output.status.success() {
-        bail!(
-            "nft: {}",
-            explain(&String::from_utf8_lossy(&output.stderr), script)
-        );
+    let outcome = run_nft(fd.as_fd(), script)?;
+    if !outcome.success {
+        bail!("nft: {}", explain(&outcome.error, script));
     }
     Ok(())
 }
@@ -61,7 +70,7 @@ pub fn run_script(fd: impl AsFd, script: &str) -> Result<()> {
 pub fn list_json(fd: impl AsFd, what: &[&str]) -> Result<serde_json::Value> {
     let mut args = vec!["-j", "list"];
     args.extend_from_slice(what);
-    let output = nft(fd.as_fd(), &args, None)?;
+    let output = nft_program(fd.as_fd(), &args)?;
     if !output.status.success() {
         bail!(
             "nft list {}: {}",
@@ -74,7 +83,7 @@ pub fn list_json(fd: impl AsFd, what: &[&str]) -> Result<serde_json::Value> {
 
 /// Whether the table `name` (family inet) exists in the namespace.
 pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
-    Ok(nft(fd.as_fd(), &["list", "table", "inet", name], None)?
+    Ok(nft_program(fd.as_fd(), &["list", "table", "inet", name])?
         .status
         .success())
 }
@@ -82,7 +91,7 @@ pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
 /// The leak guard's table as nft lists it (`nft -j list table`): its table, chain, rule and
 /// other objects, in nft's order. None when the table is not there.
 fn guard_items(fd: BorrowedFd<'_>) -> Result<Option<Vec<Value>>> {
-    let output = nft(fd, &["-j", "list", "table", "inet", GUARD_TABLE], None)?;
+    let output = nft_program(fd, &["-j", "list", "table", "inet", GUARD_TABLE])?;
     if !output.status.success() {
         return Ok(None);
     }
@@ -170,7 +179,7 @@ const FLAGS_DIFFER: &str = "the leak guard table's flags";
 
 /// The `flags ...` line of the guard table's text listing.
 fn table_flags_text(fd: BorrowedFd<'_>) -> Option<String> {
-    let output = nft(fd, &["list", "table", "inet", GUARD_TABLE], None).ok()?;
+    let output = nft_program(fd, &["list", "table", "inet", GUARD_TABLE]).ok()?;
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(str::trim)
@@ -433,7 +442,8 @@ fn explain(stderr: &str, ruleset: &str) -> String {
         .position(|l| l == EXTRA_MARKER)
         .map(|i| i + 2); // 1-based number of the first line after the marker
     let reported: Option<usize> = line
-        .strip_prefix("/dev/stdin:")
+        .strip_prefix(nft::SOURCE_NAME)
+        .and_then(|rest| rest.strip_prefix(':'))
         .and_then(|rest| rest.split(':').next())
         .and_then(|n| n.parse().ok());
     match (extra_start, reported) {
@@ -518,12 +528,12 @@ mod tests {
     #[test]
     fn points_into_extra_rules() {
         let ruleset = "a\n# extraFirewallRules\nfirst\nsecond\n\n# Leak guard\nz\n";
-        let stderr = "/dev/stdin:4:1-6: Error: syntax error\nsecond\n^^^^^^\n";
+        let stderr = "ruleset:4:1-6: Error: syntax error\nsecond\n^^^^^^\n";
         assert_eq!(
             explain(stderr, ruleset),
-            "/dev/stdin:4:1-6: Error: syntax error (extraFirewallRules line 2)"
+            "ruleset:4:1-6: Error: syntax error (extraFirewallRules line 2)"
         );
-        let stderr = "/dev/stdin:1:1-1: Error: nope\n";
-        assert_eq!(explain(stderr, ruleset), "/dev/stdin:1:1-1: Error: nope");
+        let stderr = "ruleset:1:1-1: Error: nope\n";
+        assert_eq!(explain(stderr, ruleset), "ruleset:1:1-1: Error: nope");
     }
 }

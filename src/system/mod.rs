@@ -10,6 +10,7 @@ pub mod firewall;
 pub mod forwarding;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod process;
 pub mod relays;
 pub mod state;
