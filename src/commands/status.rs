@@ -303,8 +303,9 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         );
         return status;
     };
-    status.firewall.loaded = firewall::has_table(&fd, firewall::GUARD_TABLE).unwrap_or(false)
-        && firewall::has_table(&fd, firewall::POLICY_TABLE).unwrap_or(false);
+    status.firewall.loaded =
+        firewall::has_tables(&fd, &[firewall::GUARD_TABLE, firewall::POLICY_TABLE])
+            .unwrap_or(false);
     if !status.firewall.loaded {
         down(&mut status, "the firewall ruleset is not loaded".into());
     }

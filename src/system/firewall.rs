@@ -83,9 +83,25 @@ pub fn list_json(fd: impl AsFd, what: &[&str]) -> Result<serde_json::Value> {
 
 /// Whether the table `name` (family inet) exists in the namespace.
 pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
-    Ok(nft_program(fd.as_fd(), &["list", "table", "inet", name])?
-        .status
-        .success())
+    has_tables(fd, &[name])
+}
+
+/// Whether every one of the tables `names` (family inet) exists in the namespace: one `nft`
+/// run for all of them.
+pub fn has_tables(fd: impl AsFd, names: &[&str]) -> Result<bool> {
+    let output = nft_program(fd.as_fd(), &["list", "tables", "inet"])?;
+    if !output.status.success() {
+        bail!(
+            "nft list tables: {}",
+            explain(&String::from_utf8_lossy(&output.stderr), "")
+        );
+    }
+    let listed = String::from_utf8_lossy(&output.stdout);
+    let present: Vec<&str> = listed
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("table inet "))
+        .collect();
+    Ok(names.iter().all(|name| present.contains(name)))
 }
 
 /// The leak guard's table as nft lists it (`nft -j list table`): its table, chain, rule and
