@@ -356,5 +356,16 @@ fn status_sees_an_altered_guard() -> Result<()> {
             .with_context(|| format!("after restoring from nft {}", tamper.join(" ")))?;
         ensure!(healthy["firewall"]["guardIntact"] == true, "{healthy:#}");
     }
+    // Either table gone: the ruleset counts as not loaded.
+    for table in ["my_table", guard] {
+        nft(&["delete", "table", "inet", table])?;
+        let down = expect_verdict(&rig, 4, "down", "the firewall ruleset is not loaded")
+            .with_context(|| format!("after nft delete table inet {table}"));
+        nft(&["-f", ruleset])?;
+        let down = down?;
+        ensure!(down["firewall"]["loaded"] == false, "{down:#}");
+        let healthy = expect_verdict(&rig, 0, "healthy", "")?;
+        ensure!(healthy["firewall"]["loaded"] == true, "{healthy:#}");
+    }
     Ok(())
 }
