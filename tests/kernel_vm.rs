@@ -1,8 +1,10 @@
 //! The kernel path, tested for real: boots Debian's own kernel (which has WireGuard) under qemu
-//! with an initramfs holding `wg-namespace` and the libraries it links, and runs the checks in `scripts/vm/init`
-//! there: traffic through the tunnel, the UDP socket in the root namespace, the confined
-//! namespace's links, the inbound drop, `status --json`, `heal` of a deleted kernel link (made
-//! again in the same namespace, a process inside keeping its PID) and a clean `down`.
+//! with an initramfs holding `wg-namespace` and the libraries it links, and runs the checks in
+//! `scripts/vm/init` there: the link born inside the namespace, traffic through the tunnel, the
+//! UDP socket in the root namespace, the confined namespace's links, the configured MTU, the
+//! inbound drop, `status --json`, `check-leaks`, `heal` of a deleted kernel link (made again in
+//! the same namespace with its MTU, a process inside keeping its PID), failover to an
+//! alternative server under `refresh`, and a clean `down`.
 //!
 //! Phases, each timed and printed: `scripts/vm/prepare-kernel` (downloads and caches the kernel
 //! on first use: the only network access), `build-initramfs` with the helper cargo built for
@@ -26,15 +28,17 @@ const CHECKS: &[&str] = &[
     "tcp-peer",
     "udp-socket-root-ns",
     "netns-links",
+    "mtu",
     "inbound-dropped",
     "status-handshake",
     "check-leaks",
     "heal-kernel",
+    "failover-kernel",
     "down-clean",
 ];
 
 /// The guest's own limit (the boot script kills qemu then); the harness allows a little more.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 /// First preparation downloads ~70 MB; later ones only read the cache.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 const INITRAMFS_TIMEOUT: Duration = Duration::from_secs(120);
