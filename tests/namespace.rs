@@ -32,6 +32,10 @@ fn main() {
             "down_leaves_nothing_also_after_a_failed_up",
             down_leaves_nothing,
         ),
+        trial(
+            "down_returns_only_once_the_daemon_has_exited_and_up_follows_at_once",
+            down_then_up_at_once,
+        ),
         trial("up_twice_is_a_clear_error_and_harms_nothing", up_twice),
         trial("bad_configs_fail_cleanly", bad_configs),
         trial(
@@ -353,6 +357,55 @@ fn down_leaves_nothing() -> Result<()> {
             .with_context(|| format!("after a failed up with {what}"))?;
     }
     Ok(())
+}
+
+/// `down` ends the daemon only after the namespace is gone (see `State::teardown`), and must
+/// still return no sooner than the daemon's whole thread group has exited: an `up` of the same
+/// config right after it needs the socket path and the interface name free.
+fn down_then_up_at_once() -> Result<()> {
+    use wg_namespace::system::process::ProcessId;
+    let rig = Rig::new(210)?;
+    let service = rig.peer_service(REPLY)?;
+    let config = rig.config()?;
+    rig.up_with(&config)?;
+    for round in 1..=10 {
+        let status = rig.helper(&["status", "--namespace", &rig.confined, "--json"])?;
+        let status: Value = serde_json::from_slice(&status.stdout)
+            .with_context(|| format!("status --json: {}", text(&status)))?;
+        let pid = status["namespaces"][0]["daemonPid"]
+            .as_u64()
+            .with_context(|| format!("round {round}: no daemon pid in {status}"))?;
+        let daemon = ProcessId::of(u32::try_from(pid)?)
+            .with_context(|| format!("round {round}: the daemon {pid} is not running"))?;
+        rig.down()?;
+        // A zombie whose every thread has ended has exited; its parent reaps it when it will.
+        let exited = match ProcessId::of(daemon.pid) {
+            Some(now) if now == daemon => {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                status
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(["State:", "Z", "(zombie)"]))
+                    && status
+                        .lines()
+                        .any(|l| l.split_whitespace().eq(["Threads:", "1"]))
+            }
+            _ => true,
+        };
+        ensure!(
+            exited,
+            "round {round}: down returned while its daemon {pid} was still running: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+        );
+        rig.assert_clean()
+            .with_context(|| format!("round {round}: after down"))?;
+        rig.up_with(&config)
+            .with_context(|| format!("round {round}: up right after down"))?;
+    }
+    let answer = Rig::tcp_request(&rig.confined_fd()?, service, Duration::from_secs(5))?;
+    ensure!(answer == REPLY, "unexpected answer {answer:?}");
+    rig.down()?;
+    rig.assert_clean()
 }
 
 fn up_twice() -> Result<()> {

@@ -602,7 +602,8 @@ impl State {
                 .any(|r| matches!(r, Resource::Namespace { .. }));
         let mut left = Vec::new();
         let mut first_error = None;
-        for resource in self.resources.iter().rev() {
+        for index in self.teardown_order(namespace_goes) {
+            let resource = &self.resources[index];
             let outcome = match resource {
                 Resource::Link {
                     name,
@@ -618,10 +619,12 @@ impl State {
                 Ok(Undone::LeftAlone(why)) => eprintln!("warning: {why}; left alone"),
                 Err(e) => {
                     first_error.get_or_insert(e);
-                    left.insert(0, resource.clone());
+                    left.push(index);
                 }
             }
         }
+        left.sort_unstable();
+        let left: Vec<Resource> = left.iter().map(|&i| self.resources[i].clone()).collect();
         match first_error {
             None => match state_dir(false)? {
                 Some(dir) => {
@@ -639,6 +642,38 @@ impl State {
                 Err(e)
             }
         }
+    }
+
+    /// The indexes of the resources in the order a teardown undoes them: newest first, except
+    /// that a namespace which is going is deleted before a userspace daemon is ended (after the
+    /// relays, which live inside and would keep it alive), and its `/etc/netns` files go in
+    /// between. The daemon's TUN device is torn down by whoever lets go of it last. Killed
+    /// first, the daemon does that in its exit, which `down` waits for: 15-30 ms of RCU grace
+    /// periods here. With the namespace deleted first, the kernel's cleanup of the namespace
+    /// does it in the background (the files' removal gives it a head start) and the killed
+    /// daemon exits sooner, or has already exited, its TUN gone. While something else still
+    /// holds the namespace (a process inside, or sockets closed by `up` a moment ago, freed
+    /// after a grace period), the daemon's exit does the teardown as before. Either way the
+    /// daemon has exited when the teardown returns.
+    fn teardown_order(&self, namespace_goes: bool) -> Vec<usize> {
+        let newest_first = (0..self.resources.len()).rev();
+        let daemon = self
+            .resources
+            .iter()
+            .any(|r| matches!(r, Resource::Daemon { .. }));
+        if !(namespace_goes && daemon) {
+            return newest_first.collect();
+        }
+        let rank = |r: &Resource| match r {
+            Resource::Relay { .. } | Resource::Publisher { .. } => 0,
+            Resource::Namespace { .. } => 1,
+            Resource::EtcDir { .. } => 2,
+            _ => 3,
+        };
+        let mut order: Vec<usize> = newest_first.collect();
+        // Stable: newest first within each rank.
+        order.sort_by_key(|&i| rank(&self.resources[i]));
+        order
     }
 }
 
