@@ -57,12 +57,13 @@ impl std::ops::DerefMut for Build {
 }
 
 impl Build {
-    fn start(state: State) -> Result<Build> {
-        state.save()?;
-        Ok(Build {
+    /// Nothing goes on record before the first resource does: until then there is nothing to
+    /// undo, and a write saved would be a sync to disk for nothing.
+    fn start(state: State) -> Build {
+        Build {
             journal: Journal { state },
             committed: false,
-        })
+        }
     }
 
     fn commit(mut self) -> Result<()> {
@@ -158,7 +159,7 @@ fn build(
     state.config_path =
         config_path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
     converge::record_config(&mut state, config);
-    let mut build = Build::start(state)?;
+    let mut build = Build::start(state);
 
     let (ns_fd, inner) = run_step(0, || {
         // Made first and named after its identity is on record, so that a record never
@@ -199,9 +200,9 @@ fn build(
         dns::install(ns, rendered)
     })?;
 
+    // The ruleset's digest goes on record with the next resource; a teardown needs none.
     run_step(2, || {
-        converge::load_ruleset(&ns_fd, rendered, &mut build.state)?;
-        build.state.save()
+        converge::load_ruleset(&ns_fd, rendered, &mut build.state)
     })?;
 
     let backend = run_step(3, || {

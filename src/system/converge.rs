@@ -654,13 +654,11 @@ pub fn create_interface(
     })?;
     daemon.release()?;
     wireguard::wait_for_daemon(process, &config.userspace_command, interface, host)?;
-    if let Some(executable) = process.executable() {
-        journal.daemon_runs(executable)?;
-    }
+    let executable = process.executable();
     let index = host
         .index_of(interface)?
         .context("the WireGuard daemon's link disappeared")?;
-    journal.link_at(Some(index), false)?;
+    journal.daemon_started(executable, index)?;
     Ok(Backend::Userspace)
 }
 

@@ -33,14 +33,15 @@ pub fn parent_missing() -> bool {
 }
 
 /// Writes resolv.conf, nsswitch.conf and hosts, each atomically and mode 0644, into a directory
-/// checked to be root's own (never through a symlink).
+/// checked to be root's own (never through a symlink). Not synced to disk: they go with the
+/// namespace, and the next `up` writes them again.
 pub fn install(namespace: &str, rendered: &Rendered) -> Result<()> {
     let dir = Dir::create(&dir(namespace), 0o755)?;
     // Readable by the confined users, whatever mode an earlier directory had.
     dir.set_mode(0o755)?;
-    dir.write_atomically("resolv.conf", rendered.resolv_conf.as_bytes(), 0o644)?;
-    dir.write_atomically("nsswitch.conf", rendered.nsswitch_conf.as_bytes(), 0o644)?;
-    dir.write_atomically("hosts", rendered.hosts.as_bytes(), 0o644)?;
+    dir.write_atomically_unsynced("resolv.conf", rendered.resolv_conf.as_bytes(), 0o644)?;
+    dir.write_atomically_unsynced("nsswitch.conf", rendered.nsswitch_conf.as_bytes(), 0o644)?;
+    dir.write_atomically_unsynced("hosts", rendered.hosts.as_bytes(), 0o644)?;
     Ok(())
 }
 

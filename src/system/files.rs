@@ -540,9 +540,21 @@ impl Dir {
     }
 
     /// Replaces `name` with `bytes` atomically, with `mode`: written to `.NAME.tmp` (made anew
-    /// with `O_EXCL`, so never through a symlink planted there), then renamed over `name` (which
-    /// replaces a symlink at `name` rather than following it).
+    /// with `O_EXCL`, so never through a symlink planted there), synced to disk, then renamed
+    /// over `name` (which replaces a symlink at `name` rather than following it).
     pub fn write_atomically(&self, name: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        self.replace(name, bytes, mode, true)
+    }
+
+    /// [`Dir::write_atomically`] without waiting for the disk (each sync costs a device flush
+    /// where the directory is not on tmpfs), for files that every `up` writes anew and that
+    /// serve only a namespace, which no reboot keeps: a power cut can leave such a file
+    /// empty, never half replaced while anyone reads it.
+    pub fn write_atomically_unsynced(&self, name: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        self.replace(name, bytes, mode, false)
+    }
+
+    fn replace(&self, name: &str, bytes: &[u8], mode: u32, sync: bool) -> Result<()> {
         let name = self.check_name(name)?;
         let tmp = format!(".{name}.tmp");
         let shown = self.shown(name);
@@ -559,7 +571,9 @@ impl Dir {
             // The umask may have narrowed the mode given at creation.
             fchmod(file.as_fd(), Mode::from_bits_truncate(mode))?;
             file.write_all(bytes)?;
-            file.sync_all()?;
+            if sync {
+                file.sync_all()?;
+            }
             renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
             Ok(())
         })();

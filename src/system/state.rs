@@ -741,28 +741,42 @@ impl Journal {
     }
 
     /// Notes the WireGuard link's index (None: not made yet), and whether it lives in the
-    /// namespace (else in the host namespace, where a userspace daemon makes it).
-    pub fn link_at(&mut self, new_index: Option<u32>, in_namespace: bool) -> Result<()> {
-        for resource in &mut self.state.resources {
-            if let Resource::Link { moved, index, .. } = resource {
-                *moved = in_namespace;
-                *index = new_index;
-            }
+    /// namespace (else in the host namespace, where a userspace daemon makes it). Writes only
+    /// when that changes the record.
+    pub fn link_at(&mut self, index: Option<u32>, in_namespace: bool) -> Result<()> {
+        if self.note_link(index, in_namespace) {
+            self.state.save()?;
         }
-        self.state.save()
+        Ok(())
     }
 
-    /// Notes what the daemon runs now that it has started (a wrapper may have become
-    /// another program).
-    pub fn daemon_runs(&mut self, executable: PathBuf) -> Result<()> {
+    /// Notes, in one write, what the started daemon runs (a wrapper may have become another
+    /// program) and the index of the link it made in the host namespace.
+    pub fn daemon_started(&mut self, executable: Option<PathBuf>, link_index: u32) -> Result<()> {
         for resource in &mut self.state.resources {
             if let Resource::Daemon { executables, .. } = resource
-                && !executables.contains(&executable)
+                && let Some(executable) = &executable
+                && !executables.contains(executable)
             {
                 executables.push(executable.clone());
             }
         }
+        self.note_link(Some(link_index), false);
         self.state.save()
+    }
+
+    /// Updates the link's record in memory; true when it changed.
+    fn note_link(&mut self, new_index: Option<u32>, in_namespace: bool) -> bool {
+        let mut changed = false;
+        for resource in &mut self.state.resources {
+            if let Resource::Link { moved, index, .. } = resource
+                && (*moved, *index) != (in_namespace, new_index)
+            {
+                (*moved, *index) = (in_namespace, new_index);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Takes resources off the record once they are gone.

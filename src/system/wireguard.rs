@@ -121,7 +121,8 @@ pub fn wait_for_daemon(
                 DAEMON_START_TIMEOUT.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // The daemon takes a few milliseconds to start; a coarser step is paid in full by `up`.
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
