@@ -303,9 +303,10 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         );
         return status;
     };
-    status.firewall.loaded =
-        firewall::has_tables(&fd, &[firewall::GUARD_TABLE, firewall::POLICY_TABLE])
-            .unwrap_or(false);
+    match firewall::has_tables(&fd, &[firewall::GUARD_TABLE, firewall::POLICY_TABLE]) {
+        Ok(loaded) => status.firewall.loaded = loaded,
+        Err(e) => down(&mut status, format!("cannot list the ruleset: {e:#}")),
+    }
     if !status.firewall.loaded {
         down(&mut status, "the firewall ruleset is not loaded".into());
     }
