@@ -198,17 +198,11 @@ impl Netlink {
 
     /// Moves a link into the namespace `fd`. Its index may change there; look it up again.
     pub fn move_to(&self, index: u32, fd: impl AsFd) -> Result<()> {
-        let message = LinkUnspec::new_with_index(index)
-            .setns_by_fd(fd.as_fd().as_raw_fd())
-            .build();
-        self.block(async {
-            self.handle
-                .link()
-                .set(message)
-                .execute()
-                .await
-                .map_err(to_io)
-        })
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(fd.as_fd().as_raw_fd())
+                .build(),
+        )
         .context("moving the link into the namespace")
     }
 
@@ -234,17 +228,11 @@ impl Netlink {
     }
 
     pub fn set_mtu(&self, index: u32, mtu: u16) -> Result<()> {
-        let message = LinkUnspec::new_with_index(index)
-            .mtu(u32::from(mtu))
-            .build();
-        self.block(async {
-            self.handle
-                .link()
-                .set(message)
-                .execute()
-                .await
-                .map_err(to_io)
-        })
+        self.set(
+            LinkUnspec::new_with_index(index)
+                .mtu(u32::from(mtu))
+                .build(),
+        )
         .with_context(|| format!("setting the MTU of link {index} to {mtu}"))
     }
 
