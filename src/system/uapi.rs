@@ -297,10 +297,12 @@ mod tests {
 
     #[test]
     fn only_the_recorded_process_is_spoken_to() {
+        use std::os::unix::fs::DirBuilderExt;
+        // A new directory of our own (creating it fails if the name exists, so nothing planted
+        // in /tmp is followed), with the socket made in it.
         let dir = std::env::temp_dir().join(format!("wgns-uapi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
         let path = dir.join("wgx.sock");
-        let _ = std::fs::remove_file(&path);
         // This test process serves the socket; a record naming another process is refused.
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let someone_else = ProcessId::of(1).unwrap();
