@@ -390,17 +390,15 @@ impl Netlink {
         Ok(found)
     }
 
-    /// Unicast routes of the main table, both families.
-    pub fn routes(&self) -> Result<Vec<Route>> {
-        let mut routes = Vec::new();
+    /// Every route of the namespace, both families, as rtnetlink lists them.
+    fn route_messages(&self) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>> {
+        let mut messages = Vec::new();
         for query in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
-            let family_v6 =
-                query.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
-            let found = self
-                .block(
+            messages.extend(
+                self.block(
                     self.handle
                         .route()
                         .get(query)
@@ -408,49 +406,58 @@ impl Netlink {
                         .map(|r| r.map_err(to_io))
                         .try_collect::<Vec<_>>(),
                 )
-                .context("listing routes")?;
-            for message in found {
-                let table = message
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(message.header.table));
-                if table != u32::from(RouteHeader::RT_TABLE_MAIN)
-                    || message.header.kind != RouteType::Unicast
-                {
-                    continue;
-                }
-                let mut destination = None;
-                let mut interface = 0;
-                for attribute in &message.attributes {
-                    match attribute {
-                        RouteAttribute::Destination(RouteAddress::Inet(a)) => {
-                            destination = Some(IpAddr::V4(*a))
-                        }
-                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
-                            destination = Some(IpAddr::V6(*a))
-                        }
-                        RouteAttribute::Oif(i) => interface = *i,
-                        _ => {}
-                    }
-                }
-                let addr = destination.unwrap_or(if family_v6 {
-                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                } else {
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-                });
-                routes.push(Route {
-                    destination: Cidr {
-                        addr,
-                        prefix: message.header.destination_prefix_length,
-                    },
-                    interface,
-                    kernel: message.header.protocol == RouteProtocol::Kernel,
-                });
+                .context("listing routes")?,
+            );
+        }
+        Ok(messages)
+    }
+
+    /// Unicast routes of the main table, both families.
+    pub fn routes(&self) -> Result<Vec<Route>> {
+        let mut routes = Vec::new();
+        for message in self.route_messages()? {
+            let table = message
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(message.header.table));
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || message.header.kind != RouteType::Unicast
+            {
+                continue;
             }
+            let mut destination = None;
+            let mut interface = 0;
+            for attribute in &message.attributes {
+                match attribute {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        destination = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        destination = Some(IpAddr::V6(*a))
+                    }
+                    RouteAttribute::Oif(i) => interface = *i,
+                    _ => {}
+                }
+            }
+            let family_v6 =
+                message.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+            let addr = destination.unwrap_or(if family_v6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            });
+            routes.push(Route {
+                destination: Cidr {
+                    addr,
+                    prefix: message.header.destination_prefix_length,
+                },
+                interface,
+                kernel: message.header.protocol == RouteProtocol::Kernel,
+            });
         }
         Ok(routes)
     }
@@ -533,27 +540,12 @@ impl ChangeWatcher {
             .filter_map(|a| way_out(&RouteNetlinkMessage::NewAddress(a)))
             .map(|(part, _)| part)
             .collect();
-        for query in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let routes = nl
-                .block(
-                    nl.handle
-                        .route()
-                        .get(query)
-                        .execute()
-                        .map(|r| r.map_err(to_io))
-                        .try_collect::<Vec<_>>(),
-                )
-                .context("listing routes")?;
-            known.extend(
-                routes
-                    .into_iter()
-                    .filter_map(|r| way_out(&RouteNetlinkMessage::NewRoute(r)))
-                    .map(|(part, _)| part),
-            );
-        }
+        known.extend(
+            nl.route_messages()?
+                .into_iter()
+                .filter_map(|r| way_out(&RouteNetlinkMessage::NewRoute(r)))
+                .map(|(part, _)| part),
+        );
         watcher.known.extend(known);
         Ok(watcher)
     }
