@@ -216,7 +216,6 @@ fn serve(kept: &mut Option<Context>, request: &Request) -> Result<Outcome> {
     let before = open_descriptors()?;
     // SAFETY: plain constructor; NULL is checked below.
     let raw = unsafe { (library.ctx_new)(NFT_CTX_DEFAULT) };
-    close_on_exec_since(&before);
     if raw.is_null() {
         return Err(Error::other("libnftables could not make a context"));
     }
@@ -233,6 +232,7 @@ fn serve(kept: &mut Option<Context>, request: &Request) -> Result<Outcome> {
     unsafe {
         let path = descriptor_path(&request.script);
         let status = (library.run_cmd_from_filename)(raw, path.as_ptr());
+        // Once for the context's socket and whatever the script opened: nothing forks before.
         close_on_exec_since(&before);
         let error = copied((library.get_error_buffer)(raw))
             .replace(path.to_str().unwrap_or_default(), SOURCE_NAME);
