@@ -28,6 +28,10 @@ fn main() {
             "exec_as_user_hides_the_users_sockets_but_follows_no_symlink",
             hides_sockets_not_symlinks,
         ),
+        trial(
+            "exec_as_user_cannot_regain_privileges_and_starts_in_the_root_directory",
+            hardened,
+        ),
     ])
 }
 
@@ -140,6 +144,34 @@ fn identity_only() -> Result<()> {
             text(&out)
         );
     }
+    Ok(())
+}
+
+/// What a setuid or file-capability program would give back, and the directory root was in
+/// (one nobody may not be able to open).
+fn hardened() -> Result<()> {
+    let rig = Rig::new(90)?;
+    rig.up_with(&rig.config()?)?;
+    let script = "grep -E '^(NoNewPrivs|CapBnd|CapEff):' /proc/self/status; pwd";
+    let out = rig
+        .command_in(rig.host_fd(), &as_nobody(&rig, &["sh", "-c", script]))
+        .current_dir(&rig.dir)
+        .output()?;
+    ensure!(out.status.success(), "exec --user failed: {}", text(&out));
+    let got = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = got.lines().map(str::trim).collect();
+    let zero = "0000000000000000";
+    let expected = [
+        format!("CapEff:\t{zero}"),
+        format!("CapBnd:\t{zero}"),
+        "NoNewPrivs:\t1".to_string(),
+        "/".to_string(),
+    ];
+    ensure!(
+        lines == expected,
+        "as nobody the command saw:\n{got}\nexpected:\n{}",
+        expected.join("\n")
+    );
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use nix::sys::stat::{Mode, SFlag, fstat};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::exit::{Failure, code};
-use crate::system::{dns, terminal};
+use crate::system::{dns, privileges, terminal};
 
 /// Enters the namespace for the rest of this process's life: network namespace, a private
 /// mount namespace with the namespace's `/etc` files, the host resolvers hidden, and the
@@ -186,9 +186,11 @@ fn lookup_user(user: &str) -> Result<Identity, Failure> {
 }
 
 fn become_user(who: &Identity) -> Result<()> {
-    nix::unistd::setgroups(&who.groups).context("setting supplementary groups")?;
-    nix::unistd::setgid(who.gid).context("setgid")?;
-    nix::unistd::setuid(who.uid).context("setuid")?;
+    privileges::become_user(&privileges::Credentials {
+        uid: who.uid,
+        gid: who.gid,
+        groups: &who.groups,
+    })?;
     // SAFETY: single-threaded at this point; nothing else reads the environment concurrently.
     unsafe {
         std::env::set_var("HOME", &who.home);

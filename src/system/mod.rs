@@ -11,6 +11,7 @@ pub mod forwarding;
 pub mod link;
 pub mod netns;
 pub mod nft;
+pub mod privileges;
 pub mod process;
 pub mod relays;
 pub mod state;

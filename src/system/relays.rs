@@ -232,33 +232,14 @@ pub fn serve(args: &RelayArgs) -> Result<()> {
 /// Becomes `uid`/`gid` with no supplementary groups, no capabilities (not even in the bounding
 /// set) and no way to gain privileges through exec.
 fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
-    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
     if uid == 0 || gid == 0 {
         bail!("a relay must not run as uid or gid 0");
     }
-    // SAFETY: plain prctl calls with integer arguments.
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(io::Error::last_os_error()).context("setting no_new_privs");
-        }
-        for capability in 0..64 {
-            // Capabilities the kernel does not know answer EINVAL: the set is then empty.
-            if libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) != 0
-                && Errno::last() == Errno::EINVAL
-            {
-                break;
-            }
-        }
-    }
-    setgroups(&[]).context("clearing supplementary groups")?;
-    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
-    setresgid(gid, gid, gid).context("setting the relay's group")?;
-    // Leaving uid 0 clears the permitted, effective and ambient capabilities.
-    setresuid(uid, uid, uid).context("setting the relay's user")?;
-    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-        bail!("the relay could become root again after dropping privileges");
-    }
-    Ok(())
+    crate::system::privileges::become_user(&crate::system::privileges::Credentials {
+        uid: nix::unistd::Uid::from_raw(uid),
+        gid: nix::unistd::Gid::from_raw(gid),
+        groups: &[],
+    })
 }
 
 fn relay_tcp(listener: &TcpListener, to: SocketAddr, idle: Duration) -> Result<()> {
