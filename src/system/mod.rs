@@ -9,6 +9,7 @@ pub mod files;
 pub mod firewall;
 pub mod forwarding;
 pub mod link;
+pub mod listen;
 pub mod netns;
 pub mod nft;
 pub mod privileges;
