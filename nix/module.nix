@@ -386,7 +386,9 @@ let
       example = "transmission";
       description = ''
         User (name or uid) {option}`onPortChange` runs as. It needs no privileges, only what it
-        takes to reach the application, for example a password file it can read.
+        takes to reach the application, for example a password file it can read. It may not be
+        `wg-namespace`, the user the relays of publishPorts and hostServices run as: a process
+        of their uid could stop them.
       '';
     };
   };
@@ -1023,6 +1025,14 @@ let
           store: the file holds the private key, and everything in the store is readable by every
           local user. Point it at a secret managed by agenix or sops-nix, for example
           /run/agenix/vpn.conf.'';
+      }
+      {
+        assertion =
+          ns.portForwarding == null || ns.portForwarding.onPortChangeUser != "wg-namespace";
+        message = oneLine ''
+          ${loc}.portForwarding.onPortChangeUser = "wg-namespace" is the user the relays of
+          publishPorts and hostServices run as, and a hook running as that user could stop or
+          trace them. Name another user: the default, nobody, or the application's own.'';
       }
     ]
     ++ concatLists (

@@ -202,6 +202,13 @@ pub fn main() -> i32 {
     }
 }
 
+fn refuse_hook_as_relay_user(config: &Config) -> Result<(), Failure> {
+    match crate::system::relays::hook_user_clash(config) {
+        Some(clash) => Err(clash.into()),
+        None => Ok(()),
+    }
+}
+
 fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: code::USAGE,
@@ -230,12 +237,14 @@ fn run(command: Command) -> Result<i32, Failure> {
         Command::Up { config } => {
             let path = config;
             let config = Config::load(&path)?;
+            refuse_hook_as_relay_user(&config)?;
             crate::commands::updown::up(&config, Some(&path))?;
             Ok(code::OK)
         }
         Command::Reload { config, namespace } => {
             let path = config;
             let config = Config::load(&path)?;
+            refuse_hook_as_relay_user(&config)?;
             let namespace = namespace.as_deref().map(namespace_arg).transpose()?;
             crate::commands::reload::run(&config, &path, namespace.as_deref())
                 .map_err(crate::exit::in_place)?;

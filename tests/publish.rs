@@ -42,6 +42,14 @@ fn main() {
             "a_killed_relay_degrades_status_and_heal_brings_it_back",
             killed_relay,
         ),
+        trial(
+            "a_stopped_relay_degrades_status_and_heal_replaces_it",
+            stopped_relay,
+        ),
+        trial(
+            "an_on_port_change_hook_as_the_relays_user_is_refused",
+            hook_as_relay_user,
+        ),
     ])
 }
 
@@ -679,5 +687,107 @@ fn killed_relay() -> Result<()> {
         "status still names a relay: {ns}"
     );
     rig.down()?;
+    rig.assert_clean()
+}
+
+/// A relay stopped by a process of its uid holds its port and answers nothing: that is not
+/// running, and heal replaces it.
+fn stopped_relay() -> Result<()> {
+    let rig = Rig::new(80)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    Rig::serve_tcp(&inside, "127.0.0.1:8080".parse()?, WEB_UI)?;
+    let published: SocketAddr = "127.0.0.1:18080".parse()?;
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
+
+    let (pid, _) = relay_pids(&rig)?
+        .into_iter()
+        .next()
+        .context("no relay in status")?;
+    let relay = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(relay, nix::sys::signal::Signal::SIGSTOP)?;
+    wait_for(Duration::from_secs(5), "the relay to stop", || {
+        proc_status(pid, "State").is_ok_and(|s| s.first().is_some_and(|s| s == "T"))
+    })?;
+    ensure!(
+        Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(2)).is_err(),
+        "the published port answers with its relay stopped"
+    );
+    let (code, ns) = status(&rig)?;
+    let reason = format!(
+        "the relay for publishPorts tcp 127.0.0.1:18080 -> namespace port 8080 (pid {pid}) is \
+         stopped (by a signal or a tracer): it takes connections and answers none"
+    );
+    ensure!(
+        code == 3
+            && ns["verdict"] == "degraded"
+            && ns["relays"][0]["running"] == false
+            && ns["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == &json!(reason))),
+        "status with the relay stopped: exit {code}, {ns}"
+    );
+
+    let heal = rig.helper(&["heal", "--namespace", &rig.confined])?;
+    ensure!(heal.status.success(), "heal: {}", text(&heal));
+    let (new_pid, _) = relay_pids(&rig)?
+        .into_iter()
+        .next()
+        .context("no relay in status after heal")?;
+    ensure!(new_pid != pid, "heal kept the stopped relay (pid {pid})");
+    ensure!(
+        proc_status(pid, "State").map_or(true, |s| s.first().is_some_and(|s| s == "Z")),
+        "the stopped relay (pid {pid}) is still there after heal"
+    );
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
+    let (code, ns) = status(&rig)?;
+    ensure!(
+        code == 0 && !ns["reasons"].to_string().contains("relay"),
+        "status after heal: exit {code}, {ns}"
+    );
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// The onPortChange hook must not run as the user the relays run as (here nobody: this
+/// machine has no wg-namespace user), by name or by uid; nothing is made.
+fn hook_as_relay_user() -> Result<()> {
+    let rig = Rig::new(81)?;
+    let relay_user = if std::fs::read_to_string("/etc/passwd")?
+        .lines()
+        .any(|l| l.starts_with("wg-namespace:"))
+    {
+        "wg-namespace"
+    } else {
+        "nobody"
+    };
+    let uid = nix::unistd::User::from_name(relay_user)?
+        .context("no relay user")?
+        .uid
+        .to_string();
+    for user in [relay_user, uid.as_str()] {
+        let mut config = rig.config()?;
+        config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
+        config["portForwarding"] = json!({
+            "gateway": rig.peer_tunnel_ip().to_string(),
+            "onPortChange": "/bin/true",
+            "onPortChangeUser": user,
+        });
+        let path = rig.write_config("clash.json", &config)?;
+        let out = rig.helper(&["up", "--config", path.to_str().context("path")?])?;
+        let line = one_error_line(&out, 2)?;
+        ensure!(
+            line.starts_with(&format!(
+                "error: portForwarding.onPortChangeUser: \"{user}\" is the user the relays"
+            )),
+            "up with the hook as {user}: {line}"
+        );
+        ensure!(
+            !std::path::Path::new(&format!("/run/netns/{}", rig.confined)).exists(),
+            "up made the namespace although it refused the config"
+        );
+    }
     rig.assert_clean()
 }

@@ -449,6 +449,7 @@ let
         "${long}.peers.0 has alternatives but no endpoint"
         "services.wireguard-namespaces.stored.configFile = \"/nix/store/00000000000000000000000000000000-mullvad.conf\" must be an absolute path outside the Nix store"
         ''services.wireguard-namespace and services.wireguard-namespaces.vpn use the same namespace''
+        ''services.wireguard-namespaces.vpn.portForwarding.onPortChangeUser = "wg-namespace" is the user the relays''
       ];
       matching = text: filter (hasPrefix text) failed;
       warnings = ourWarnings config;

@@ -270,11 +270,19 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
                     .push(format!("the port relay (pid {}) is gone", process.pid));
             }
             Resource::Relay { process, entry, .. } => {
-                let running = process.is_alive();
+                let stopped = process.is_stopped();
+                let running = process.is_alive() && !stopped;
                 if !running {
                     status.verdict = status.verdict.max(Verdict::Degraded);
+                    // A stopped relay still holds its port: connections are accepted and never
+                    // answered, which is worse than gone.
+                    let what = if stopped {
+                        "is stopped (by a signal or a tracer): it takes connections and answers none"
+                    } else {
+                        "is gone"
+                    };
                     status.reasons.push(format!(
-                        "the relay for {entry} (pid {}) is gone",
+                        "the relay for {entry} (pid {}) {what}",
                         process.pid
                     ));
                 }

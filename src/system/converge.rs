@@ -811,7 +811,10 @@ impl Session {
             .resources
             .iter()
             .filter_map(|r| match r {
-                Resource::Relay { process, entry, .. } => Some((*entry, process.is_alive())),
+                // A stopped relay holds its port and answers nothing: it is replaced.
+                Resource::Relay { process, entry, .. } => {
+                    Some((*entry, process.is_alive() && !process.is_stopped()))
+                }
                 _ => None,
             })
             .collect();

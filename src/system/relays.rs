@@ -31,7 +31,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Protocol};
+use crate::config::{Config, ConfigError, Protocol};
 use crate::system::process::{self, Detached, ProcessId};
 use crate::system::state::Resource;
 use crate::system::{files, netns};
@@ -189,15 +189,8 @@ pub fn start(
 /// The relay user's uid and gid from /etc/passwd, else nobody's. Read as a file rather than
 /// through NSS, so that no directory service can hold `up` up.
 fn relay_user() -> Result<(u32, u32)> {
-    let bytes = files::read_regular(Path::new("/etc/passwd"), files::CONFIG_LIMIT)?;
-    let text = String::from_utf8_lossy(&bytes);
-    let found = text.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.len() >= 4 && fields[0] == RELAY_USER)
-            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
-            .flatten()
-    });
-    match found {
+    let text = passwd()?;
+    match find_user(&text, RELAY_USER) {
         Some((0, _)) | Some((_, 0)) => {
             bail!(
                 "the user {RELAY_USER} in /etc/passwd has uid or gid 0; relays must not run as root"
@@ -206,6 +199,61 @@ fn relay_user() -> Result<(u32, u32)> {
         Some(ids) => Ok(ids),
         None => Ok(NOBODY),
     }
+}
+
+fn passwd() -> Result<String> {
+    let bytes = files::read_regular(Path::new("/etc/passwd"), files::CONFIG_LIMIT)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The uid and gid of `name` in the text of /etc/passwd.
+fn find_user(passwd: &str, name: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 4 && fields[0] == name)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// Refuses an `onPortChange` hook that would run as the relays' user. Any process of a uid can
+/// stop, trace or kill every other process of that uid, and a stopped relay holds its port
+/// without answering; the hook runs code that talks to a confined application, so it must not
+/// hold that power over the relays. Where /etc/passwd cannot be read, `up` fails on its own.
+pub fn hook_user_clash(config: &Config) -> Option<ConfigError> {
+    let forwarding = config.port_forwarding.as_ref()?;
+    forwarding.on_port_change.as_ref()?;
+    if entries(config).is_empty() {
+        return None;
+    }
+    let text = passwd().ok()?;
+    let (relay_name, relay_uid) = match find_user(&text, RELAY_USER) {
+        Some((uid, _)) => (RELAY_USER, uid),
+        None => ("nobody", NOBODY.0),
+    };
+    let hook = forwarding.on_port_change_user.as_str();
+    let hook_uid = hook
+        .parse::<u32>()
+        .ok()
+        .or_else(|| find_user(&text, hook).map(|(uid, _)| uid));
+    if hook != relay_name && hook_uid != Some(relay_uid) {
+        return None;
+    }
+    let remedy = if relay_name == RELAY_USER {
+        "name another user".to_string()
+    } else {
+        format!(
+            "name another user, or create a system user for the relays: useradd --system \
+             --no-create-home --shell /usr/sbin/nologin {RELAY_USER}"
+        )
+    };
+    Some(ConfigError {
+        field: "portForwarding.onPortChangeUser".into(),
+        problem: format!(
+            "{hook:?} is the user the relays of publishPorts and hostServices run as (uid \
+             {relay_uid}), so the hook could stop or trace them; {remedy}"
+        ),
+    })
 }
 
 /// How the hidden `relay` command was called.

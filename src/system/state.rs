@@ -367,6 +367,8 @@ fn stop_process(
             process.pid
         )));
     }
+    // A stopped process cannot act on SIGTERM: waiting for it would only cost the grace time.
+    let how = if process.is_stopped() { Stop::Now } else { how };
     match how {
         Stop::Politely => process.terminate(Duration::from_secs(2))?,
         Stop::Now => process.kill(Duration::from_secs(2))?,

@@ -25,6 +25,12 @@
     vpn = {
       dns_server = "10.8.0.1";
       privateKeyFile = "/run/secrets/other.key";
+      # The hook as the relays' own user could stop them.
+      portForwarding = {
+        gateway = "10.8.0.1";
+        onPortChange = "/etc/wg-namespace/port-changed";
+        onPortChangeUser = "wg-namespace";
+      };
     };
 
     long = {
