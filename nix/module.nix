@@ -620,7 +620,7 @@ let
         so only through the tunnel; renews it; maps again when the gateway restarts or the tunnel
         changes; opens the port (and no other) in the namespace's firewall only while it is
         mapped; runs {option}`portForwarding.onPortChange` when it changes; and writes it, with
-        its expiry, to `/run/wg-namespace/<name>.forwarding.json` for other units to read.
+        its expiry, to `/run/wg-namespace/forwarding/<name>.json` for other units to read.
         `wg-namespace status` shows it too.
       '';
     };

@@ -32,6 +32,10 @@ fn main() {
             mapped_again_when_the_tunnel_changes,
         ),
         trial(
+            "the_record_is_kept_apart_from_state_files",
+            the_record_is_kept_apart_from_state_files,
+        ),
+        trial(
             "port_forward_refuses_configs_it_cannot_serve",
             port_forward_refuses_configs_it_cannot_serve,
         ),
@@ -300,7 +304,7 @@ fn forwarded_port_follows_the_gateway() -> Result<()> {
         report["portForwarding"]["phase"] == "mapped" && report["verdict"] == "healthy",
         "status: {report:#}"
     );
-    let record = Path::new("/run/wg-namespace").join(format!("{}.forwarding.json", rig.confined));
+    let record = record_path(&rig.confined);
     let meta = std::fs::symlink_metadata(&record)?;
     ensure!(
         meta.permissions().mode() & 0o777 == 0o644,
@@ -630,6 +634,112 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
     rig.kill_tracked(forwarder);
     drop(server);
     rig.down()?;
+    rig.assert_clean()
+}
+
+/// Where `port-forward` keeps its record for other units.
+fn record_path(namespace: &str) -> PathBuf {
+    Path::new("/run/wg-namespace/forwarding").join(format!("{namespace}.json"))
+}
+
+/// Downs a namespace the rig does not know of, on failure too.
+struct Extra(String);
+
+impl Drop for Extra {
+    fn drop(&mut self) {
+        let _ = run_cmd(&[BIN, "down", "--namespace", &self.0]);
+    }
+}
+
+/// Namespaces listed by plain `status --json`.
+fn listed_namespaces(rig: &Rig) -> Result<Vec<String>> {
+    let out = rig.helper(&["status", "--json"])?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("status --json: {}", text(&out)))?;
+    Ok(report["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["namespace"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// A namespace `<ns>.forwarding` next to `<ns>`: the record of `<ns>` is no namespace for plain
+/// `status`, leaves the other's state file alone, and `down` of one removes only its own files.
+fn the_record_is_kept_apart_from_state_files() -> Result<()> {
+    let mut rig = Rig::new(70)?;
+    // Short enough that `<name>.forwarding` is still a valid interface name.
+    rig.confined = "r70".into();
+    let neighbour = format!("{}.forwarding", rig.confined);
+    let server = gateway(&rig)?;
+    let (hook, calls_log) = hook(&rig)?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+    wait_for(Duration::from_secs(20), "the first mapping", || {
+        calls(&calls_log).len() == 1
+    })?;
+    ensure!(
+        record_path(&rig.confined).exists(),
+        "no record at {}; port-forward said: {}",
+        record_path(&rig.confined).display(),
+        std::fs::read_to_string(&daemon_log)?
+    );
+    let listed = listed_namespaces(&rig)?;
+    ensure!(
+        listed.contains(&rig.confined) && !listed.contains(&neighbour),
+        "plain status lists {listed:?}"
+    );
+
+    // The neighbour comes up beside the running port-forward; the gateway then moves the port,
+    // so the record is written again.
+    let _neighbour_guard = Extra(neighbour.clone());
+    let mut config = rig.config()?;
+    config["namespace_name"] = neighbour.clone().into();
+    config["ips"] = json!(["10.200.70.77/32"]);
+    let neighbour_config = rig.write_config("neighbour.json", &config)?;
+    let out = rig.helper(&["up", "--config", neighbour_config.to_str().context("path")?])?;
+    ensure!(out.status.success(), "up {neighbour}: {}", text(&out));
+    let state_file = Path::new("/run/wg-namespace").join(format!("{neighbour}.json"));
+    let state_before = std::fs::read(&state_file)?;
+    server.restart(AFTER_RESTART);
+    wait_for(
+        Duration::from_secs(20),
+        "the mapping after the restart",
+        || calls(&calls_log).len() == 2,
+    )?;
+    ensure!(
+        std::fs::read(&state_file)? == state_before
+            && std::fs::metadata(&state_file)?.permissions().mode() & 0o777 == 0o600,
+        "{} was written over",
+        state_file.display()
+    );
+
+    // port-forward dies without removing its record; down removes the record, and nothing of
+    // the neighbour.
+    rig.kill_tracked(forwarder);
+    rig.down()?;
+    ensure!(
+        !record_path(&rig.confined).exists(),
+        "down left the record behind"
+    );
+    ensure!(
+        std::fs::read(&state_file)? == state_before,
+        "down of {} touched {}",
+        rig.confined,
+        state_file.display()
+    );
+    let out = rig.helper(&["status", "--namespace", &neighbour, "--json"])?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("status of {neighbour}: {}", text(&out)))?;
+    ensure!(
+        report["namespaces"][0]["namespace"] == neighbour.as_str()
+            && report["namespaces"][0]["interface"]["present"] == true,
+        "the neighbour after down of {}: {report:#}",
+        rig.confined
+    );
+    let out = rig.helper(&["down", "--namespace", &neighbour])?;
+    ensure!(out.status.success(), "down {neighbour}: {}", text(&out));
+    drop(server);
     rig.assert_clean()
 }
 

@@ -1,5 +1,5 @@
 //! The provider's forwarded port as the rest of the system sees it: the nft set that opens it
-//! in the namespace's input chain, and `/run/wg-namespace/<ns>.forwarding.json`, which
+//! in the namespace's input chain, and `/run/wg-namespace/forwarding/<ns>.json`, which
 //! `status`, the ruleset template and other units read.
 
 use std::net::Ipv4Addr;
@@ -11,8 +11,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Protocol;
+use crate::system::files::Dir;
 use crate::system::process::ProcessId;
-use crate::system::state::{STATE_DIR, state_dir};
+use crate::system::state::STATE_DIR;
 
 /// The set in `inet my_table` whose elements (`protocol . port`) `my_input` accepts from the
 /// tunnel. The template declares it; only the forwarding process changes its elements.
@@ -20,12 +21,37 @@ pub const SET: &str = "wg_namespace_forwarded";
 /// A record file is at most this big; anything larger is not ours.
 const MAX_RECORD_BYTES: u64 = 64 * 1024;
 
-pub fn record_name(namespace: &str) -> String {
-    format!("{namespace}.forwarding.json")
+/// The records' own directory beside the state files. No namespace name reaches it (a
+/// namespace's files there are `<ns>.json` and `<ns>.lock`), so a record is never taken for a
+/// namespace's state, nor written over one, nor removed with another namespace.
+const RECORD_SUBDIR: &str = "forwarding";
+
+fn record_name(namespace: &str) -> String {
+    format!("{namespace}.json")
+}
+
+pub fn record_dir_path() -> PathBuf {
+    Path::new(STATE_DIR).join(RECORD_SUBDIR)
 }
 
 pub fn record_path(namespace: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(record_name(namespace))
+    record_dir_path().join(record_name(namespace))
+}
+
+/// The records' directory, checked like the state directory (root's own, no symlink on the
+/// way); `None` when it does not exist and `create` is false.
+fn record_dir(create: bool) -> Result<Option<Dir>> {
+    let path = record_dir_path();
+    let dir = if create {
+        Dir::create(&path, 0o755)
+    } else {
+        Dir::open(&path)
+    };
+    match dir {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if e.not_found() && !create => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,7 +103,7 @@ impl Record {
     /// The record of `namespace`, if there is one; read like the state file (no symlink
     /// followed, size-limited): it is only trusted as far as its parsing goes.
     pub fn load(namespace: &str) -> Result<Option<Record>> {
-        let Some(dir) = state_dir(false)? else {
+        let Some(dir) = record_dir(false)? else {
             return Ok(None);
         };
         let Some(bytes) = dir.read(&record_name(namespace), MAX_RECORD_BYTES)? else {
@@ -103,17 +129,29 @@ impl Record {
     /// Replaces the file atomically. World-readable on purpose (other units read the port);
     /// it holds nothing secret.
     pub fn save(&self) -> Result<()> {
-        let dir = state_dir(true)?.context("the state directory is missing")?;
         let text = serde_json::to_vec_pretty(self).context("encoding the record")?;
-        Ok(dir.write_atomically(&record_name(&self.namespace), &text, 0o644)?)
+        let name = record_name(&self.namespace);
+        let write = || -> Result<()> {
+            let dir = record_dir(true)?.context("the records' directory is missing")?;
+            Ok(dir.write_atomically(&name, &text, 0o644)?)
+        };
+        // The last record of another namespace going may take the empty directory with it
+        // between our opening and writing it; it is made again.
+        write().or_else(|_| write())
     }
 }
 
+/// Removes the record of `namespace`, and the records' directory when that leaves it empty
+/// (so that the state directory itself can go with the last namespace).
 pub fn remove_record(namespace: &str) -> Result<()> {
-    match state_dir(false)? {
-        Some(dir) => Ok(dir.remove_file(&record_name(namespace))?),
-        None => Ok(()),
+    let Some(dir) = record_dir(false)? else {
+        return Ok(());
+    };
+    dir.remove_file(&record_name(namespace))?;
+    if let Ok(parent) = Dir::open(Path::new(STATE_DIR)) {
+        let _ = parent.remove_dir(RECORD_SUBDIR);
     }
+    Ok(())
 }
 
 /// The set's elements as nft writes them, `udp . 51413, tcp . 51413`.

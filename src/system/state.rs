@@ -631,7 +631,7 @@ impl State {
             None => match state_dir(false)? {
                 Some(dir) => {
                     // The forwarding process's report outlives neither the namespace nor its port.
-                    dir.remove_file(&crate::system::forwarding::record_name(&self.namespace))?;
+                    crate::system::forwarding::remove_record(&self.namespace)?;
                     Ok(dir.remove_file(&state_name(&self.namespace))?)
                 }
                 None => Ok(()),

@@ -542,8 +542,8 @@ impl Rig {
             format!("{c}.json"),
             format!("{c}.lock"),
             format!(".{c}.json.tmp"),
-            format!("{c}.forwarding.json"),
-            format!(".{c}.forwarding.json.tmp"),
+            format!("forwarding/{c}.json"),
+            format!("forwarding/.{c}.json.tmp"),
         ] {
             let path = format!("/run/wg-namespace/{name}");
             if Path::new(&path).exists() {
