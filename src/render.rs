@@ -102,30 +102,6 @@ fn render_one(env: &Environment<'_>, name: &str, inputs: &Inputs<'_>) -> Result<
         .with_context(|| format!("rendering {name}"))
 }
 
-/// The ruleset of a namespace as its state file records it, without extraFirewallRules. The
-/// leak guard in it is the very one `up` loaded: extraFirewallRules cannot reach the guard's
-/// table, and the guard depends on nothing else. `status` compares it with what is loaded.
-pub fn guard_ruleset(
-    namespace: &str,
-    dns_servers: &[IpAddr],
-    ipv6: bool,
-    strict_dns: bool,
-) -> Result<String> {
-    let inputs = Inputs {
-        namespace,
-        // As Config::interface: the WireGuard interface carries the namespace's name.
-        interface: namespace,
-        dns_servers,
-        ipv6,
-        strict_dns,
-        extra_rules: "",
-        // The guard table does not depend on them.
-        forwarding: false,
-        forwarded: String::new(),
-    };
-    render_one(&environment(), "namespace.nft", &inputs)
-}
-
 /// The set of forwarded ports keeps its elements through a reload of the ruleset: they come
 /// from the forwarding process's record, while that process runs and the mapping lasts.
 fn forwarded_elements(config: &Config) -> String {

@@ -311,27 +311,15 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         );
         return status;
     };
-    match firewall::has_tables(&fd, &[firewall::GUARD_TABLE, firewall::POLICY_TABLE]) {
-        Ok(loaded) => status.firewall.loaded = loaded,
-        Err(e) => down(&mut status, format!("cannot list the ruleset: {e:#}")),
-    }
-    if !status.firewall.loaded {
-        down(&mut status, "the firewall ruleset is not loaded".into());
-    }
     // A guard that is there but flushed, dormant or opened up leaks as if it were not.
-    // (State files of older versions name dns_server alone.)
-    let dns_servers = if state.dns_servers.is_empty() {
-        vec![state.dns_server]
-    } else {
-        state.dns_servers.clone()
-    };
-    let differences =
-        crate::render::guard_ruleset(namespace, &dns_servers, state.ipv6, state.strict_dns)
-            .and_then(|ruleset| firewall::guard_differences(&fd, &ruleset));
-    match differences {
-        Ok(differences) => {
-            status.firewall.guard_intact = differences.is_empty();
-            for difference in differences {
+    match firewall::judge(&fd, state.leak_guard.as_ref()) {
+        Ok(judgement) => {
+            status.firewall.loaded = judgement.loaded;
+            if !judgement.loaded {
+                down(&mut status, "the firewall ruleset is not loaded".into());
+            }
+            status.firewall.guard_intact = judgement.differences.is_empty();
+            for difference in judgement.differences {
                 down(&mut status, difference);
             }
         }

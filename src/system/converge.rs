@@ -91,8 +91,8 @@ pub enum Mode {
 /// The live namespace, as far as a plan needs it.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
-    /// The leak guard is loaded and is the one the config renders (see
-    /// [`firewall::guard_differences`]).
+    /// The leak guard is loaded and is the one recorded when it was loaded (see
+    /// [`firewall::judge`]).
     pub guard_intact: bool,
     pub policy_loaded: bool,
     pub resolv_conf: Option<String>,
@@ -573,10 +573,12 @@ fn peer_change(state: &State, desired: &Desired, device: &DeviceView, mode: Mode
     change
 }
 
-/// Loads the rendered ruleset into the namespace and records its digests.
+/// Loads the rendered ruleset into the namespace and records its digest and the leak guard as
+/// the kernel holds it.
 pub fn load_ruleset(fd: &OwnedFd, rendered: &Rendered, state: &mut State) -> Result<()> {
     firewall::load(fd, &rendered.ruleset)?;
     state.ruleset_digest = Some(rendered.ruleset_digest.clone());
+    state.leak_guard = Some(firewall::guard_record(fd)?);
     Ok(())
 }
 
@@ -822,10 +824,10 @@ impl Session {
             .resources
             .iter()
             .any(|r| matches!(r, Resource::Publisher { .. }));
+        let firewall = firewall::judge(&self.fd, state.leak_guard.as_ref())?;
         let mut observed = Observed {
-            guard_intact: firewall::guard_differences(&self.fd, &desired.rendered.ruleset)?
-                .is_empty(),
-            policy_loaded: firewall::has_table(&self.fd, firewall::POLICY_TABLE)?,
+            guard_intact: firewall.differences.is_empty(),
+            policy_loaded: firewall.policy_loaded,
             resolv_conf: read_small(&dir.join("resolv.conf")),
             nsswitch_conf: read_small(&dir.join("nsswitch.conf")),
             hosts: read_small(&dir.join("hosts")),

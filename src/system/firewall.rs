@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::system::nft;
+use crate::system::{nf_tables, nft};
 
 /// The leak guard's table; its presence is what `status` calls "ruleset loaded".
 pub const GUARD_TABLE: &str = "wg_namespace_guard";
@@ -86,22 +86,11 @@ pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
     has_tables(fd, &[name])
 }
 
-/// Whether every one of the tables `names` (family inet) exists in the namespace: one `nft`
-/// run for all of them.
+/// Whether every one of the tables `names` (family inet) exists in the namespace: one netlink
+/// request for all of them.
 pub fn has_tables(fd: impl AsFd, names: &[&str]) -> Result<bool> {
-    let output = nft_program(fd.as_fd(), &["list", "tables", "inet"])?;
-    if !output.status.success() {
-        bail!(
-            "nft list tables: {}",
-            explain(&String::from_utf8_lossy(&output.stderr), "")
-        );
-    }
-    let listed = String::from_utf8_lossy(&output.stdout);
-    let present: Vec<&str> = listed
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("table inet "))
-        .collect();
-    Ok(names.iter().all(|name| present.contains(name)))
+    let present = nf_tables::tables(fd).context("listing the nftables tables")?;
+    Ok(names.iter().all(|name| present.iter().any(|p| p == name)))
 }
 
 /// The leak guard's table as nft lists it (`nft -j list table`): its table, chain, rule and
@@ -152,175 +141,199 @@ pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
     Ok(drops)
 }
 
-/// How the loaded leak guard differs from the one `ruleset` (as rendered for the namespace)
-/// makes: one line per difference, empty when they are the same. Compared is what decides
-/// verdicts on packets: the table's flags (a dormant table filters nothing), each chain's
-/// type, hook, priority and policy, and every rule in order. Handles and counter values are
-/// not (they differ between loads and grow with traffic).
-///
-/// What `ruleset` makes is what nft itself lists after loading it into a throwaway network
-/// namespace, so both sides are in nft's own words whatever its version prints.
-pub fn guard_differences(fd: impl AsFd, ruleset: &str) -> Result<Vec<String>> {
-    let Some(loaded) = guard_items(fd.as_fd())? else {
-        return Ok(vec![format!(
-            "the leak guard table {GUARD_TABLE} is missing"
-        )]);
-    };
-    let scratch = crate::system::netns::unshare_new()
-        .context("making a throwaway namespace to load the expected guard into")?;
-    load(&scratch, ruleset).context("loading the expected guard into a throwaway namespace")?;
-    let expected =
-        guard_items(scratch.as_fd())?.context("the rendered ruleset holds no leak guard table")?;
-    let mut differences = Guard::of(&expected).differences_to(&Guard::of(&loaded));
-    if differences.iter().any(|d| d.starts_with(FLAGS_DIFFER)) {
-        // nft's JSON names table flags wrongly in some versions (1.0.6 says "inet" for
-        // dormant); its text listing names them right.
-        if let Some(flags) = table_flags_text(fd.as_fd()) {
-            differences = differences
-                .into_iter()
-                .map(|d| {
-                    if d.starts_with(FLAGS_DIFFER) {
-                        format!("the leak guard table is marked `{flags}` (a dormant table filters nothing)")
-                    } else {
-                        d
-                    }
-                })
-                .collect();
-        }
-    }
-    Ok(differences)
+/// The leak guard as the kernel holds it now: what `up`, `reload` and `heal` record right after
+/// loading the ruleset, for [`judge`] to compare with.
+pub fn guard_record(fd: impl AsFd) -> Result<nf_tables::Table> {
+    nf_tables::read(fd, GUARD_TABLE)
+        .context("reading the leak guard back")?
+        .table
+        .context("the loaded ruleset holds no leak guard table")
 }
 
-const FLAGS_DIFFER: &str = "the leak guard table's flags";
-
-/// The `flags ...` line of the guard table's text listing.
-fn table_flags_text(fd: BorrowedFd<'_>) -> Option<String> {
-    let output = nft_program(fd, &["list", "table", "inet", GUARD_TABLE]).ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("flags "))
-        .map(str::to_string)
+/// What [`judge`] found.
+#[derive(Debug)]
+pub struct Judgement {
+    /// Both the leak guard's table and the policy table are there.
+    pub loaded: bool,
+    pub policy_loaded: bool,
+    /// One line per way the leak guard differs from the one recorded when it was loaded;
+    /// empty when it is the same.
+    pub differences: Vec<String>,
 }
 
-/// A leak guard reduced to what decides verdicts; see [`guard_differences`].
-struct Guard {
-    flags: Value,
-    chains: Vec<Chain>,
-    /// Sets, maps and other objects: the rendered guard has none.
-    others: Vec<Value>,
-}
-
-struct Chain {
-    name: String,
-    /// Type, hook, priority and policy (all null for a regular chain).
-    head: [Value; 4],
-    rules: Vec<Value>,
-}
-
-impl Guard {
-    fn of(items: &[Value]) -> Guard {
-        let mut guard = Guard {
-            flags: Value::Null,
-            chains: Vec::new(),
-            others: Vec::new(),
-        };
-        for item in items {
-            if let Some(table) = item.get("table") {
-                guard.flags = table.get("flags").cloned().unwrap_or(Value::Null);
-            } else if let Some(chain) = item.get("chain") {
-                guard.chains.push(Chain {
-                    name: chain["name"].as_str().unwrap_or_default().to_string(),
-                    head: ["type", "hook", "prio", "policy"].map(|k| chain[k].clone()),
-                    rules: Vec::new(),
-                });
-            } else if let Some(rule) = item.get("rule") {
-                let name = rule["chain"].as_str().unwrap_or_default();
-                let mut rule = rule.clone();
-                if let Some(fields) = rule.as_object_mut() {
-                    fields.remove("handle");
-                }
-                zero_counters(&mut rule);
-                match guard.chains.iter_mut().find(|c| c.name == name) {
-                    Some(chain) => chain.rules.push(rule),
-                    None => guard.others.push(rule),
-                }
-            } else {
-                let mut other = item.clone();
-                if let Some(fields) = other
-                    .as_object_mut()
-                    .and_then(|o| o.values_mut().next())
-                    .and_then(Value::as_object_mut)
-                {
-                    fields.remove("handle");
-                }
-                guard.others.push(other);
-            }
-        }
-        guard
-    }
-
-    /// What `loaded` has that `self` (the expected guard) has not, and the reverse.
-    fn differences_to(&self, loaded: &Guard) -> Vec<String> {
-        let mut out = Vec::new();
-        if loaded.flags != self.flags {
-            out.push(format!(
-                "{FLAGS_DIFFER} are {} instead of {}",
-                loaded.flags, self.flags
-            ));
-        }
-        for expected in &self.chains {
-            let Some(chain) = loaded.chains.iter().find(|c| c.name == expected.name) else {
-                out.push(format!("the leak guard chain {} is missing", expected.name));
-                continue;
+/// Compares the leak guard in the namespace with `recorded`, the one wg-namespace loaded:
+/// a few netlink requests, no process and no namespace made. Compared is what decides verdicts
+/// on packets: the table's flags (a dormant table filters nothing), each chain's type, hook,
+/// priority and policy, every rule in order, the elements of the sets rules look up. Handles
+/// and counter values are not (they differ between loads and grow with traffic). Only when a
+/// rule differs is `nft` run, to name it in its own words.
+pub fn judge(fd: impl AsFd, recorded: Option<&nf_tables::Table>) -> Result<Judgement> {
+    let reading = nf_tables::read(fd.as_fd(), GUARD_TABLE).context("reading the ruleset")?;
+    let has = |name: &str| reading.tables.iter().any(|t| t == name);
+    let differences = match (&reading.table, recorded) {
+        (None, _) => vec![format!("the leak guard table {GUARD_TABLE} is missing")],
+        (Some(_), None) => vec![
+            "the leak guard was loaded by an older wg-namespace, which kept no record of it to \
+             compare with (`wg-namespace heal` or `reload` loads it again and records it)"
+                .to_string(),
+        ],
+        (Some(live), Some(recorded)) => {
+            let listing = std::cell::OnceCell::new();
+            let describe_live = |rule: &nf_tables::Rule| -> String {
+                let listing = listing.get_or_init(|| live_rule_texts(fd.as_fd()));
+                rule.handle
+                    .and_then(|h| listing.get(&h).cloned())
+                    .unwrap_or_else(|| describe_recorded(rule))
             };
-            let name = &expected.name;
-            if chain.head[3] != expected.head[3] {
+            guard_differences(recorded, live, &describe_live)
+        }
+    };
+    Ok(Judgement {
+        loaded: has(GUARD_TABLE) && has(POLICY_TABLE),
+        policy_loaded: has(POLICY_TABLE),
+        differences,
+    })
+}
+
+/// The guard's rules as nft words them (`nft -j list table`), by handle; empty when nft cannot
+/// tell.
+fn live_rule_texts(fd: BorrowedFd<'_>) -> HashMap<u64, String> {
+    let items = guard_items(fd).ok().flatten().unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|item| item.get("rule"))
+        .filter_map(|rule| Some((rule["handle"].as_u64()?, describe_rule(rule))))
+        .collect()
+}
+
+/// A recorded rule, known by its comment.
+fn describe_recorded(rule: &nf_tables::Rule) -> String {
+    match rule.comment() {
+        Some(comment) => format!("... comment \"{comment}\""),
+        None => "a rule without a comment".into(),
+    }
+}
+
+/// How `live` differs from `recorded`: one line per difference.
+fn guard_differences(
+    recorded: &nf_tables::Table,
+    live: &nf_tables::Table,
+    describe_live: &dyn Fn(&nf_tables::Rule) -> String,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if live.head != recorded.head {
+        let flags = live.flags();
+        if flags != recorded.flags() {
+            let names: Vec<&str> = [(1, "dormant"), (2, "owner"), (4, "persist")]
+                .into_iter()
+                .filter(|(bit, _)| flags & bit != 0)
+                .map(|(_, name)| name)
+                .collect();
+            out.push(if flags & 1 != 0 {
+                format!(
+                    "the leak guard table is marked `flags {}` (a dormant table filters nothing)",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "the leak guard table has flags {flags:#x} instead of {:#x}",
+                    recorded.flags()
+                )
+            });
+        } else {
+            out.push(
+                "the leak guard table's attributes are not the ones it was loaded with".into(),
+            );
+        }
+    }
+    for expected in &recorded.chains {
+        let name = &expected.name;
+        let Some(chain) = live.chains.iter().find(|c| &c.name == name) else {
+            out.push(format!("the leak guard chain {name} is missing"));
+            continue;
+        };
+        if chain.head != expected.head {
+            let verdict = |p: Option<u32>| match p {
+                Some(0) => "drop".to_string(),
+                Some(1) => "accept".to_string(),
+                Some(other) => other.to_string(),
+                None => "none".to_string(),
+            };
+            if chain.policy() != expected.policy() {
                 out.push(format!(
                     "the leak guard chain {name} has policy {} instead of {}",
-                    plain(&chain.head[3]),
-                    plain(&expected.head[3])
+                    verdict(chain.policy()),
+                    verdict(expected.policy())
                 ));
             }
-            if chain.head[..3] != expected.head[..3] {
-                let describe = |h: &[Value; 4]| {
-                    format!(
-                        "type {} hook {} priority {}",
-                        plain(&h[0]),
-                        plain(&h[1]),
-                        plain(&h[2])
-                    )
+            if chain.hook() != expected.hook() {
+                let describe = |hook: Option<(String, u32, i32)>| match hook {
+                    Some((kind, number, priority)) => {
+                        let hook = ["prerouting", "input", "forward", "output", "postrouting"]
+                            .get(number as usize)
+                            .map_or(number.to_string(), |h| h.to_string());
+                        format!("type {kind} hook {hook} priority {priority}")
+                    }
+                    None => "a regular chain".into(),
                 };
                 out.push(format!(
                     "the leak guard chain {name} is {} instead of {}",
-                    describe(&chain.head),
-                    describe(&expected.head)
+                    describe(chain.hook()),
+                    describe(expected.hook())
                 ));
             }
-            out.extend(rule_differences(name, &expected.rules, &chain.rules));
-        }
-        for chain in &loaded.chains {
-            if !self.chains.iter().any(|c| c.name == chain.name) {
+            if chain.policy() == expected.policy() && chain.hook() == expected.hook() {
                 out.push(format!(
-                    "the leak guard has a chain {} it was not loaded with",
-                    chain.name
+                    "the leak guard chain {name}'s attributes are not the ones it was loaded with"
                 ));
             }
         }
-        for other in &loaded.others {
-            if !self.others.contains(other) {
-                out.push(format!(
-                    "the leak guard holds an object it was not loaded with: {other}"
-                ));
-            }
-        }
-        out
+        out.extend(rule_differences(
+            name,
+            &expected.rules,
+            &chain.rules,
+            &|r| describe_recorded(r),
+            describe_live,
+        ));
     }
+    for chain in &live.chains {
+        if !recorded.chains.iter().any(|c| c.name == chain.name) {
+            out.push(format!(
+                "the leak guard has a chain {} it was not loaded with",
+                chain.name
+            ));
+        }
+    }
+    for set in &live.sets {
+        match recorded.sets.iter().find(|s| s.name == set.name) {
+            None => out.push(format!(
+                "the leak guard has a set {} it was not loaded with",
+                set.name
+            )),
+            Some(expected) if expected != set => out.push(format!(
+                "the leak guard's set {} is not the one it was loaded with",
+                set.name
+            )),
+            Some(_) => {}
+        }
+    }
+    for set in &recorded.sets {
+        if !live.sets.iter().any(|s| s.name == set.name) {
+            out.push(format!("the leak guard's set {} is missing", set.name));
+        }
+    }
+    out
 }
 
 /// The first place where a chain's rules part from the expected ones, told as an added, a
 /// missing or a changed rule.
-fn rule_differences(chain: &str, expected: &[Value], loaded: &[Value]) -> Option<String> {
+fn rule_differences<R: PartialEq>(
+    chain: &str,
+    expected: &[R],
+    loaded: &[R],
+    describe_expected: &dyn Fn(&R) -> String,
+    describe_loaded: &dyn Fn(&R) -> String,
+) -> Option<String> {
     if loaded.is_empty() && !expected.is_empty() {
         return Some(format!(
             "the leak guard chain {chain} has no rules (it was flushed); it was loaded with {}",
@@ -339,24 +352,24 @@ fn rule_differences(chain: &str, expected: &[Value], loaded: &[Value]) -> Option
     if loaded.len() > at && loaded[at + 1..] == expected[at..] {
         return Some(format!(
             "the leak guard chain {chain} has an added rule {number}: {}",
-            describe_rule(&loaded[at])
+            describe_loaded(&loaded[at])
         ));
     }
     if expected.len() > at && loaded[at..] == expected[at + 1..] {
         return Some(format!(
             "the leak guard chain {chain} lacks its rule {number}: {}",
-            describe_rule(&expected[at])
+            describe_expected(&expected[at])
         ));
     }
     Some(match (loaded.get(at), expected.get(at)) {
         (Some(got), Some(want)) => format!(
             "the leak guard chain {chain} has rule {number} `{}` instead of `{}`",
-            describe_rule(got),
-            describe_rule(want)
+            describe_loaded(got),
+            describe_expected(want)
         ),
         (Some(got), None) => format!(
             "the leak guard chain {chain} has an added rule {number}: {}",
-            describe_rule(got)
+            describe_loaded(got)
         ),
         (None, _) => format!(
             "the leak guard chain {chain} has {} rules instead of {}",
@@ -364,23 +377,6 @@ fn rule_differences(chain: &str, expected: &[Value], loaded: &[Value]) -> Option
             expected.len()
         ),
     })
-}
-
-fn zero_counters(value: &mut Value) {
-    match value {
-        Value::Object(fields) => {
-            if let Some(Value::Object(counter)) = fields.get_mut("counter") {
-                for key in ["packets", "bytes"] {
-                    if counter.contains_key(key) {
-                        counter.insert(key.into(), Value::from(0));
-                    }
-                }
-            }
-            fields.values_mut().for_each(zero_counters);
-        }
-        Value::Array(items) => items.iter_mut().for_each(zero_counters),
-        _ => {}
-    }
 }
 
 /// A string without its JSON quotes, anything else as JSON.
@@ -511,32 +507,30 @@ mod tests {
         );
         let accept = rule(serde_json::json!([{ "accept": null }]), None);
         let expected = [lo.clone(), dns.clone()];
-        assert_eq!(rule_differences("output", &expected, &expected), None);
+        let differences = |loaded: &[Value]| {
+            rule_differences("output", &expected, loaded, &describe_rule, &describe_rule)
+        };
+        assert_eq!(differences(&expected), None);
         assert_eq!(
-            rule_differences(
-                "output",
-                &expected,
-                &[accept.clone(), lo.clone(), dns.clone()]
-            )
-            .as_deref(),
+            differences(&[accept.clone(), lo.clone(), dns.clone()]).as_deref(),
             Some("the leak guard chain output has an added rule 1: accept")
         );
         assert_eq!(
-            rule_differences("output", &expected, std::slice::from_ref(&lo)).as_deref(),
+            differences(std::slice::from_ref(&lo)).as_deref(),
             Some(
                 "the leak guard chain output lacks its rule 2: udp dport { 5353, 5355 } counter \
                  drop comment \"mDNS and LLMNR\""
             )
         );
         assert_eq!(
-            rule_differences("output", &expected, &[lo.clone(), accept]).as_deref(),
+            differences(&[lo.clone(), accept]).as_deref(),
             Some(
                 "the leak guard chain output has rule 2 `accept` instead of `udp dport { 5353, \
                  5355 } counter drop comment \"mDNS and LLMNR\"`"
             )
         );
         assert_eq!(
-            rule_differences("output", &expected, &[]).as_deref(),
+            differences(&[]).as_deref(),
             Some("the leak guard chain output has no rules (it was flushed); it was loaded with 2")
         );
     }

@@ -11,6 +11,7 @@ pub mod forwarding;
 pub mod link;
 pub mod listen;
 pub mod netns;
+pub mod nf_tables;
 pub mod nft;
 pub mod privileges;
 pub mod process;

@@ -461,6 +461,10 @@ pub struct State {
     /// Digest of the ruleset text last loaded, so that `reload` of the same config leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ruleset_digest: Option<String>,
+    /// The leak guard as the kernel held it right after it was loaded: what `status` and `heal`
+    /// compare the live one with (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leak_guard: Option<crate::system::nf_tables::Table>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reload: Option<Event>,
     /// The latest repairs `heal` made, oldest first, at most [`HEALS_KEPT`].
@@ -523,6 +527,7 @@ impl State {
             resources: Vec::new(),
             userspace_command: None,
             ruleset_digest: None,
+            leak_guard: None,
             last_reload: None,
             heals: Vec::new(),
         }
