@@ -103,6 +103,24 @@ enum Command {
         /// Resolve and update once, then exit.
         #[arg(long)]
         once: bool,
+        /// Members of this group (name or number) may read the namespace's status from its snapshot socket
+        /// (/run/wg-namespace/companion/NAME.sock, what `serve` and `metrics` read); without it
+        /// only root may.
+        #[arg(long, value_name = "GROUP")]
+        metrics_group: Option<String>,
+    },
+    /// Print every namespace's metrics once, in the Prometheus text format (for node_exporter's
+    /// textfile collector). Reads the namespaces' companions; as root, a namespace whose
+    /// companion does not answer is inspected directly.
+    Metrics,
+    /// Serve /metrics and the /v1/namespaces status documents over HTTP, unprivileged and
+    /// read-only (also socket-activated: LISTEN_FDS).
+    Serve {
+        #[arg(long, value_name = "ADDRESS:PORT", default_value_t = std::net::SocketAddr::from(([127, 0, 0, 1], crate::commands::serve::DEFAULT_PORT)))]
+        listen: std::net::SocketAddr,
+        /// When socket-activated, exit after this many seconds without a connection.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        exit_when_idle: u64,
     },
     /// Keep the VPN provider's forwarded port (portForwarding) mapped over NAT-PMP from inside
     /// the namespace, open in its firewall, and handed to onPortChange. Runs until stopped.
@@ -288,9 +306,25 @@ fn run(command: Command) -> Result<i32, Failure> {
             let namespace = namespace.as_deref().map(namespace_arg).transpose()?;
             Ok(crate::commands::status::run(namespace.as_deref(), json)?)
         }
-        Command::Refresh { config, once } => {
+        Command::Refresh {
+            config,
+            once,
+            metrics_group,
+        } => {
             let config = Config::load(&config)?;
-            crate::commands::refresh::run(&config, once)?;
+            let group = metrics_group
+                .map(|name| match name.parse::<u32>() {
+                    Ok(gid) => Ok(nix::unistd::Gid::from_raw(gid)),
+                    Err(_) => match nix::unistd::Group::from_name(&name) {
+                        Ok(Some(group)) => Ok(group.gid),
+                        _ => Err(usage(format!(
+                            "--metrics-group: no group {name:?} on this system"
+                        ))),
+                    },
+                })
+                .transpose()?;
+            let access = crate::system::companion::Access { group };
+            crate::commands::refresh::run(&config, once, access)?;
             Ok(code::OK)
         }
         Command::PortForward { config } => {
@@ -312,6 +346,14 @@ fn run(command: Command) -> Result<i32, Failure> {
             crate::commands::forward::run(&config)?;
             Ok(code::OK)
         }
+        Command::Metrics => Ok(crate::commands::metrics::run()?),
+        Command::Serve {
+            listen,
+            exit_when_idle,
+        } => Ok(crate::commands::serve::run(
+            listen,
+            std::time::Duration::from_secs(exit_when_idle),
+        )?),
         Command::CheckLeaks { namespace } => {
             let namespace = namespace_arg(&namespace)?;
             Ok(crate::commands::leaks::run(&namespace)?)

@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::commands::failover::{Counters, Decision, Watch};
 use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
+use crate::system::companion;
 use crate::system::state::{self, FailoverRecord, Phase, State};
 use crate::system::wireguard::{self, Backend, PeerSettings};
 
@@ -202,6 +203,7 @@ fn record(config: &Config, peer: &Peer, change: impl FnOnce(&mut FailoverRecord)
                 last_switch_at: None,
                 last_switch_reason: None,
                 all_down_since: None,
+                switches: 0,
             }));
         }
     })?;
@@ -279,6 +281,7 @@ fn switch(
             f.active_public_key = text.to_string();
             f.last_switch_at = Some(unix_now());
             f.last_switch_reason = Some(reason.clone());
+            f.switches += 1;
             f.all_down_since = if all_down {
                 f.all_down_since.or(Some(unix_now()))
             } else {
@@ -453,7 +456,34 @@ fn rehandshake(
     }
 }
 
-pub fn run(config: &Config, once: bool) -> Result<()> {
+/// Answers the namespace's snapshot socket from a thread of its own (see
+/// [`crate::system::companion`]); `None` when the socket cannot be made, which leaves the rest
+/// of refresh's work unharmed.
+fn answer_snapshots(
+    namespace: &str,
+    access: companion::Access,
+) -> Option<std::thread::JoinHandle<()>> {
+    let listener = match companion::listen(namespace, access) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("refresh: no snapshot socket: {e:#}");
+            return None;
+        }
+    };
+    let namespace = namespace.to_string();
+    std::thread::Builder::new()
+        .name("snapshots".into())
+        .spawn(move || {
+            companion::serve(listener, access, || {
+                serde_json::to_vec(&crate::commands::status::inspect(&namespace))
+                    .unwrap_or_default()
+            })
+        })
+        .inspect_err(|e| eprintln!("refresh: no snapshot thread: {e}"))
+        .ok()
+}
+
+pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()> {
     let start = Instant::now();
     if once {
         let target = target(config)?;
@@ -476,8 +506,12 @@ pub fn run(config: &Config, once: bool) -> Result<()> {
         .filter(|p| p.endpoint.is_some())
         .map(|p| Tracked::new(p, start, false))
         .collect();
+    let snapshots = answer_snapshots(&config.namespace, access);
     if tracked.is_empty() {
-        eprintln!("refresh: no peer has an endpoint; nothing to do");
+        eprintln!("refresh: no peer has an endpoint; answering the snapshot socket only");
+        if let Some(snapshots) = snapshots {
+            let _ = snapshots.join();
+        }
         return Ok(());
     }
     // An outage on record from before a restart is cleared by the first answer, too.

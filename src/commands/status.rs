@@ -87,6 +87,8 @@ pub struct FailoverStatus {
     pub last_switch_reason: Option<String>,
     /// Set while no server has answered since then (seconds since the Unix epoch).
     pub all_down_since: Option<u64>,
+    /// Switches since the interface was made.
+    pub switches: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +117,9 @@ pub struct NamespaceStatus {
     pub last_reload: Option<crate::system::state::Event>,
     /// The latest repairs `heal` made, oldest first.
     pub heals: Vec<crate::system::state::Event>,
+    /// Heals that changed something, and reloads, since `up`.
+    pub heals_total: u64,
+    pub reloads_total: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,6 +209,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
         port_forwarding: None,
         last_reload: None,
         heals: Vec::new(),
+        heals_total: 0,
+        reloads_total: 0,
     };
     let down = |status: &mut NamespaceStatus, reason: String| {
         status.verdict = Verdict::Down;
@@ -240,6 +247,8 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
     status.publish_ports = state.publish_ports.clone();
     status.last_reload = state.last_reload.clone();
     status.heals = state.heals.clone();
+    status.heals_total = state.heals_total;
+    status.reloads_total = state.reloads_total;
 
     let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
     status.dns.resolv_conf =
@@ -511,6 +520,7 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
                 last_switch_at: last.and_then(|f| f.last_switch_at),
                 last_switch_reason: last.and_then(|f| f.last_switch_reason.clone()),
                 all_down_since: last.and_then(|f| f.all_down_since),
+                switches: last.map_or(0, |f| f.switches),
             }
         });
         if let Some(since) = failover.as_ref().and_then(|f| f.all_down_since) {

@@ -1006,9 +1006,13 @@ impl Session {
             changes: changes.iter().map(Change::describe).collect(),
         };
         match mode {
-            Mode::Reload => state.last_reload = Some(event),
+            Mode::Reload => {
+                state.last_reload = Some(event);
+                state.reloads_total += 1;
+            }
             Mode::Heal if !changes.is_empty() => {
                 state.heals.push(event);
+                state.heals_total += 1;
                 let excess = state.heals.len().saturating_sub(HEALS_KEPT);
                 state.heals.drain(..excess);
             }
@@ -1339,6 +1343,7 @@ mod tests {
             last_switch_at: None,
             last_switch_reason: None,
             all_down_since: None,
+            switches: 1,
         });
         assert_eq!(plan(&state, &applied, &observed, Mode::Reload, now), []);
         // The peer's endpoint changes: its own server comes back, the alternative goes.

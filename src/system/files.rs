@@ -671,6 +671,48 @@ impl Dir {
             .collect())
     }
 
+    /// Binds a listening unix socket at `name` with `mode`, owned by root and `group`: bound
+    /// under a temporary name (through this directory's descriptor, never a path someone could
+    /// swap), given its owner and mode, then renamed over `name`, replacing a stale socket (or
+    /// anything else) there in one step.
+    pub fn bind_socket(
+        &self,
+        name: &str,
+        mode: u32,
+        group: Option<u32>,
+    ) -> Result<std::os::unix::net::UnixListener> {
+        use std::os::fd::AsRawFd;
+        let name = self.check_name(name)?;
+        let tmp = format!(".{name}.{}.tmp", std::process::id());
+        let shown = self.shown(name);
+        self.remove_file(&tmp)?;
+        let through_fd = format!("/proc/self/fd/{}/{tmp}", self.fd.as_raw_fd());
+        let listener = std::os::unix::net::UnixListener::bind(&through_fd)
+            .map_err(|e| FileError::from_io(&shown, "cannot bind it", e))?;
+        let result = (|| -> nix::Result<()> {
+            nix::unistd::fchownat(
+                &self.fd,
+                tmp.as_str(),
+                Some(nix::unistd::Uid::from_raw(0)),
+                group.map(nix::unistd::Gid::from_raw),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+            // The socket was just made here, in a directory only root writes: the name is it.
+            nix::sys::stat::fchmodat(
+                &self.fd,
+                tmp.as_str(),
+                Mode::from_bits_truncate(mode),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )?;
+            renameat(&self.fd, tmp.as_str(), &self.fd, name)
+        })();
+        result.map_err(|e| {
+            let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            FileError::io(&shown, "cannot put the socket in place", e)
+        })?;
+        Ok(listener)
+    }
+
     /// Whether `name` is still the very file `file` has open.
     pub fn holds(&self, name: &str, file: &File) -> bool {
         let Ok(name) = self.check_name(name) else {

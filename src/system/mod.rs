@@ -2,6 +2,7 @@
 //! namespace's files, processes, the state journal and the relays. Nothing here knows about the
 //! command line or exit codes; errors go up as values.
 
+pub mod companion;
 pub mod converge;
 pub mod dns;
 pub mod endpoints;

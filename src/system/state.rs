@@ -412,6 +412,9 @@ pub struct FailoverRecord {
     pub last_switch_reason: Option<String>,
     /// Set while no server has answered since then (seconds since the Unix epoch).
     pub all_down_since: Option<u64>,
+    /// Switches made since this record began (a new interface starts a new one).
+    #[serde(default)]
+    pub switches: u64,
 }
 
 impl PeerRecord {
@@ -470,6 +473,12 @@ pub struct State {
     /// The latest repairs `heal` made, oldest first, at most [`HEALS_KEPT`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heals: Vec<Event>,
+    /// Heals that changed something, since `up` (for counters; `heals` keeps only the latest).
+    #[serde(default)]
+    pub heals_total: u64,
+    /// Reloads since `up`.
+    #[serde(default)]
+    pub reloads_total: u64,
 }
 
 /// How many heal events the state file keeps.
@@ -530,6 +539,8 @@ impl State {
             leak_guard: None,
             last_reload: None,
             heals: Vec::new(),
+            heals_total: 0,
+            reloads_total: 0,
         }
     }
 

@@ -1,0 +1,170 @@
+//! The companion's snapshot socket: how an unprivileged reader (the metrics server) learns a
+//! namespace's status without root.
+//!
+//! The per-namespace `refresh` process (root, running anyway) listens on
+//! `/run/wg-namespace/companion/<namespace>.sock`. A thread blocked in `accept` (no wakeups
+//! while nobody asks) answers each connection with one status document and closes it: the
+//! client sends nothing. Who may connect is decided twice: by the socket file's mode (0660 with
+//! the metrics group, or 0600) and by the peer's credentials (root, or a member of that group).
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::unistd::Gid;
+
+use crate::system::files::Dir;
+
+pub const DIR: &str = "/run/wg-namespace/companion";
+/// Largest document read from a companion.
+pub const DOCUMENT_LIMIT: u64 = 4 << 20;
+/// How long a client may take to take the document off the socket.
+const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+
+pub fn socket_name(namespace: &str) -> String {
+    format!("{namespace}.sock")
+}
+
+pub fn socket_path(namespace: &str) -> PathBuf {
+    Path::new(DIR).join(socket_name(namespace))
+}
+
+/// The namespaces that have a companion socket (whether or not anything answers on it).
+pub fn socket_namespaces() -> Vec<String> {
+    let Ok(dir) = Dir::open(Path::new(DIR)) else {
+        return Vec::new();
+    };
+    dir.names()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .filter_map(|n| n.strip_suffix(".sock").map(str::to_string))
+        .collect()
+}
+
+/// Who may read the snapshots besides root.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub group: Option<Gid>,
+}
+
+impl Access {
+    /// The socket file's mode: the group's members can connect only when there is a group.
+    fn mode(self) -> u32 {
+        if self.group.is_some() { 0o660 } else { 0o600 }
+    }
+
+    /// Whether the process at the other end of `stream` may read: root, or (by its primary or
+    /// any supplementary group, as the kernel recorded them when it connected) the group.
+    fn admits(self, stream: &UnixStream) -> bool {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let Ok(credentials) = getsockopt(stream, PeerCredentials) else {
+            return false;
+        };
+        if credentials.uid() == 0 {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        credentials.gid() == group.as_raw() || peer_groups(stream).contains(&group.as_raw())
+    }
+}
+
+/// The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13), empty when unknown.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: the buffer and its length in bytes are passed together; the kernel writes at
+    // most `len` bytes and sets `len` to what it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    groups
+}
+
+/// Makes the listening socket of `namespace`: bound under a temporary name in root's own
+/// checked directory, given its owner and mode there, then renamed over whatever socket an
+/// earlier (dead) companion left, so that the name never points at a half-made socket.
+pub fn listen(namespace: &str, access: Access) -> Result<UnixListener> {
+    let dir = Dir::create(Path::new(DIR), 0o755)?;
+    let name = socket_name(namespace);
+    let listener = dir.bind_socket(&name, access.mode(), access.group.map(Gid::as_raw))?;
+    Ok(listener)
+}
+
+/// Answers every connection with `document()`, one at a time, forever: a client that is not
+/// admitted is closed without a word; one that does not read is given up after a deadline.
+pub fn serve(listener: UnixListener, access: Access, document: impl Fn() -> Vec<u8>) -> ! {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("refresh: snapshot socket: {e}");
+                // EMFILE and the like: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if !access.admits(&stream) {
+            continue;
+        }
+        let mut stream = stream;
+        let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+        let _ = stream.write_all(&document());
+    }
+}
+
+/// Reads the document the companion of `namespace` answers, within `deadline`.
+pub fn ask(namespace: &str, deadline: Duration) -> Result<Vec<u8>> {
+    let path = socket_path(namespace);
+    let mut stream =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    let until = Instant::now() + deadline;
+    let mut document = Vec::new();
+    let mut buffer = [0u8; 64 << 10];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("{} did not answer within {deadline:?}", path.display());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut buffer) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading from {}", path.display()));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        document.extend_from_slice(&buffer[..n]);
+        if document.len() as u64 > DOCUMENT_LIMIT {
+            bail!(
+                "{} answered more than {DOCUMENT_LIMIT} bytes",
+                path.display()
+            );
+        }
+    }
+    if document.is_empty() {
+        bail!(
+            "{} closed without an answer (not allowed to read it?)",
+            path.display()
+        );
+    }
+    Ok(document)
+}

@@ -1,0 +1,474 @@
+//! Metrics and health seen from the host, unprivileged: `serve` (as nobody, no capabilities)
+//! reads the namespaces' companions; a real Prometheus scrapes it; the health endpoint follows
+//! the tunnel; no key ever appears in an answer.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn main() {
+    run(vec![
+        trial(
+            "prometheus_scrapes_two_namespaces_and_sees_their_traffic_grow",
+            prometheus_scrapes,
+        ),
+        trial(
+            "health_follows_silent_servers_and_a_flushed_guard_and_returns_after_heal",
+            health_follows,
+        ),
+    ])
+}
+
+/// The unprivileged identity `serve` runs as: nobody, with the metrics group as its only
+/// supplementary group (as DynamicUser with SupplementaryGroups gives it).
+const NOBODY: u32 = 65534;
+/// A group no one on the machine has: the one the companions admit.
+const METRICS_GID: u32 = 64999;
+
+/// `refresh --metrics-group` in the rig's host namespace, its messages in refresh.log.
+fn start_refresh(rig: &mut Rig, config: &Path) -> Result<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rig.dir.join("refresh.log"))?;
+    let child = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                BIN,
+                "refresh",
+                "--config",
+                config.to_str().context("path")?,
+                "--metrics-group",
+                &METRICS_GID.to_string(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let pid = rig.track(child);
+    let socket = Path::new("/run/wg-namespace/companion").join(format!("{}.sock", rig.confined));
+    // The socket is new once refresh has put its own in place (an earlier run may have left one).
+    wait_for(Duration::from_secs(10), "the companion's socket", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })?;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(&socket)?;
+    ensure!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777) == (0, METRICS_GID, 0o660),
+        "the companion's socket is uid {} gid {} mode {:o}",
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    );
+    Ok(pid)
+}
+
+/// `serve` on 127.0.0.1:`port` in the rig's host namespace, as nobody with the metrics group
+/// and no capabilities left.
+fn start_serve(rig: &mut Rig, port: u16) -> Result<u32> {
+    let listen = format!("127.0.0.1:{port}");
+    let mut command = rig.command_in(rig.host_fd(), &[BIN, "serve", "--listen", &listen]);
+    // SAFETY: plain system calls between fork and exec; runs after the setns above.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(METRICS_GID)])?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(NOBODY))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(NOBODY))?;
+            Ok(())
+        });
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = rig.track(child);
+    let address: SocketAddr = listen.parse()?;
+    let fd = rig.host_fd();
+    wait_for(Duration::from_secs(10), "serve to listen", || {
+        Rig::within(fd, || TcpStream::connect(address).is_ok()).unwrap_or(false)
+    })?;
+    Ok(pid)
+}
+
+/// GET `path` from `address` in the namespace `fd`: the status code and the body.
+fn get(fd: &std::os::fd::OwnedFd, address: SocketAddr, path: &str) -> Result<(u16, String)> {
+    Rig::within(fd, || -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no header end in {answer:?}"))?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        Ok((code, body.to_string()))
+    })?
+}
+
+/// The process's uids and effective capabilities, from /proc.
+fn identity(pid: u32) -> Result<(String, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok((field("Uid:"), field("CapEff:")))
+}
+
+/// Fails when any of `secrets` appears in `text`.
+fn no_secret(what: &str, text: &str, secrets: &[String]) -> Result<()> {
+    for secret in secrets {
+        ensure!(
+            !text.contains(secret.as_str()),
+            "{what} holds a secret key: {text}"
+        );
+    }
+    Ok(())
+}
+
+/// A running Prometheus in the namespace `fd`, killed by PID when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    address: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(rig: &Rig, target: SocketAddr, port: u16) -> Result<Prometheus> {
+        let dir = rig.dir.join("prometheus");
+        std::fs::create_dir_all(dir.join("data"))?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: wg-namespace\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )?;
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let child = rig
+            .command_in(
+                rig.host_fd(),
+                &[
+                    "prometheus",
+                    &format!("--config.file={}", config.display()),
+                    &format!("--storage.tsdb.path={}", dir.join("data").display()),
+                    &format!("--web.listen-address={address}"),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log"))?)
+            .spawn()
+            .context("starting prometheus (scripts/setup installs it)")?;
+        Ok(Prometheus { child, address })
+    }
+
+    /// The value of each series `query` returns now, by its netns label.
+    fn query(&self, rig: &Rig, query: &str) -> Result<Vec<(String, f64)>> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (code, body) = get(
+            rig.host_fd(),
+            self.address,
+            &format!("/api/v1/query?query={encoded}"),
+        )?;
+        ensure!(code == 200, "prometheus answered {code}: {body}");
+        let answer: Value = serde_json::from_str(&body)?;
+        Ok(answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| {
+                let netns = r["metric"]["netns"].as_str()?.to_string();
+                let value = r["value"][1].as_str()?.parse().ok()?;
+                Some((netns, value))
+            })
+            .collect())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The received bytes Prometheus has for each of `namespaces`, once it has them all.
+fn received(prometheus: &Prometheus, rig: &Rig, namespaces: &[&str]) -> Result<Vec<f64>> {
+    let mut values = Vec::new();
+    let waited = wait_for(Duration::from_secs(60), "prometheus to have both", || {
+        let query = format!(
+            "wireguard_peer_receive_bytes_total{{netns=~\"{}\"}}",
+            namespaces.join("|")
+        );
+        let Ok(series) = prometheus.query(rig, &query) else {
+            return false;
+        };
+        values = namespaces
+            .iter()
+            .filter_map(|ns| series.iter().find(|(n, _)| n == ns).map(|(_, v)| *v))
+            .collect();
+        values.len() == namespaces.len()
+    });
+    if let Err(e) = waited {
+        let targets = get(rig.host_fd(), prometheus.address, "/api/v1/targets")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let log = std::fs::read_to_string(rig.dir.join("prometheus/log")).unwrap_or_default();
+        bail!(
+            "{e}
+targets: {targets}
+log:
+{log}"
+        );
+    }
+    Ok(values)
+}
+
+fn prometheus_scrapes() -> Result<()> {
+    let mut a = Rig::new(193)?;
+    let mut b = Rig::new(194)?;
+    for rig in [&mut a, &mut b] {
+        let config = rig.config()?;
+        let path = rig.up_with(&config)?;
+        start_refresh(rig, &path)?;
+    }
+    let serve = start_serve(&mut a, 9595)?;
+    let (uid, capabilities) = identity(serve)?;
+    ensure!(
+        uid.split_whitespace().all(|u| u == NOBODY.to_string()),
+        "serve runs as uids {uid}"
+    );
+    ensure!(
+        capabilities == "0000000000000000",
+        "serve has capabilities {capabilities}"
+    );
+    let target: SocketAddr = "127.0.0.1:9595".parse()?;
+    let prometheus = Prometheus::start(&a, target, 9090)?;
+    let namespaces = [a.confined.as_str(), b.confined.as_str()];
+    let before = received(&prometheus, &a, &namespaces)?;
+
+    for rig in [&a, &b] {
+        let peer = rig.peer_tunnel_ip().to_string();
+        let out = rig.exec(&["ping", "-n", "-c", "5", "-i", "0.2", "-s", "1000", &peer])?;
+        ensure!(
+            out.status.success(),
+            "ping through the tunnel: {}",
+            text(&out)
+        );
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "the received bytes to grow",
+        || {
+            received(&prometheus, &a, &namespaces).is_ok_and(|after| {
+                after
+                    .iter()
+                    .zip(&before)
+                    .all(|(after, before)| after > before)
+            })
+        },
+    )?;
+
+    // The exposition is what Prometheus' own checker accepts.
+    let (code, exposition) = get(a.host_fd(), target, "/metrics")?;
+    ensure!(code == 200, "/metrics: {code}");
+    for ns in namespaces {
+        ensure!(
+            exposition.contains(&format!(
+                "wg_namespace_verdict{{netns=\"{ns}\",verdict=\"healthy\"}} 1"
+            )),
+            "{ns} not healthy in:\n{exposition}"
+        );
+    }
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    check
+        .stdin
+        .take()
+        .context("promtool's input")?
+        .write_all(exposition.as_bytes())?;
+    let checked = output_within(check, Duration::from_secs(30))?;
+    ensure!(
+        checked.status.success(),
+        "promtool check metrics: {}\n{exposition}",
+        text(&checked)
+    );
+
+    let secrets = [a.confined_key.to_base64(), b.confined_key.to_base64()];
+    no_secret("/metrics", &exposition, &secrets)?;
+    let (code, all) = get(a.host_fd(), target, "/v1/namespaces")?;
+    ensure!(code == 200, "/v1/namespaces: {code}");
+    no_secret("/v1/namespaces", &all, &secrets)?;
+    let all: Value = serde_json::from_str(&all)?;
+    for ns in namespaces {
+        ensure!(
+            all["namespaces"]
+                .as_array()
+                .is_some_and(|list| list.iter().any(|d| d["namespace"] == ns)),
+            "{ns} missing from /v1/namespaces"
+        );
+    }
+    let (code, _) = get(a.host_fd(), target, "/v1/namespaces/wgt193nothere")?;
+    ensure!(code == 404, "an unknown namespace gave {code}");
+    Ok(())
+}
+
+/// Polls the health endpoint of `rig`'s namespace until it answers `code`.
+fn health_becomes(rig: &Rig, target: SocketAddr, code: u16, limit: Duration) -> Result<Value> {
+    let path = format!("/v1/namespaces/{}/health", rig.confined);
+    let mut last = (0, String::new());
+    let reached = wait_for(limit, &format!("health {code}"), || {
+        match get(rig.host_fd(), target, &path) {
+            Ok(answer) => {
+                last = answer;
+                last.0 == code
+            }
+            Err(_) => false,
+        }
+    });
+    reached.with_context(|| format!("last answer: {} {}", last.0, last.1))?;
+    Ok(serde_json::from_str(&last.1)?)
+}
+
+fn health_follows() -> Result<()> {
+    let mut rig = Rig::new(195)?;
+    let psk = wireguard_control::Key::generate_preshared();
+    rig.add_second_peer(Some(psk.clone()))?;
+    let psk_file = rig.write_secret("second.psk", &psk.to_base64())?;
+    let mut config = rig.config()?;
+    config["peers"][0]["failoverAfterSeconds"] = json!(5);
+    config["peers"][0]["alternatives"] = json!([{
+        "publicKey": rig.second_peer().key.get_public().to_base64(),
+        "endpoint": format!("{}:{WG_PORT}", rig.second_peer_underlay()),
+        "presharedKeyFile": psk_file,
+    }]);
+    let path = rig.up_with(&config)?;
+    start_refresh(&mut rig, &path)?;
+    start_serve(&mut rig, 9595)?;
+    let target: SocketAddr = "127.0.0.1:9595".parse()?;
+    let secrets = [rig.confined_key.to_base64(), psk.to_base64()];
+
+    // Traffic keeps the tunnel busy, so that silence is noticed.
+    let peer = rig.peer_tunnel_ip().to_string();
+    let pinger = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                BIN,
+                "exec",
+                "--namespace",
+                &rig.confined,
+                "--",
+                "ping",
+                "-n",
+                "-i",
+                "0.2",
+                &peer,
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    rig.track(pinger);
+    health_becomes(&rig, target, 200, Duration::from_secs(30))?;
+
+    // Both servers fall silent: degraded once no server answers.
+    rig.stop_peer_wg();
+    rig.stop_second_peer_wg();
+    let sick = health_becomes(&rig, target, 503, Duration::from_secs(90))?;
+    ensure!(sick["verdict"] == "degraded", "{sick:#}");
+    no_secret("health", &sick.to_string(), &secrets)?;
+    let (_, exposition) = get(rig.host_fd(), target, "/metrics")?;
+    no_secret("/metrics", &exposition, &secrets)?;
+    let switches = format!(
+        "wg_namespace_peer_switches_total{{device=\"{c}\",netns=\"{c}\",public_key=\"{}\"}}",
+        rig.peer_key.get_public().to_base64(),
+        c = rig.confined
+    );
+    let switched = exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(&switches))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    ensure!(switched >= 1.0, "no switch counted:\n{exposition}");
+
+    // They answer again: healthy again.
+    rig.start_peer_wg()?;
+    rig.start_second_peer_wg()?;
+    health_becomes(&rig, target, 200, Duration::from_secs(90))?;
+
+    // The leak guard is flushed: down, until heal puts it back.
+    let flushed = rig
+        .command_in(
+            &rig.confined_fd()?,
+            &["nft", "flush", "table", "inet", "wg_namespace_guard"],
+        )
+        .output()?;
+    ensure!(flushed.status.success(), "flushing: {}", text(&flushed));
+    let down = health_becomes(&rig, target, 503, Duration::from_secs(30))?;
+    ensure!(down["verdict"] == "down", "{down:#}");
+    let (_, exposition) = get(rig.host_fd(), target, "/metrics")?;
+    ensure!(
+        exposition.contains(&format!(
+            "wg_namespace_guard_intact{{netns=\"{}\"}} 0",
+            rig.confined
+        )),
+        "guard not reported broken:\n{exposition}"
+    );
+    let healed = rig.helper(&["heal", "--namespace", &rig.confined])?;
+    ensure!(healed.status.success(), "heal: {}", text(&healed));
+    health_becomes(&rig, target, 200, Duration::from_secs(30))?;
+    let (_, exposition) = get(rig.host_fd(), target, "/metrics")?;
+    ensure!(
+        exposition.contains(&format!(
+            "wg_namespace_heals_total{{netns=\"{}\"}} 1",
+            rig.confined
+        )),
+        "heal not counted:\n{exposition}"
+    );
+    let (_, document) = get(
+        rig.host_fd(),
+        target,
+        &format!("/v1/namespaces/{}", rig.confined),
+    )?;
+    no_secret("the namespace's document", &document, &secrets)?;
+    let (code, port) = get(
+        rig.host_fd(),
+        target,
+        &format!("/v1/namespaces/{}/forwarded-port", rig.confined),
+    )?;
+    ensure!(code == 200 && port.contains("\"port\": 0"), "{code} {port}");
+    Ok(())
+}
