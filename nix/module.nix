@@ -403,7 +403,9 @@ let
       description = ''
         Name of the network namespace (`/run/netns/<name>`), of the WireGuard interface inside it
         and of its unit `wireguard-namespace-<name>.service`. 1 to 15 bytes: letters, digits,
-        `_`, `.` and `-`, starting with a letter, a digit or `_`.
+        `_`, `.` and `-`, starting with a letter, a digit or `_`. A name that would give that
+        unit the name of another namespace's companion unit (`x-refresh`, `x-health` or
+        `x-port-forward` next to a namespace `x` that has one) fails an assertion naming both.
 
         On `nixos-rebuild switch`, a change to any other option of the namespace is applied in
         place by `wg-namespace reload`: the namespace and the services confined to it keep
@@ -696,6 +698,14 @@ let
     }) (filter (d: validName d.ns.namespace_name) declared)
   );
 
+  # Where each of `namespaces` is configured, for messages.
+  namespaceLocations = listToAttrs (
+    map (d: {
+      name = d.ns.namespace_name;
+      value = d.loc;
+    }) (filter (d: validName d.ns.namespace_name) declared)
+  );
+
   # The JSON document for the helper: exactly the keys of NAMESPACE_KEYS, PEER_KEYS and
   # PUBLISH_KEYS, HOST_SERVICE_KEYS and FORWARDING_KEYS in src/config.rs (tests/nix_module.rs checks that).
   peerJson = peer: {
@@ -937,29 +947,47 @@ let
   # A configFile's peers are known only at run time; providers' peers have endpoints.
   hasEndpoint = ns: ns.configFile != null || any (p: p.endpoint != null) ns.peers;
 
+  # Each with what it is, for the message when two would get the same name.
   serviceUnits = concatLists (
     mapAttrsToList (
       name: ns:
+      let
+        of = what: "the ${what} of namespace \"${name}\" (${namespaceLocations.${name}})";
+      in
       [
         {
           name = unitName name;
           value = mainUnit name ns;
+          role = of "main unit";
         }
       ]
       ++ optional (hasEndpoint ns) {
         name = "${unitName name}-refresh";
         value = refreshUnit name ns;
+        role = of "refresh unit";
       }
       ++ optional (ns.portForwarding != null) {
         name = "${unitName name}-port-forward";
         value = portForwardUnit name ns;
+        role = of "port-forward unit";
       }
       ++ optional ns.restartOnUnhealthy.enable {
         name = "${unitName name}-health";
         value = healthUnit name;
+        role = of "health unit";
       }
     ) namespaces
   );
+
+  # A namespace named like another's companion unit ("x-refresh" next to "x") would share that
+  # unit's name, and listToAttrs would keep one of the two without a word.
+  unitClashAssertions = mapAttrsToList (unit: units: {
+    assertion = builtins.length units == 1;
+    message = oneLine ''
+      systemd unit ${unit}.service would be both ${concatStringsSep " and " (map (u: u.role) units)};
+      only one of them would exist. Give one of these namespaces another namespace_name, for
+      example with '_' where the name has '-'.'';
+  }) (groupBy (u: u.name) serviceUnits);
 
   timerUnits = mapAttrsToList (name: ns: {
     name = "${unitName name}-health";
@@ -1196,7 +1224,8 @@ in
     }
 
     (mkIf (declared != [ ]) {
-      assertions = concatLists (map namespaceAssertions declared) ++ duplicateAssertions;
+      assertions =
+        concatLists (map namespaceAssertions declared) ++ duplicateAssertions ++ unitClashAssertions;
       warnings = presharedKeyWarnings ++ publishWarnings;
       environment.systemPackages = [ cfg.package ];
       environment.etc = mapAttrs' (
@@ -1210,7 +1239,7 @@ in
         description = "wg-namespace port relays";
       };
       users.groups.wg-namespace = { };
-      systemd.services = listToAttrs serviceUnits;
+      systemd.services = listToAttrs (map (u: { inherit (u) name value; }) serviceUnits);
       systemd.timers = listToAttrs timerUnits;
     })
   ];

@@ -450,6 +450,7 @@ let
         "services.wireguard-namespaces.stored.configFile = \"/nix/store/00000000000000000000000000000000-mullvad.conf\" must be an absolute path outside the Nix store"
         ''services.wireguard-namespace and services.wireguard-namespaces.vpn use the same namespace''
         ''services.wireguard-namespaces.vpn.portForwarding.onPortChangeUser = "wg-namespace" is the user the relays''
+        ''systemd unit wireguard-namespace-stored-refresh.service would be both the refresh unit of namespace "stored" (services.wireguard-namespaces.stored) and the main unit of namespace "stored-refresh" (services.wireguard-namespaces.stored-refresh)''
       ];
       matching = text: filter (hasPrefix text) failed;
       warnings = ourWarnings config;

@@ -52,6 +52,12 @@
   # A provider's file put into the Nix store, where every user can read its private key.
   services.wireguard-namespaces.stored.configFile = "/nix/store/00000000000000000000000000000000-mullvad.conf";
 
+  # Its main unit would have the name of the refresh unit of "stored".
+  services.wireguard-namespaces.stored-refresh = {
+    dns_server = "10.10.0.1";
+    privateKeyFile = "/run/secrets/stored-refresh.key";
+  };
+
   systemd.services.downloader = {
     wantedBy = [ "multi-user.target" ];
     serviceConfig.ExecStart = "/run/current-system/sw/bin/sleep infinity";
