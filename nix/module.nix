@@ -232,9 +232,11 @@ let
     example = 3600;
     description = ''
       A relayed TCP connection, or a UDP client, with nothing sent either way for this many
-      seconds is closed. Each entry relays at most 256 connections (or UDP clients) at once;
-      beyond that a new TCP connection is accepted and closed at once, and datagrams from a
-      new UDP client are dropped, until an older one ends or goes idle.
+      seconds is closed (sooner when nothing was ever sent: a TCP connection after 10 s, a UDP
+      client its service never answered after 5 s). Each entry relays at most 256 connections
+      (or UDP clients) at once, at most 64 of them from one non-loopback source address; over a
+      cap a new TCP connection is accepted and closed at once, and a new UDP client takes the
+      place of the least recently active one (of its own source, when that source is at its cap).
     '';
   };
 

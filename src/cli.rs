@@ -169,6 +169,9 @@ enum Command {
         uid: u32,
         #[arg(long, value_name = "GID")]
         gid: u32,
+        /// The inherited counters socket, bound but not listening.
+        #[arg(long, value_name = "FD")]
+        counters_fd: Option<i32>,
     },
     /// Report what a process inside sees (run through `exec` by `check-leaks`).
     #[command(hide = true)]
@@ -375,6 +378,7 @@ fn run(command: Command) -> Result<i32, Failure> {
             idle_timeout,
             uid,
             gid,
+            counters_fd,
         } => {
             namespace_arg(&namespace)?;
             let protocol = match protocol.as_str() {
@@ -389,6 +393,7 @@ fn run(command: Command) -> Result<i32, Failure> {
                 idle_timeout: std::time::Duration::from_secs(idle_timeout.into()),
                 uid,
                 gid,
+                counters_fd,
             })?;
             Ok(code::FAILURE)
         }

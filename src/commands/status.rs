@@ -14,7 +14,7 @@ use crate::config::{Endpoint, Key, Protocol};
 use crate::exit::code;
 use crate::system::firewall;
 use crate::system::link::Netlink;
-use crate::system::relays::{Direction, Entry};
+use crate::system::relays::{self, Direction, Entry};
 use crate::system::state::{Phase, Resource, State};
 use crate::system::wireguard;
 
@@ -161,6 +161,13 @@ pub struct RelayStatus {
     pub entry: Entry,
     pub pid: u32,
     pub running: bool,
+    /// Sessions the relay holds now; null when it cannot be asked (not running, or started by
+    /// an older version).
+    pub sessions_open: Option<u64>,
+    /// New sessions it turned away since it started (over a cap, or out of sockets).
+    pub sessions_refused: Option<u64>,
+    /// UDP sessions it ended to make room for new clients since it started.
+    pub sessions_evicted: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -303,10 +310,16 @@ pub fn inspect(namespace: &str) -> NamespaceStatus {
                         host_port: entry.host_port,
                     });
                 }
+                let counts = running
+                    .then(|| relays::session_counts(namespace, entry, process).ok())
+                    .flatten();
                 status.relays.push(RelayStatus {
                     entry: *entry,
                     pid: process.pid,
                     running,
+                    sessions_open: counts.map(|c| c.open),
+                    sessions_refused: counts.map(|c| c.refused),
+                    sessions_evicted: counts.map(|c| c.evicted),
                 });
             }
             _ => {}

@@ -21,9 +21,9 @@ use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -41,10 +41,23 @@ pub const RELAY_USER: &str = "wg-namespace";
 /// The fallback: `nobody`/`nogroup` on Debian and NixOS alike.
 const NOBODY: (u32, u32) = (65534, 65534);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections (TCP) or clients (UDP) relayed at once per entry. Beyond it a new TCP connection
-/// is accepted and closed at once, and a datagram from a new UDP client is dropped, so that one
-/// entry cannot exhaust the relay's threads and descriptors.
+/// Connections (TCP) or clients (UDP) relayed at once per entry, so that one entry cannot
+/// exhaust the relay's threads and descriptors. Beyond it a new TCP connection is accepted and
+/// closed at once, and a new UDP client takes the place of the least recently active one.
 pub const MAX_SESSIONS: usize = 256;
+/// Sessions one source address may hold at once per entry (loopback sources excepted, see
+/// [`source_of`]), so that no one source can take all of them: over it a new TCP connection is
+/// closed at once, and a new UDP client of that source takes the place of its least recently
+/// active one.
+pub const MAX_SESSIONS_PER_SOURCE: usize = 64;
+/// A UDP session whose service never answered ends after this long without a datagram, so that
+/// one-datagram clients (a scan, a flood with forged sources) do not hold sessions for the
+/// whole idle timeout. A client that keeps sending keeps its session.
+pub const UNANSWERED_UDP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TCP connection on which nothing was sent either way ends after this long.
+pub const SILENT_TCP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where `up` binds each relay's counters socket (see [`session_counts`]).
+pub const COUNTERS_DIR: &str = "/run/wg-namespace/relays";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +159,29 @@ pub fn start(
         Direction::HostService => netns::within(ns_fd, bind)?,
     }
     .with_context(|| format!("{entry}: binding {} {listen}", entry.protocol.as_str()))?;
+    let counters = bind_counters(namespace, entry)
+        .with_context(|| format!("{entry}: making its counters socket"))?;
+    // Once on record, the relay's undo removes its counters socket; until then, this does.
+    let started = spawn_recorded(entry, namespace, ns_fd, &listener, &counters, to, record);
+    if started.is_err() {
+        let _ = remove_counters(namespace, entry);
+    }
+    let gated = started?;
+    let process = gated.process;
+    gated.release()?;
+    Ok(process)
+}
+
+/// Starts the relay of `entry` held at its gate, and has `record` journal it.
+fn spawn_recorded(
+    entry: &Entry,
+    namespace: &str,
+    ns_fd: BorrowedFd<'_>,
+    listener: &OwnedFd,
+    counters: &OwnedFd,
+    to: SocketAddr,
+    record: &mut dyn FnMut(Resource) -> Result<()>,
+) -> Result<process::Gated> {
     let (uid, gid) = relay_user()?;
     let exe = std::env::current_exe().context("finding our own executable")?;
     let argv: Vec<String> = vec![
@@ -165,6 +201,8 @@ pub fn start(
         uid.to_string(),
         "--gid".into(),
         gid.to_string(),
+        "--counters-fd".into(),
+        counters.as_raw_fd().to_string(),
     ];
     let gated = process::start_detached(Detached {
         argv: &argv,
@@ -173,17 +211,15 @@ pub fn start(
             Direction::Publish => Some(ns_fd),
             Direction::HostService => None,
         },
-        keep: &[listener.as_raw_fd()],
+        keep: &[listener.as_raw_fd(), counters.as_raw_fd()],
     })
     .with_context(|| format!("{entry}: starting its relay"))?;
-    let process = gated.process;
     record(Resource::Relay {
-        process,
+        process: gated.process,
         executables: gated.executables.clone(),
         entry: *entry,
     })?;
-    gated.release()?;
-    Ok(process)
+    Ok(gated)
 }
 
 /// The relay user's uid and gid from /etc/passwd, else nobody's. Read as a file rather than
@@ -264,16 +300,37 @@ pub struct RelayArgs {
     pub idle_timeout: Duration,
     pub uid: u32,
     pub gid: u32,
+    /// The bound, not yet listening, counters socket (relays of older versions have none).
+    pub counters_fd: Option<RawFd>,
 }
 
 /// The relay process. Returns only on failure.
 pub fn serve(args: &RelayArgs) -> Result<()> {
     drop_privileges(args.uid, args.gid)?;
-    // SAFETY: `start` passed this descriptor to us for exactly this purpose.
+    // SAFETY: `start` passed these descriptors to us for exactly this purpose.
     let listener = unsafe { OwnedFd::from_raw_fd(args.listen_fd) };
+    let counters = args
+        .counters_fd
+        .map(|fd| counters_listener(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .transpose()?;
+    let limits = Limits {
+        idle: args.idle_timeout,
+        max: MAX_SESSIONS,
+        per_source: MAX_SESSIONS_PER_SOURCE,
+    };
     match args.protocol {
-        Protocol::Tcp => relay_tcp(&TcpListener::from(listener), args.to, args.idle_timeout),
-        Protocol::Udp => relay_udp(&UdpSocket::from(listener), args.to, args.idle_timeout),
+        Protocol::Tcp => relay_tcp(
+            TcpListener::from(listener),
+            args.to,
+            limits,
+            counters.as_ref(),
+        ),
+        Protocol::Udp => relay_udp(
+            &UdpSocket::from(listener),
+            args.to,
+            limits,
+            counters.as_ref(),
+        ),
     }
 }
 
@@ -290,47 +347,225 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
     })
 }
 
-fn relay_tcp(listener: &TcpListener, to: SocketAddr, idle: Duration) -> Result<()> {
-    let active = Arc::new(AtomicUsize::new(0));
-    loop {
-        let client = match listener.accept() {
-            Ok((client, _)) => client,
-            Err(_) => {
-                // Out of descriptors, say: wait rather than spin.
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            drop(client);
-            continue;
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    idle: Duration,
+    max: usize,
+    per_source: usize,
+}
+
+/// The address a session counts against for the per-source cap, or None for a loopback
+/// source: every local process has that address (all of a hostServices relay's clients do),
+/// so it names no one, and such sessions share only the entry's cap.
+fn source_of(client: SocketAddr) -> Option<IpAddr> {
+    let ip = client.ip().to_canonical();
+    (!ip.is_loopback()).then_some(ip)
+}
+
+/// Sessions open per source, and the counters the relay reports.
+#[derive(Default)]
+struct Tally {
+    open: usize,
+    per_source: HashMap<IpAddr, usize>,
+    refused: u64,
+    evicted: u64,
+}
+
+impl Tally {
+    fn add(&mut self, source: Option<IpAddr>) {
+        self.open += 1;
+        if let Some(ip) = source {
+            *self.per_source.entry(ip).or_default() += 1;
         }
-        let done = Release(Arc::clone(&active));
-        // A thread that cannot be made drops the connection (and `done` with it).
-        let _ = std::thread::Builder::new().spawn(move || {
-            let _done = done;
-            match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
-                Ok(service) => splice(&client, &service, idle),
-                Err(e) => eprintln!("relay: connecting to {to}: {e}"),
+    }
+
+    fn remove(&mut self, source: Option<IpAddr>) {
+        self.open -= 1;
+        if let Some(ip) = source
+            && let Some(count) = self.per_source.get_mut(&ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&ip);
             }
-        });
+        }
+    }
+
+    fn of_source(&self, source: Option<IpAddr>) -> usize {
+        source.map_or(0, |ip| self.per_source.get(&ip).copied().unwrap_or(0))
+    }
+
+    fn counts(&self) -> SessionCounts {
+        SessionCounts {
+            open: self.open as u64,
+            refused: self.refused,
+            evicted: self.evicted,
+        }
+    }
+}
+
+/// What a relay reports about its sessions (see [`session_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionCounts {
+    /// TCP connections or UDP clients relayed now.
+    pub open: u64,
+    /// New sessions turned away since the relay started: over the entry's or the source's cap
+    /// (TCP), or no socket could be made for them.
+    pub refused: u64,
+    /// UDP sessions ended to make room for a new client since the relay started.
+    pub evicted: u64,
+}
+
+/// The counters socket `start` bound: listening is done here, after dropping privileges, so
+/// that its peer credentials name the relay itself.
+fn counters_listener(fd: OwnedFd) -> Result<UnixListener> {
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(8)?)
+        .context("listening on the counters socket")?;
+    let listener = UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .context("making the counters socket non-blocking")?;
+    Ok(listener)
+}
+
+/// Answers whoever connected to the counters socket with one JSON object, and hangs up. The
+/// few bytes fit in an empty socket buffer: the write never waits.
+fn answer_counters(listener: &UnixListener, counts: SessionCounts) {
+    while let Ok((mut stream, _)) = listener.accept() {
+        let _ = stream.set_nonblocking(true);
+        if let Ok(text) = serde_json::to_vec(&counts) {
+            let _ = stream.write_all(&text);
+        }
+    }
+}
+
+/// Whether poll reported anything for this descriptor.
+fn is_ready(fd: &PollFd<'_>) -> bool {
+    fd.revents().is_some_and(|r| !r.is_empty())
+}
+
+/// Waits until a descriptor is ready or `deadline` (none: no deadline at all) has come.
+fn wait(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> Result<()> {
+    let timeout = match deadline {
+        None => PollTimeout::NONE,
+        // Rounded up: a deadline less than a millisecond away must not become a busy loop.
+        Some(at) => {
+            let left = at.saturating_duration_since(Instant::now());
+            let millis = left.as_micros().div_ceil(1000);
+            PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    match poll(fds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e).context("waiting for the sockets"),
+    }
+}
+
+/// Accepts connections in one thread and relays each in a thread of its own. The accepting
+/// thread sleeps in poll until a connection or a counters request comes: no clock wakes it.
+fn relay_tcp(
+    listener: TcpListener,
+    to: SocketAddr,
+    limits: Limits,
+    counters: Option<&UnixListener>,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("making the listener non-blocking")?;
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    loop {
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        fds.extend(counters.map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)));
+        wait(&mut fds, None)?;
+        let ready: Vec<bool> = fds.iter().map(is_ready).collect();
+        drop(fds);
+        if ready[0] {
+            loop {
+                let (client, from) = match listener.accept() {
+                    Ok(accepted) => accepted,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        // Out of descriptors, say: the connection waits in the backlog, and
+                        // poll would report it again at once; wait rather than spin.
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                };
+                admit_tcp(client, from, to, limits, &tally);
+            }
+        }
+        if ready.get(1) == Some(&true)
+            && let Some(counters) = counters
+        {
+            let counts = lock(&tally).counts();
+            answer_counters(counters, counts);
+        }
+    }
+}
+
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    // A session thread that panicked left the counts whole: each change is one statement.
+    tally
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Relays `client` in a thread of its own, or closes it at once when the entry or its source
+/// is at its cap.
+fn admit_tcp(
+    client: TcpStream,
+    from: SocketAddr,
+    to: SocketAddr,
+    limits: Limits,
+    tally: &Arc<Mutex<Tally>>,
+) {
+    let source = source_of(from);
+    {
+        let mut tally = lock(tally);
+        if tally.open >= limits.max || tally.of_source(source) >= limits.per_source {
+            tally.refused += 1;
+            return;
+        }
+        tally.add(source);
+    }
+    let done = Release {
+        tally: Arc::clone(tally),
+        source,
+    };
+    let spawned = std::thread::Builder::new().spawn(move || {
+        let _done = done;
+        match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+            Ok(service) => splice(&client, &service, limits.idle),
+            Err(e) => eprintln!("relay: connecting to {to}: {e}"),
+        }
+    });
+    // A thread that cannot be made dropped the connection, and `done` with it.
+    if spawned.is_err() {
+        lock(tally).refused += 1;
     }
 }
 
 /// Counts a session as finished when dropped.
-struct Release(Arc<AtomicUsize>);
+struct Release {
+    tally: Arc<Mutex<Tally>>,
+    source: Option<IpAddr>,
+}
 
 impl Drop for Release {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.tally).remove(self.source);
     }
 }
 
 /// Copies both ways until each side has finished sending, or nothing moved either way for
-/// `idle`; a peer that stops reading counts as idle too.
+/// `idle`; a peer that stops reading counts as idle too. Until the first byte moves, the
+/// shorter [`SILENT_TCP_TIMEOUT`] applies: connections that never carry anything cannot hold
+/// the entry's sessions for long.
 fn splice(a: &TcpStream, b: &TcpStream, idle: Duration) {
-    let timeout = PollTimeout::try_from(idle).unwrap_or(PollTimeout::MAX);
+    let timeout_of = |d: Duration| PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX);
+    let mut timeout = timeout_of(SILENT_TCP_TIMEOUT.min(idle));
     for stream in [a, b] {
         if stream.set_write_timeout(Some(idle)).is_err() {
             return;
@@ -354,7 +589,7 @@ fn splice(a: &TcpStream, b: &TcpStream, idle: Duration) {
         let ready: Vec<usize> = from
             .iter()
             .zip(&fds)
-            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+            .filter(|(_, fd)| is_ready(fd))
             .map(|(&i, _)| i)
             .collect();
         drop(fds);
@@ -369,6 +604,7 @@ fn splice(a: &TcpStream, b: &TcpStream, idle: Duration) {
                     if sink.write_all(&buf[..n]).is_err() {
                         return;
                     }
+                    timeout = timeout_of(idle);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return,
@@ -379,91 +615,166 @@ fn splice(a: &TcpStream, b: &TcpStream, idle: Duration) {
 
 struct UdpSession {
     client: SocketAddr,
+    source: Option<IpAddr>,
     socket: UdpSocket,
     last: Instant,
+    /// The service has sent something back.
+    answered: bool,
+}
+
+impl UdpSession {
+    /// When the session ends unless a datagram comes first.
+    fn deadline(&self, idle: Duration) -> Instant {
+        let timeout = if self.answered {
+            idle
+        } else {
+            UNANSWERED_UDP_TIMEOUT.min(idle)
+        };
+        self.last + timeout
+    }
+}
+
+/// An entry's UDP clients, each with its own socket connected to the service.
+struct UdpSessions {
+    list: Vec<UdpSession>,
+    by_client: HashMap<SocketAddr, usize>,
+    tally: Tally,
+}
+
+impl UdpSessions {
+    fn remove(&mut self, index: usize) {
+        let gone = self.list.swap_remove(index);
+        self.by_client.remove(&gone.client);
+        self.tally.remove(gone.source);
+        if let Some(moved) = self.list.get(index) {
+            self.by_client.insert(moved.client, index);
+        }
+    }
+
+    fn expire(&mut self, now: Instant, idle: Duration) {
+        let mut i = 0;
+        while i < self.list.len() {
+            if self.list[i].deadline(idle) <= now {
+                self.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The least recently active session, among those of `source` when given.
+    fn least_recent(&self, source: Option<IpAddr>) -> Option<usize> {
+        self.list
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| source.is_none() || s.source == source)
+            .min_by_key(|(_, s)| s.last)
+            .map(|(i, _)| i)
+    }
+
+    /// Makes room for one more session of `source`: a source at its cap gives up its own least
+    /// recently active session, and a full entry its least recently active one. A burst of new
+    /// clients thus never locks out the entry, and one source never displaces another.
+    fn make_room(&mut self, source: Option<IpAddr>, limits: Limits) {
+        let victim = if source.is_some() && self.tally.of_source(source) >= limits.per_source {
+            self.least_recent(source)
+        } else if self.list.len() >= limits.max {
+            self.least_recent(None)
+        } else {
+            None
+        };
+        if let Some(index) = victim {
+            self.remove(index);
+            self.tally.evicted += 1;
+        }
+    }
 }
 
 /// One thread for all of an entry's UDP clients: each client gets a socket connected to `to`,
-/// kept until neither side sent anything for `idle`.
-fn relay_udp(outside: &UdpSocket, to: SocketAddr, idle: Duration) -> Result<()> {
+/// kept until neither side sent anything for `idle` (or, until the service first answers, for
+/// [`UNANSWERED_UDP_TIMEOUT`]). It sleeps in poll until a datagram comes or the earliest
+/// session ends: with no session, nothing but a datagram or a counters request wakes it.
+fn relay_udp(
+    outside: &UdpSocket,
+    to: SocketAddr,
+    limits: Limits,
+    counters: Option<&UnixListener>,
+) -> Result<()> {
     outside
         .set_nonblocking(true)
         .context("making the UDP listener non-blocking")?;
-    let mut sessions: Vec<UdpSession> = Vec::new();
-    let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut sessions = UdpSessions {
+        list: Vec::new(),
+        by_client: HashMap::new(),
+        tally: Tally::default(),
+    };
     let mut buf = vec![0u8; 65536];
     loop {
-        let now = Instant::now();
-        if sessions.iter().any(|s| now.duration_since(s.last) >= idle) {
-            sessions.retain(|s| now.duration_since(s.last) < idle);
-            by_client = sessions
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.client, i))
-                .collect();
-        }
-        let wait = sessions
-            .iter()
-            .map(|s| idle.saturating_sub(now.duration_since(s.last)))
-            .min()
-            .unwrap_or(idle)
-            .max(Duration::from_millis(10));
+        sessions.expire(Instant::now(), limits.idle);
+        let deadline = sessions.list.iter().map(|s| s.deadline(limits.idle)).min();
         let mut fds = vec![PollFd::new(outside.as_fd(), PollFlags::POLLIN)];
+        fds.extend(counters.map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)));
+        let first_session = fds.len();
         fds.extend(
             sessions
+                .list
                 .iter()
                 .map(|s| PollFd::new(s.socket.as_fd(), PollFlags::POLLIN)),
         );
-        match poll(
-            &mut fds,
-            PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
-        ) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => {}
-            Err(e) => return Err(e).context("waiting for datagrams"),
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
+        wait(&mut fds, deadline)?;
+        let ready: Vec<bool> = fds.iter().map(is_ready).collect();
         drop(fds);
 
-        for (i, session) in sessions.iter_mut().enumerate() {
-            if !ready[i + 1] {
+        for (i, session) in sessions.list.iter_mut().enumerate() {
+            if !ready[first_session + i] {
                 continue;
             }
             // A refusal (ICMP port unreachable: the service is not up yet) is reported here once
             // and cleared; the session stays, so replies flow as soon as the service answers.
             while let Ok(len) = session.socket.recv(&mut buf) {
                 session.last = Instant::now();
+                session.answered = true;
                 let _ = outside.send_to(&buf[..len], session.client);
             }
         }
         if ready[0] {
             while let Ok((len, client)) = outside.recv_from(&mut buf) {
-                let index = match by_client.get(&client) {
+                let index = match sessions.by_client.get(&client) {
                     Some(&index) => index,
-                    None if sessions.len() >= MAX_SESSIONS => continue,
-                    None => match udp_session(to) {
-                        Ok(socket) => {
-                            sessions.push(UdpSession {
-                                client,
-                                socket,
-                                last: Instant::now(),
-                            });
-                            by_client.insert(client, sessions.len() - 1);
-                            sessions.len() - 1
+                    None => {
+                        let source = source_of(client);
+                        sessions.make_room(source, limits);
+                        match udp_session(to) {
+                            Ok(socket) => {
+                                sessions.list.push(UdpSession {
+                                    client,
+                                    source,
+                                    socket,
+                                    last: Instant::now(),
+                                    answered: false,
+                                });
+                                sessions.tally.add(source);
+                                let index = sessions.list.len() - 1;
+                                sessions.by_client.insert(client, index);
+                                index
+                            }
+                            Err(e) => {
+                                eprintln!("relay: udp socket for {to}: {e}");
+                                sessions.tally.refused += 1;
+                                continue;
+                            }
                         }
-                        Err(e) => {
-                            eprintln!("relay: udp socket for {to}: {e}");
-                            continue;
-                        }
-                    },
+                    }
                 };
-                let session = &mut sessions[index];
+                let session = &mut sessions.list[index];
                 session.last = Instant::now();
                 send_once_more_if_refused(&session.socket, &buf[..len]);
             }
+        }
+        if let Some(counters) = counters
+            && ready[1]
+        {
+            answer_counters(counters, sessions.tally.counts());
         }
     }
 }
@@ -489,4 +800,143 @@ fn send_once_more_if_refused(socket: &UdpSocket, datagram: &[u8]) {
     {
         let _ = socket.send(datagram);
     }
+}
+
+/// Where `up` binds the counters socket of `entry`'s relay: in a directory of root's (mode
+/// 0700), named by a digest of the whole entry so that the name stays short and no two
+/// entries share it.
+pub fn counters_path(namespace: &str, entry: &Entry) -> PathBuf {
+    Path::new(COUNTERS_DIR)
+        .join(namespace)
+        .join(format!("{:016x}.sock", entry_digest(entry)))
+}
+
+/// FNV-1a over the entry's JSON form: stable across versions, unlike std's hasher.
+fn entry_digest(entry: &Entry) -> u64 {
+    let text = serde_json::to_vec(entry).unwrap_or_default();
+    text.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Binds (but does not listen on: the relay does, see [`counters_listener`]) the counters
+/// socket of `entry`'s relay, replacing what a relay of the same entry left there.
+fn bind_counters(namespace: &str, entry: &Entry) -> Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    let path = counters_path(namespace, entry);
+    let dir = files::Dir::create(
+        path.parent()
+            .context("the counters socket has a directory")?,
+        0o700,
+    )?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the counters socket has a name")?;
+    dir.remove_file(name)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("making the counters socket")?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(&path)?)
+        .with_context(|| format!("binding {}", path.display()))?;
+    // Only root may ask, whatever the umask made of it. The name was made just now in a
+    // directory only root can write to.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(fd)
+}
+
+/// Removes the counters socket of `entry`'s relay, and the namespace's directory of them once
+/// empty. Missing is fine.
+pub fn remove_counters(namespace: &str, entry: &Entry) -> Result<()> {
+    let path = counters_path(namespace, entry);
+    let Ok(root) = files::Dir::open(Path::new(COUNTERS_DIR)) else {
+        return Ok(());
+    };
+    let Ok(dir) = root.subdir(namespace) else {
+        return Ok(());
+    };
+    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+        dir.remove_file(name)?;
+    }
+    // Other relays of the namespace may still have theirs there.
+    let _ = root.remove_dir(namespace);
+    Ok(())
+}
+
+/// Most bytes of a counters answer read; a few dozen are expected.
+const COUNTERS_LIMIT: usize = 4096;
+/// How long a relay has to answer.
+const COUNTERS_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Asks the running relay `process` of `entry` how many sessions it holds and has turned away.
+/// The relay is trusted for nothing but these numbers: the answer is read with a deadline and
+/// a size limit, and only from the socket whose listening peer is this very process (its PID
+/// and start time), never from whatever else holds that name.
+pub fn session_counts(
+    namespace: &str,
+    entry: &Entry,
+    process: &ProcessId,
+) -> Result<SessionCounts> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket, sockopt,
+    };
+    let path = counters_path(namespace, entry);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .context("making a socket")?;
+    // Non-blocking: a relay that stopped accepting makes this fail at once, not wait.
+    connect(fd.as_raw_fd(), &UnixAddr::new(&path)?)
+        .with_context(|| format!("connecting to {}", path.display()))?;
+    let peer = getsockopt(&fd, sockopt::PeerCredentials).context("asking who answers")?;
+    let answering = u32::try_from(peer.pid()).ok().and_then(ProcessId::of);
+    if answering != Some(*process) || peer.uid() == 0 {
+        bail!(
+            "{} is answered by pid {} (uid {}), not by the relay (pid {})",
+            path.display(),
+            peer.pid(),
+            peer.uid(),
+            process.pid
+        );
+    }
+    let deadline = Instant::now() + COUNTERS_DEADLINE;
+    let mut stream = std::os::unix::net::UnixStream::from(fd);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the relay (pid {}) did not answer within {COUNTERS_DEADLINE:?}",
+                process.pid
+            );
+        }
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        wait(&mut fds, Some(deadline))?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if answer.len() > COUNTERS_LIMIT {
+                    bail!("the relay (pid {}) answered too much", process.pid);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("reading the relay's answer"),
+        }
+    }
+    serde_json::from_slice(&answer)
+        .with_context(|| format!("the relay (pid {}) answered no counts", process.pid))
 }

@@ -265,13 +265,19 @@ impl Resource {
                 process,
                 executables,
                 entry,
-            } => stop_process(
-                process,
-                executables,
-                |argv| started_for(argv, "relay", ns),
-                &format!("relay for {entry}"),
-                Stop::Politely,
-            ),
+            } => {
+                let undone = stop_process(
+                    process,
+                    executables,
+                    |argv| started_for(argv, "relay", ns),
+                    &format!("relay for {entry}"),
+                    Stop::Politely,
+                )?;
+                if undone == Undone::Done {
+                    crate::system::relays::remove_counters(ns, entry)?;
+                }
+                Ok(undone)
+            }
         }
     }
 

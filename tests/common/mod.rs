@@ -555,6 +555,10 @@ impl Rig {
         {
             found.push(format!("link {c} in the host namespace"));
         }
+        let counters = format!("/run/wg-namespace/relays/{c}");
+        if Path::new(&counters).exists() {
+            found.push(counters);
+        }
         if uapi_socket(c).exists() {
             found.push(uapi_socket(c).display().to_string());
         }
