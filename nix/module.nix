@@ -657,6 +657,52 @@ let
     };
   };
 
+  metricsOptions = {
+    enable = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = ''
+        Whether to serve every namespace's metrics (Prometheus text format at `/metrics`) and
+        status (`/v1/namespaces`, with a health endpoint per namespace) over HTTP with
+        `wg-namespace serve`. It is socket-activated (`wg-namespace-metrics.socket`): nothing runs
+        until someone asks, and the server exits again after two idle minutes. It runs as a
+        dynamic user with no capabilities and reads only what each namespace's
+        `wireguard-namespace-<name>-refresh.service` answers on its socket in
+        `/run/wg-namespace/companion`, which the group `wg-namespace-metrics` may read.
+      '';
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        The address the metrics server listens on. The default is reachable from this machine
+        only; an IPv6 address is given without brackets.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 9595;
+      example = 9586;
+      description = ''
+        The TCP port the metrics server listens on (the WireGuard exporters use 9586).
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = ''
+        Whether to open {option}`services.wireguard-namespace.metrics.port` in the host's
+        firewall (`networking.firewall.allowedTCPPorts`), for a Prometheus on another machine.
+      '';
+    };
+  };
+
   packageOption = mkOption {
     type = types.package;
     default = pkgs.callPackage ./package.nix { };
@@ -878,10 +924,15 @@ let
     wantedBy = [ "${unitName name}.service" ];
   };
 
+  # The group whose members may read the namespaces' status from refresh's snapshot sockets.
+  metricsGroup = "wg-namespace-metrics";
+
   refreshUnit = name: ns: boundToNamespace name // {
-    description = "Keep WireGuard peers of namespace ${name} reachable";
+    description = "Keep WireGuard peers of namespace ${name} reachable, answer its status socket";
     serviceConfig = {
-      ExecStart = "${helper} refresh --config ${jsonDocument ns}";
+      ExecStart =
+        "${helper} refresh --config ${jsonDocument ns}"
+        + lib.optionalString cfg.metrics.enable " --metrics-group ${metricsGroup}";
       Restart = "always";
       RestartSec = "10s";
     };
@@ -944,10 +995,9 @@ let
     };
   };
 
-  # The refresh loop also handshakes anew when the host's routes or addresses change and after
-  # resume from sleep, so every namespace with a server to reach runs it.
-  # A configFile's peers are known only at run time; providers' peers have endpoints.
-  hasEndpoint = ns: ns.configFile != null || any (p: p.endpoint != null) ns.peers;
+  # Every namespace runs refresh: it handshakes anew when the host's routes or addresses change
+  # and after resume from sleep (for peers with endpoints), and it answers the namespace's
+  # status socket, which the metrics server reads.
 
   # Each with what it is, for the message when two would get the same name.
   serviceUnits = concatLists (
@@ -962,12 +1012,12 @@ let
           value = mainUnit name ns;
           role = of "main unit";
         }
+        {
+          name = "${unitName name}-refresh";
+          value = refreshUnit name ns;
+          role = of "refresh unit";
+        }
       ]
-      ++ optional (hasEndpoint ns) {
-        name = "${unitName name}-refresh";
-        value = refreshUnit name ns;
-        role = of "refresh unit";
-      }
       ++ optional (ns.portForwarding != null) {
         name = "${unitName name}-port-forward";
         value = portForwardUnit name ns;
@@ -990,6 +1040,77 @@ let
       only one of them would exist. Give one of these namespaces another namespace_name, for
       example with '_' where the name has '-'.'';
   }) (groupBy (u: u.name) serviceUnits);
+
+  metricsListen =
+    let
+      m = cfg.metrics;
+      host = if lib.hasInfix ":" m.listenAddress then "[${m.listenAddress}]" else m.listenAddress;
+    in
+    "${host}:${toString m.port}";
+
+  # Socket-activated: systemd holds the listening socket and starts the server on the first
+  # connection; the server exits after two idle minutes.
+  metricsSocket = {
+    description = "wg-namespace metrics and status (HTTP)";
+    wantedBy = [ "sockets.target" ];
+    listenStreams = [ metricsListen ];
+    # Connections are accepted on this unit's socket: the filter must be here too.
+    socketConfig = metricsAddressFilter;
+  };
+
+  # Bound to a loopback address, it answers this machine only, whatever the firewall says.
+  metricsAddressFilter = lib.optionalAttrs (isLoopback cfg.metrics.listenAddress) {
+    IPAddressDeny = "any";
+    IPAddressAllow = "localhost";
+  };
+
+  metricsService = {
+    description = "wg-namespace metrics and status (HTTP), read from the namespaces' companions";
+    requires = [ "wg-namespace-metrics.socket" ];
+    after = [ "wg-namespace-metrics.socket" ];
+    serviceConfig = {
+      ExecStart = "${helper} serve --exit-when-idle 120";
+      # Unprivileged and read-only: everything it shows comes from the refresh units' sockets,
+      # which this group may read.
+      DynamicUser = true;
+      SupplementaryGroups = [ metricsGroup ];
+      CapabilityBoundingSet = "";
+      AmbientCapabilities = "";
+      NoNewPrivileges = true;
+      ProtectSystem = "strict";
+      ProtectHome = true;
+      PrivateTmp = true;
+      PrivateDevices = true;
+      PrivateIPC = true;
+      ProtectKernelTunables = true;
+      ProtectKernelModules = true;
+      ProtectKernelLogs = true;
+      ProtectControlGroups = true;
+      ProtectClock = true;
+      ProtectHostname = true;
+      ProtectProc = "invisible";
+      ProcSubset = "pid";
+      RestrictAddressFamilies = [
+        "AF_UNIX"
+        "AF_INET"
+        "AF_INET6"
+      ];
+      RestrictNamespaces = true;
+      RestrictRealtime = true;
+      RestrictSUIDSGID = true;
+      RemoveIPC = true;
+      LockPersonality = true;
+      MemoryDenyWriteExecute = true;
+      SystemCallArchitectures = "native";
+      SystemCallFilter = [
+        "@system-service"
+        "~@privileged"
+        "~@resources"
+      ];
+      UMask = "0077";
+    }
+    // metricsAddressFilter;
+  };
 
   timerUnits = mapAttrsToList (name: ns: {
     name = "${unitName name}-health";
@@ -1165,6 +1286,7 @@ in
   options = {
     services.wireguard-namespace = namespaceOptions "vpn" // {
       package = packageOption;
+      metrics = metricsOptions;
     };
 
     services.wireguard-namespaces = mkOption {
@@ -1243,6 +1365,21 @@ in
       users.groups.wg-namespace = { };
       systemd.services = listToAttrs (map (u: { inherit (u) name value; }) serviceUnits);
       systemd.timers = listToAttrs timerUnits;
+    })
+
+    (mkIf cfg.metrics.enable {
+      users.groups.${metricsGroup} = { };
+      systemd.sockets.wg-namespace-metrics = metricsSocket;
+      systemd.services.wg-namespace-metrics = metricsService;
+      environment.systemPackages = [ cfg.package ];
+    })
+
+    # Only where a firewall module is part of the evaluation (NixOS always has one; the unit
+    # rendering in tests does not declare it unless a case does).
+    (lib.optionalAttrs (options ? networking.firewall.allowedTCPPorts) {
+      networking.firewall.allowedTCPPorts = mkIf (cfg.metrics.enable && cfg.metrics.openFirewall) [
+        cfg.metrics.port
+      ];
     })
   ];
 }

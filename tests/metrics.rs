@@ -24,6 +24,10 @@ fn main() {
             "health_follows_silent_servers_and_a_flushed_guard_and_returns_after_heal",
             health_follows,
         ),
+        libtest_mimic::Trial::test(
+            "the_alert_rules_pass_promtool_and_the_pictures_use_only_exported_metrics",
+            || contrib_files().map_err(|e| format!("{e:#}").into()),
+        ),
     ])
 }
 
@@ -118,8 +122,34 @@ fn get(fd: &std::os::fd::OwnedFd, address: SocketAddr, path: &str) -> Result<(u1
             .nth(1)
             .and_then(|c| c.parse().ok())
             .with_context(|| format!("no status in {head:?}"))?;
-        Ok((code, body.to_string()))
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Ok((
+            code,
+            if chunked {
+                dechunk(body)?
+            } else {
+                body.to_string()
+            },
+        ))
     })?
+}
+
+/// A chunked HTTP body (as Prometheus sends its larger answers), joined.
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut joined = String::new();
+    loop {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .context("a chunk without its size")?;
+        let size = usize::from_str_radix(size.trim(), 16)?;
+        if size == 0 {
+            return Ok(joined);
+        }
+        joined.push_str(rest.get(..size).context("a chunk cut short")?);
+        body = rest.get(size + 2..).context("a chunk without its end")?;
+    }
 }
 
 /// The process's uids and effective capabilities, from /proc.
@@ -160,9 +190,11 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 rule_files: ['{}']\n\
                  scrape_configs:\n  - job_name: wg-namespace\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
+                 - targets: ['{target}']\n",
+                repo().join(RULES).display()
             ),
         )?;
         let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -218,6 +250,65 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+const RULES: &str = "contrib/prometheus/wg-namespace.rules.yml";
+const DASHBOARD: &str = "contrib/grafana/wg-namespace.json";
+
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every PromQL expression of the dashboard and the rules, with Grafana's variables filled in.
+fn shipped_queries() -> Result<Vec<String>> {
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(repo().join(DASHBOARD))?)?;
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .context("panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    queries.extend(
+        std::fs::read_to_string(repo().join(RULES))?
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(|e| e.trim().to_string()),
+    );
+    Ok(queries
+        .into_iter()
+        .map(|q| q.replace("$netns", ".*").replace("$__rate_interval", "1m"))
+        .collect())
+}
+
+fn contrib_files() -> Result<()> {
+    let checked = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo().join(RULES))
+        .output()
+        .context("running promtool (scripts/setup installs it)")?;
+    ensure!(
+        checked.status.success(),
+        "promtool check rules: {}",
+        text(&checked)
+    );
+    let exported: Vec<&str> = wg_namespace::commands::metrics::FAMILIES
+        .iter()
+        .map(|(name, _, _)| *name)
+        .collect();
+    let queries = shipped_queries()?;
+    ensure!(queries.len() >= 10, "only {} queries found", queries.len());
+    for query in &queries {
+        let words = query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+        for name in words.filter(|w| w.starts_with("wireguard_") || w.starts_with("wg_namespace_"))
+        {
+            ensure!(
+                exported.contains(&name),
+                "{name} (in {query}) is not a metric serve exports"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The received bytes Prometheus has for each of `namespaces`, once it has them all.
@@ -342,6 +433,26 @@ fn prometheus_scrapes() -> Result<()> {
     }
     let (code, _) = get(a.host_fd(), target, "/v1/namespaces/wgt193nothere")?;
     ensure!(code == 404, "an unknown namespace gave {code}");
+
+    // The dashboard's queries and the alert rules run on what was scraped.
+    for query in shipped_queries()? {
+        prometheus
+            .query(&a, &query)
+            .with_context(|| format!("the shipped query {query}"))?;
+    }
+    let (code, rules) = get(a.host_fd(), prometheus.address, "/api/v1/rules")?;
+    ensure!(code == 200, "rules: {code} {rules}");
+    let rules: Value = serde_json::from_str(&rules)?;
+    let loaded: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    ensure!(loaded.len() == 4, "rules loaded: {rules:#}");
+    for rule in loaded {
+        ensure!(rule["health"] != "err", "a rule fails: {rule:#}");
+    }
     Ok(())
 }
 

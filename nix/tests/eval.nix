@@ -129,7 +129,9 @@ let
     in
     complete "seed" config
     ++ [
-      (equal "seed: units" [ "wireguard-namespace-vpn" ] (ours (attrNames config.systemd.services)))
+      (equal "seed: units" [ "wireguard-namespace-vpn" "wireguard-namespace-vpn-refresh" ] (
+        ours (attrNames config.systemd.services)
+      ))
       (equal "seed: timers" [ ] (ours (attrNames config.systemd.timers)))
       # The unit names a path that stays the same when the document changes, and the document
       # in reloadTriggers: a changed config is a reload (`wg-namespace reload`), not a restart.
@@ -472,8 +474,41 @@ let
       ))
     ];
 
+  metricsChecks =
+    let
+      config = example "metrics";
+      units = config.systemd.services;
+      server = units.wg-namespace-metrics.serviceConfig;
+    in
+    complete "metrics" config
+    ++ [
+      (equal "metrics: units"
+        [
+          "wireguard-namespace-lab"
+          "wireguard-namespace-lab-refresh"
+          "wireguard-namespace-vpn"
+          "wireguard-namespace-vpn-refresh"
+        ]
+        (ours (attrNames units))
+      )
+      (check "metrics: refresh lets the group read, also without an endpoint" (
+        hasInfix "--metrics-group wg-namespace-metrics"
+          units.wireguard-namespace-lab-refresh.serviceConfig.ExecStart
+      ))
+      (equal "metrics: socket" [ "0.0.0.0:9595" ]
+        config.systemd.sockets.wg-namespace-metrics.listenStreams
+      )
+      (check "metrics: server unprivileged" (
+        server.DynamicUser && server.CapabilityBoundingSet == "" && server.NoNewPrivileges
+      ))
+      (equal "metrics: server's group" [ "wg-namespace-metrics" ] server.SupplementaryGroups)
+      (check "metrics: group exists" (config.users.groups ? wg-namespace-metrics))
+      (check "metrics: port open" (builtins.elem 9595 config.networking.firewall.allowedTCPPorts))
+    ];
+
   checks =
     noneChecks
+    ++ metricsChecks
     ++ seedChecks
     ++ twoChecks
     ++ configFileChecks
