@@ -629,6 +629,35 @@ let
       '';
     };
 
+    allowedUsers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "alice" ];
+      description = ''
+        Users who may run programs in this namespace as themselves, without sudo and without any
+        setuid binary: `wg-namespace exec --namespace <name> -- firefox --no-remote -P vpn`.
+        The command goes to a small root service on the socket
+        `/run/wg-namespace/exec.sock` (socket-activated), which learns who asks from the
+        socket's peer credentials only and runs the command as exactly that user (uid, primary
+        group and supplementary groups from the user database) inside the namespace, with the
+        namespace's `/etc` files, the host's resolver and session bus sockets hidden, the
+        caller's standard descriptors and working directory, and a filtered environment (the
+        display, sound and locale variables; never `LD_*`). Empty: nobody. Root needs no
+        permission and cannot be listed.
+      '';
+    };
+
+    allowedGroups = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "vpn-users" ];
+      description = ''
+        Groups whose members (primary or supplementary, as the user database says when the
+        command is asked for) may run programs in this namespace like
+        {option}`allowedUsers`. Empty: nobody.
+      '';
+    };
+
     restartOnUnhealthy = {
       enable = mkOption {
         type = types.bool;
@@ -833,6 +862,8 @@ let
       strictDns
       configFile
       mtu
+      allowedUsers
+      allowedGroups
       ;
     dns_server = orFromFile ns ns.dns_server;
     privateKeyFile = orFromFile ns ns.privateKeyFile;
@@ -1380,6 +1411,43 @@ in
       networking.firewall.allowedTCPPorts = mkIf (cfg.metrics.enable && cfg.metrics.openFirewall) [
         cfg.metrics.port
       ];
+    })
+
+    # The exec service for allowedUsers/allowedGroups: started by the first connection, gone
+    # again once idle. Anyone may connect; the service checks the peer credentials against
+    # the namespaces' lists and answers everyone else with a refusal.
+    (mkIf (any (ns: ns.allowedUsers != [ ] || ns.allowedGroups != [ ]) (lib.attrValues namespaces)) {
+      systemd.sockets.wg-namespace-exec = {
+        description = "wg-namespace exec for allowed users";
+        wantedBy = [ "sockets.target" ];
+        socketConfig = {
+          ListenSequentialPacket = "/run/wg-namespace/exec.sock";
+          SocketMode = "0666";
+          DirectoryMode = "0755";
+          RemoveOnStop = true;
+        };
+      };
+      systemd.services.wg-namespace-exec = {
+        description = "wg-namespace exec for allowed users";
+        requires = [ "wg-namespace-exec.socket" ];
+        after = [ "wg-namespace-exec.socket" ];
+        serviceConfig = {
+          ExecStart = "${helper} exec-service";
+          # The users' commands run in this unit's cgroup: stopping it ends them, nothing else.
+          KillMode = "control-group";
+          # Entering namespaces and mounting over /etc (CAP_SYS_ADMIN), looking into the
+          # user's runtime directory to hide its bus (CAP_DAC_READ_SEARCH), becoming the user
+          # (CAP_SETUID, CAP_SETGID, CAP_SETPCAP for the bounding set). tests/desktop.rs starts
+          # the service with this same bounding set.
+          CapabilityBoundingSet = [
+            "CAP_SYS_ADMIN"
+            "CAP_DAC_READ_SEARCH"
+            "CAP_SETUID"
+            "CAP_SETGID"
+            "CAP_SETPCAP"
+          ];
+        };
+      };
     })
   ];
 }

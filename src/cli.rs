@@ -176,6 +176,14 @@ enum Command {
     /// Report what a process inside sees (run through `exec` by `check-leaks`).
     #[command(hide = true)]
     ProbeInside,
+    /// Serve `exec` for the users namespaces allow, on the socket the service manager passes
+    /// (started by wg-namespace-exec.socket; not for direct use).
+    #[command(hide = true)]
+    ExecService {
+        /// Exit after this long with no request and no command running.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        idle_seconds: u64,
+    },
     /// Wait for the go-ahead on FD, then become COMMAND (how detached processes start).
     #[command(hide = true)]
     Gate {
@@ -398,6 +406,9 @@ fn run(command: Command) -> Result<i32, Failure> {
             Ok(code::FAILURE)
         }
         Command::ProbeInside => Ok(crate::commands::leaks::probe_inside()),
+        Command::ExecService { idle_seconds } => {
+            crate::commands::exec_service::run(std::time::Duration::from_secs(idle_seconds))
+        }
         Command::Gate { fd, command } => {
             crate::system::process::gate(fd, &command)?;
             Ok(code::FAILURE)

@@ -32,6 +32,8 @@ pub const NAMESPACE_KEYS: &[&str] = &[
     "mtu",
     "dnsServers",
     "portForwarding",
+    "allowedUsers",
+    "allowedGroups",
 ];
 
 /// Keys of one entry of `peers`.
@@ -501,6 +503,10 @@ pub struct Config {
     /// What the user should hear about the config (keys of `configFile` that were ignored).
     pub warnings: Vec<String>,
     pub port_forwarding: Option<PortForwarding>,
+    /// Users who may run commands in the namespace without root, through the exec service.
+    pub allowed_users: Vec<String>,
+    /// Groups whose members may, like [`Config::allowed_users`].
+    pub allowed_groups: Vec<String>,
 }
 
 /// How [`Config::parse_with`] gets the bytes of `configFile`: the problem alone on failure.
@@ -797,6 +803,9 @@ impl Config {
             })?),
         };
 
+        let allowed_users = account_names(&root.opt_list("allowedUsers")?)?;
+        let allowed_groups = account_names(&root.opt_list("allowedGroups")?)?;
+
         let config = Config {
             namespace,
             dns_server,
@@ -814,6 +823,8 @@ impl Config {
             mtu,
             warnings,
             port_forwarding,
+            allowed_users,
+            allowed_groups,
         };
         if let Some(ipv6) = config.dns_servers.iter().find(|ip| ip.is_ipv6())
             && !config.ipv6_enabled()
@@ -922,6 +933,46 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// User or group names, as useradd(8) and NixOS accept them. Root is refused: it needs no
+/// permission, and granting it through the exec service would run things as root.
+fn account_names(items: &[Item<'_>]) -> Result<Vec<String>> {
+    items
+        .iter()
+        .map(|item| {
+            let Value::String(name) = item.value else {
+                return Err(ConfigError::new(
+                    &item.path,
+                    format!("expected a user or group name, got {}", kind_of(item.value)),
+                ));
+            };
+            let body = name.strip_suffix('$').unwrap_or(name);
+            let well_formed = (1..=32).contains(&name.len())
+                && body
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !well_formed {
+                return Err(ConfigError::new(
+                    &item.path,
+                    format!(
+                        "{name:?} is not a user or group name (a letter or '_', then letters, digits, '_', '.', '-'; at most 32 bytes)"
+                    ),
+                ));
+            }
+            if name == "root" {
+                return Err(ConfigError::new(
+                    &item.path,
+                    "root runs `wg-namespace exec` directly and is never granted through the exec service",
+                ));
+            }
+            Ok(name.clone())
+        })
+        .collect()
 }
 
 fn absolute_path(field: &str, text: &str) -> Result<PathBuf> {
@@ -1981,6 +2032,31 @@ mod tests {
         v["portForwarding"]["onPortChange"] = Value::Null;
         v["portForwarding"]["lifetimeSeconds"] = 1.into();
         assert!(error_of(v).starts_with("portForwarding.lifetimeSeconds: 1 is not"));
+    }
+
+    #[test]
+    fn allowed_users_and_groups() {
+        let mut v = minimal();
+        let config = Config::parse(&v.to_string()).unwrap();
+        assert!(config.allowed_users.is_empty() && config.allowed_groups.is_empty());
+        v["allowedUsers"] = serde_json::json!(["alice", "svc-backup$"]);
+        v["allowedGroups"] = serde_json::json!(["vpn-users"]);
+        let config = Config::parse(&v.to_string()).unwrap();
+        assert_eq!(config.allowed_users, ["alice", "svc-backup$"]);
+        assert_eq!(config.allowed_groups, ["vpn-users"]);
+        v["allowedUsers"] = serde_json::json!(["alice", "../bob"]);
+        assert!(
+            error_of(v.clone())
+                .starts_with("allowedUsers[1]: \"../bob\" is not a user or group name")
+        );
+        v["allowedUsers"] = serde_json::json!(["root"]);
+        assert!(error_of(v.clone()).starts_with("allowedUsers[0]: root runs"));
+        v["allowedUsers"] = Value::Null;
+        v["allowedGroups"] = serde_json::json!([1000]);
+        assert_eq!(
+            error_of(v),
+            "allowedGroups[0]: expected a user or group name, got a number"
+        );
     }
 
     #[test]

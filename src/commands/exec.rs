@@ -6,7 +6,7 @@
 //! answered outside the tunnel.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -206,6 +206,15 @@ fn become_user(who: &Identity) -> Result<()> {
 /// [`terminal`]), with no descriptor but 0-2 and no capability: root's terminal and whatever
 /// root had open are out of its reach.
 pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i32, Failure> {
+    if !nix::unistd::geteuid().is_root() {
+        if user.is_some() {
+            return Err(Failure {
+                code: code::USAGE,
+                message: "exec: --user needs root; without it the command runs as you".into(),
+            });
+        }
+        return ask_service(namespace, command);
+    }
     // Look the user up while the host's NSS (and nscd) are still in place.
     let identity = user.map(lookup_user).transpose()?;
     let uid = identity
@@ -253,7 +262,7 @@ pub fn run(namespace: &str, user: Option<&str>, command: &[String]) -> Result<i3
 }
 
 /// Becomes the command; returns only when that fails, with the shell's status for it.
-fn replace_with(args: &[CString]) -> i32 {
+pub(crate) fn replace_with(args: &[CString]) -> i32 {
     // We ignore SIGPIPE (as every Rust program does); an ignored signal stays ignored across
     // exec, and `yes | head` in the namespace should end as it does outside.
     // SAFETY: restoring a default disposition.
@@ -268,4 +277,86 @@ fn replace_with(args: &[CString]) -> i32 {
     } else {
         126
     }
+}
+
+/// `exec` by an ordinary user: the exec service runs the command as this user, if the
+/// namespace allows it, and reports its exit status. Ending this process ends the command.
+fn ask_service(namespace: &str, command: &[String]) -> Result<i32, Failure> {
+    use crate::system::exec_socket::{self, Reply, Request};
+    let path = std::env::var_os(exec_socket::SOCKET_ENV)
+        .map_or_else(|| exec_socket::SOCKET.into(), std::path::PathBuf::from);
+    let request = Request {
+        namespace: namespace.to_string(),
+        command: command.to_vec(),
+        cwd: std::env::current_dir()
+            .ok()
+            .and_then(|dir| dir.to_str().map(str::to_string)),
+        env: std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| exec_socket::kept(k))
+            .collect(),
+    };
+    let socket = connect(&path).map_err(|e| {
+        Failure::from(anyhow!(
+            "exec: {e:#}; without root, a command runs in a namespace only through the exec service, for users its allowedUsers or allowedGroups name"
+        ))
+    })?;
+    // A closed standard descriptor goes over as /dev/null, as a shell would give it.
+    let null = std::fs::File::open("/dev/null").map_err(|e| anyhow!("exec: /dev/null: {e}"))?;
+    let fds: Vec<i32> = [0, 1, 2]
+        .into_iter()
+        .map(|fd| {
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+                fd
+            } else {
+                null.as_raw_fd()
+            }
+        })
+        .collect();
+    // A service that refuses at once (too many commands running) may have answered and
+    // gone before the request arrived: its answer still waits to be read.
+    let sent = exec_socket::send(socket.as_fd(), &request, &fds);
+    drop(null);
+    if let Err(e) = sent {
+        return match exec_socket::receive::<Reply>(socket.as_fd()) {
+            Ok(Some((Reply::Refused(why), _))) => Err(Failure {
+                code: code::FAILURE,
+                message: format!("exec: {why}"),
+            }),
+            _ => Err(Failure::from(anyhow!("exec: {e:#}"))),
+        };
+    }
+    // The command may run for hours: only the exchange before it had a deadline.
+    exec_socket::set_deadline(socket.as_fd(), None).map_err(|e| anyhow!("exec: {e:#}"))?;
+    match exec_socket::receive::<Reply>(socket.as_fd()).map_err(|e| anyhow!("exec: {e:#}"))? {
+        Some((Reply::Exited(status), _)) => Ok(status),
+        Some((Reply::Refused(why), _)) => Err(Failure {
+            code: code::FAILURE,
+            message: format!("exec: {why}"),
+        }),
+        None => Err(Failure::from(anyhow!(
+            "exec: the exec service ended without reporting how the command ended"
+        ))),
+    }
+}
+
+fn connect(path: &Path) -> Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("making a socket")?;
+    // Also bounds connect(), which waits while the service's queue is full.
+    crate::system::exec_socket::set_deadline(
+        socket.as_fd(),
+        Some(crate::system::exec_socket::EXCHANGE_DEADLINE),
+    )?;
+    let address = UnixAddr::new(path).with_context(|| format!("{}", path.display()))?;
+    nix::sys::socket::connect(socket.as_raw_fd(), &address)
+        .with_context(|| format!("connecting to the exec service at {}", path.display()))?;
+    Ok(socket)
 }

@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod exec;
+pub mod exec_service;
 pub mod failover;
 pub mod forward;
 pub mod heal;

@@ -315,6 +315,8 @@ pub fn record_config(state: &mut State, config: &Config) {
             gateway: f.gateway,
             protocols: f.protocols.clone(),
         });
+    state.allowed_users = config.allowed_users.clone();
+    state.allowed_groups = config.allowed_groups.clone();
 }
 
 /// Whether a running namespace built with `recorded` can take `wanted` in place.

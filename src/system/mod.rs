@@ -6,6 +6,7 @@ pub mod companion;
 pub mod converge;
 pub mod dns;
 pub mod endpoints;
+pub mod exec_socket;
 pub mod files;
 pub mod firewall;
 pub mod forwarding;

@@ -485,6 +485,11 @@ pub struct State {
     /// Reloads since `up`.
     #[serde(default)]
     pub reloads_total: u64,
+    /// `allowedUsers` and `allowedGroups` as last applied: whom the exec service serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_users: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_groups: Vec<String>,
 }
 
 /// How many heal events the state file keeps.
@@ -547,6 +552,8 @@ impl State {
             heals: Vec::new(),
             heals_total: 0,
             reloads_total: 0,
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
         }
     }
 
