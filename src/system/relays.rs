@@ -940,3 +940,34 @@ pub fn session_counts(
     serde_json::from_slice(&answer)
         .with_context(|| format!("the relay (pid {}) answered no counts", process.pid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_sources_share_only_the_entrys_cap() {
+        let source = |text: &str| source_of(text.parse().unwrap());
+        assert_eq!(source("127.0.0.1:5000"), None);
+        assert_eq!(source("127.3.2.1:5000"), None);
+        assert_eq!(source("[::1]:5000"), None);
+        assert_eq!(source("[::ffff:127.0.0.1]:5000"), None);
+        assert_eq!(
+            source("[::ffff:192.0.2.7]:5000"),
+            Some("192.0.2.7".parse().unwrap()),
+            "an IPv4 client of a dual-stack listener counts as its IPv4 address"
+        );
+        assert_eq!(source("192.0.2.7:1"), source("192.0.2.7:2"));
+    }
+
+    #[test]
+    fn users_are_found_by_exact_name_only() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+                      wg-namespace-x:x:990:990::/:/usr/sbin/nologin\n\
+                      broken:x:notanumber:1::/:/bin/sh\n";
+        assert_eq!(find_user(passwd, "nobody"), Some((65534, 65534)));
+        assert_eq!(find_user(passwd, RELAY_USER), None);
+        assert_eq!(find_user(passwd, "broken"), None);
+    }
+}
