@@ -63,6 +63,10 @@ fn main() {
             stopped_relay,
         ),
         trial(
+            "a_relay_held_by_a_tracer_degrades_status_and_heal_replaces_it",
+            traced_relay,
+        ),
+        trial(
             "an_on_port_change_hook_as_the_relays_user_is_refused",
             hook_as_relay_user,
         ),
@@ -1124,6 +1128,58 @@ fn idle_relays_sleep() -> Result<()> {
         "idle relays woke up {woke:?} times (tcp, udp) in {}s",
         watch.as_secs()
     );
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// A relay held in a ptrace stop (state `t`) answers nothing either: status says so and heal
+/// replaces it.
+fn traced_relay() -> Result<()> {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let rig = Rig::new(87)?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
+    rig.up_with(&config)?;
+    Rig::serve_tcp(&rig.confined_fd()?, "127.0.0.1:8080".parse()?, WEB_UI)?;
+    let published: SocketAddr = "127.0.0.1:18080".parse()?;
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
+    let (pid, _) = relay_pids(&rig)?
+        .into_iter()
+        .next()
+        .context("no relay in status")?;
+    let relay = nix::unistd::Pid::from_raw(pid as i32);
+    // This thread is the tracer until the relay is gone.
+    for request in [libc::PTRACE_SEIZE, libc::PTRACE_INTERRUPT] {
+        // SAFETY: plain ptrace requests on a process of our own test, with no data pointers.
+        if unsafe { libc::ptrace(request, pid as libc::pid_t, 0usize, 0usize) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("tracing the relay");
+        }
+    }
+    waitpid(relay, Some(WaitPidFlag::__WALL))?;
+    ensure!(
+        proc_status(pid, "State")?.first().is_some_and(|s| s == "t"),
+        "the relay is not in a ptrace stop: {:?}",
+        proc_status(pid, "State")
+    );
+    let (code, ns) = status(&rig)?;
+    ensure!(
+        code == 3
+            && ns["relays"][0]["running"] == false
+            && ns["reasons"]
+                .to_string()
+                .contains(&format!("(pid {pid}) is stopped")),
+        "status with the relay traced: exit {code}, {ns}"
+    );
+    let heal = rig.helper(&["heal", "--namespace", &rig.confined])?;
+    // The tracer hears of the relay's death; collecting that lets it go.
+    let _ = waitpid(relay, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+    ensure!(heal.status.success(), "heal: {}", text(&heal));
+    let (new_pid, _) = relay_pids(&rig)?
+        .into_iter()
+        .next()
+        .context("no relay in status after heal")?;
+    ensure!(new_pid != pid, "heal kept the traced relay (pid {pid})");
+    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
     rig.down()?;
     rig.assert_clean()
 }
