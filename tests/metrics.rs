@@ -480,6 +480,7 @@ fn health_follows() -> Result<()> {
     let psk_file = rig.write_secret("second.psk", &psk.to_base64())?;
     let mut config = rig.config()?;
     config["peers"][0]["failoverAfterSeconds"] = json!(5);
+    config["publishPorts"] = json!([{ "hostPort": 18195, "namespacePort": 8195 }]);
     config["peers"][0]["alternatives"] = json!([{
         "publicKey": rig.second_peer().key.get_public().to_base64(),
         "endpoint": format!("{}:{WG_PORT}", rig.second_peer_underlay()),
@@ -514,6 +515,21 @@ fn health_follows() -> Result<()> {
         .spawn()?;
     rig.track(pinger);
     health_becomes(&rig, target, 200, Duration::from_secs(30))?;
+    let (_, exposition) = get(rig.host_fd(), target, "/metrics")?;
+    let relay = format!(
+        "{{direction=\"publish\",host_address=\"127.0.0.1\",host_port=\"18195\",\
+         namespace_port=\"8195\",netns=\"{}\",protocol=\"tcp\"}}",
+        rig.confined
+    );
+    for series in [
+        format!("wg_namespace_relay_running{relay} 1"),
+        format!("wg_namespace_relay_sessions_open{relay} 0"),
+    ] {
+        ensure!(
+            exposition.lines().any(|l| l == series),
+            "{series} missing from:\n{exposition}"
+        );
+    }
 
     // Both servers fall silent: degraded once no server answers.
     rig.stop_peer_wg();

@@ -105,6 +105,21 @@ struct Document {
     port_forwarding: Option<Value>,
     heals_total: u64,
     reloads_total: u64,
+    relays: Vec<Relay>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Relay {
+    direction: String,
+    protocol: String,
+    host_address: String,
+    host_port: u16,
+    namespace_port: u16,
+    running: bool,
+    sessions_open: Option<u64>,
+    sessions_refused: Option<u64>,
+    sessions_evicted: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,7 +170,7 @@ struct Family {
 }
 
 /// Every family `render` writes, in order: the README documents each.
-pub const FAMILIES: [(&str, &str, &str); 13] = [
+pub const FAMILIES: [(&str, &str, &str); 17] = [
     (
         "wireguard_peer_receive_bytes_total",
         "counter",
@@ -220,6 +235,26 @@ pub const FAMILIES: [(&str, &str, &str); 13] = [
         "wg_namespace_guard_intact",
         "gauge",
         "1 when the namespace's leak guard is loaded exactly as rendered, else 0.",
+    ),
+    (
+        "wg_namespace_relay_running",
+        "gauge",
+        "1 while the relay of a publishPorts or hostServices entry runs, else 0.",
+    ),
+    (
+        "wg_namespace_relay_sessions_open",
+        "gauge",
+        "Connections (TCP) or client sessions (UDP) the relay carries now.",
+    ),
+    (
+        "wg_namespace_relay_sessions_refused_total",
+        "counter",
+        "New sessions the relay turned away (over a cap, or out of sockets) since it started.",
+    ),
+    (
+        "wg_namespace_relay_sessions_evicted_total",
+        "counter",
+        "UDP sessions the relay ended to make room for new clients since it started.",
     ),
 ];
 
@@ -314,6 +349,38 @@ pub fn render(documents: &[Value], now: u64) -> String {
                 );
             }
         }
+        for relay in &document.relays {
+            let labels = || {
+                vec![
+                    ("direction", relay.direction.clone()),
+                    ("host_address", relay.host_address.clone()),
+                    ("host_port", relay.host_port.to_string()),
+                    ("namespace_port", relay.namespace_port.to_string()),
+                    ("netns", netns.clone()),
+                    ("protocol", relay.protocol.clone()),
+                ]
+            };
+            add(
+                "wg_namespace_relay_running",
+                labels(),
+                f64::from(u8::from(relay.running)),
+            );
+            for (name, value) in [
+                ("wg_namespace_relay_sessions_open", relay.sessions_open),
+                (
+                    "wg_namespace_relay_sessions_refused_total",
+                    relay.sessions_refused,
+                ),
+                (
+                    "wg_namespace_relay_sessions_evicted_total",
+                    relay.sessions_evicted,
+                ),
+            ] {
+                if let Some(value) = value {
+                    add(name, labels(), value as f64);
+                }
+            }
+        }
         if document.port_forwarding.is_some() {
             add(
                 "wg_namespace_port_forwarding_mapped",
@@ -395,6 +462,12 @@ mod tests {
             "portForwarding": { "gateway": "10.2.0.1" },
             "forwardedPorts": [{ "protocol": "tcp", "port": 51413, "expiresAt": 1060 }],
             "healsTotal": 3, "reloadsTotal": 4,
+            "relays": [{
+                "direction": "publish", "protocol": "tcp", "hostAddress": "127.0.0.1",
+                "hostPort": 9091, "namespacePort": 9091, "idleTimeoutSeconds": 300,
+                "pid": 1, "running": true,
+                "sessionsOpen": 2, "sessionsRefused": 1, "sessionsEvicted": 0,
+            }],
         })];
         let text = render(&documents, 1000);
         for line in [
@@ -407,6 +480,7 @@ mod tests {
             "wg_namespace_port_forwarding_mapped{netns=\"vpn\"} 1",
             "wg_namespace_forwarded_port{netns=\"vpn\",protocol=\"tcp\"} 51413",
             "wg_namespace_heals_total{netns=\"vpn\"} 3",
+            "wg_namespace_relay_sessions_refused_total{direction=\"publish\",host_address=\"127.0.0.1\",host_port=\"9091\",namespace_port=\"9091\",netns=\"vpn\",protocol=\"tcp\"} 1",
             "# TYPE wireguard_peer_receive_bytes_total counter",
         ] {
             assert!(
