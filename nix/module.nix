@@ -1431,6 +1431,9 @@ in
         description = "wg-namespace exec for allowed users";
         requires = [ "wg-namespace-exec.socket" ];
         after = [ "wg-namespace-exec.socket" ];
+        # The users' programs run in this unit: a switch must not end someone's browser. The
+        # service exits when idle, and the next request starts the new one.
+        restartIfChanged = false;
         serviceConfig = {
           ExecStart = "${helper} exec-service";
           # The users' commands run in this unit's cgroup: stopping it ends them, nothing else.
