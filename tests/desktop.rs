@@ -774,6 +774,24 @@ fn chromium() -> Result<()> {
         "chromium with its profile in use outside: {}",
         text(&out)
     );
+    // A lock a crash left behind (this host, a process that is gone) holds nothing.
+    let mut gone = Command::new("true").spawn()?;
+    let dead = gone.id();
+    gone.wait()?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    std::fs::remove_file(lock_dir.join("SingletonLock"))?;
+    std::os::unix::fs::symlink(
+        format!("{}-{dead}", hostname.trim()),
+        lock_dir.join("SingletonLock"),
+    )?;
+    let argv = browser(&["--dump-dom".into()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = output(alice.exec(&rig, &service, &rig.confined, &argv), limit)?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(MARKER),
+        "chromium with a stale lock of its profile: {}",
+        text(&out)
+    );
     Ok(())
 }
 

@@ -453,7 +453,19 @@ pub fn takeover(argv: &[CString]) -> Option<String> {
     let name = program.rsplit('/').next().unwrap_or(program);
     let args: Vec<&str> = argv[1..].iter().filter_map(|a| a.to_str().ok()).collect();
     let home = std::path::PathBuf::from(std::env::var_os("HOME")?);
-    let held = |path: &std::path::Path| path.symlink_metadata().is_ok();
+    let hostname = crate::system::files::read_text(
+        std::path::Path::new("/proc/sys/kernel/hostname"),
+        crate::system::files::PROC_LIMIT,
+    )
+    .map(|h| h.trim().to_string())
+    .unwrap_or_default();
+    let held = |path: &std::path::Path| {
+        std::fs::read_link(path).is_ok_and(|target| {
+            lock_is_held(&target.to_string_lossy(), &hostname, |pid| {
+                std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
+        })
+    };
     let chromium_dir = match name {
         "chromium" | "chromium-browser" => Some(".config/chromium"),
         "chrome" | "google-chrome" | "google-chrome-stable" => Some(".config/google-chrome"),
@@ -464,7 +476,7 @@ pub fn takeover(argv: &[CString]) -> Option<String> {
         let lock = home.join(dir).join("SingletonLock");
         if !own_profile && held(&lock) {
             return Some(format!(
-                "{name} is already running with this profile ({} exists), and would open this window there, outside the namespace; give it a profile of its own: --user-data-dir=DIR",
+                "{name} is already running with this profile ({} is held), and would open this window there, outside the namespace; give it a profile of its own: --user-data-dir=DIR",
                 lock.display()
             ));
         }
@@ -486,4 +498,37 @@ pub fn takeover(argv: &[CString]) -> Option<String> {
         }
     }
     None
+}
+
+/// Whether a browser's lock symlink still names a live process. Chromium's `SingletonLock`
+/// points to `HOST-PID`, Firefox's `lock` to `ADDRESS:+PID`; a lock from this host whose
+/// process is gone was left by a crash and holds nothing. A lock from another host (a shared
+/// home) or one that cannot be read counts as held.
+fn lock_is_held(target: &str, hostname: &str, alive: impl Fn(u32) -> bool) -> bool {
+    let own = |pid: &str| pid.parse::<u32>().ok().map(&alive);
+    if let Some((_, pid)) = target.rsplit_once(":+") {
+        return own(pid).unwrap_or(true);
+    }
+    match target.rsplit_once('-') {
+        Some((host, pid)) if host == hostname => own(pid).unwrap_or(true),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_is_held;
+
+    #[test]
+    fn browser_locks_left_by_a_crash_hold_nothing() {
+        let alive = |pid| pid == 42;
+        assert!(lock_is_held("laptop-42", "laptop", alive));
+        assert!(!lock_is_held("laptop-43", "laptop", alive));
+        assert!(lock_is_held("other-host-43", "laptop", alive));
+        assert!(lock_is_held("my-laptop-42", "my-laptop", alive));
+        assert!(!lock_is_held("my-laptop-7", "my-laptop", alive));
+        assert!(lock_is_held("127.0.1.1:+42", "laptop", alive));
+        assert!(!lock_is_held("127.0.1.1:+43", "laptop", alive));
+        assert!(lock_is_held("garbage", "laptop", alive));
+    }
 }
