@@ -327,6 +327,40 @@ let
   };
 
 
+  desktopEntryOptions = {
+    name = mkOption {
+      type = types.str;
+      example = "Firefox (vpn)";
+      description = ''
+        The entry's name in the desktop's application menu.
+      '';
+    };
+
+    command = mkOption {
+      type = types.listOf types.str;
+      example = [
+        "firefox"
+        "--no-remote"
+        "-P"
+        "vpn"
+      ];
+      description = ''
+        The program and its arguments, run with `wg-namespace exec --namespace <name> --` by
+        the user who picks the entry. Give a browser a profile of its own (`--no-remote -P`,
+        `--user-data-dir=`), or it may open its window in an instance already running outside.
+      '';
+    };
+
+    icon = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "firefox";
+      description = ''
+        Icon name (from the icon theme) or absolute path; null for none.
+      '';
+    };
+  };
+
   portForwardingOptions = {
     gateway = mkOption {
       type = types.str;
@@ -658,6 +692,26 @@ let
       '';
     };
 
+    desktopEntries = mkOption {
+      type = types.attrsOf (types.submodule { options = desktopEntryOptions; });
+      default = { };
+      example = literalExpression ''
+        {
+          firefox = {
+            name = "Firefox (vpn)";
+            command = [ "firefox" "--no-remote" "-P" "vpn" ];
+            icon = "firefox";
+          };
+        }
+      '';
+      description = ''
+        Application menu entries that start a program in this namespace through
+        `wg-namespace exec`, for the users {option}`allowedUsers` and {option}`allowedGroups`
+        name (installed as `share/applications/wg-namespace-<name>-<entry>.desktop` in the
+        system profile).
+      '';
+    };
+
     restartOnUnhealthy = {
       enable = mkOption {
         type = types.bool;
@@ -879,6 +933,47 @@ let
     pkgs.writeText "wg-namespace-${ns.namespace_name}.json" (builtins.toJSON (namespaceJson ns));
 
   helper = "${cfg.package}/bin/wg-namespace";
+
+  # One argument of a desktop entry's Exec key: quoted when it holds anything but plain
+  # characters, with the Desktop Entry Specification's escapes inside quotes (\ " \` \$),
+  # each backslash doubled again for the string level beneath; % doubled.
+  desktopArgument =
+    arg:
+    let
+      escaped = lib.replaceStrings [ "%" ] [ "%%" ] arg;
+      plain = builtins.match "[A-Za-z0-9_./:=+,@-]+" arg != null;
+    in
+    if plain then
+      escaped
+    else
+      "\"" + lib.replaceStrings [ "\\" "\"" "`" "$" ] [ "\\\\\\\\" "\\\\\"" "\\\\`" "\\\\$" ] escaped + "\"";
+
+  desktopEntry =
+    ns: entry: e:
+    pkgs.writeTextFile {
+      name = "wg-namespace-${ns.namespace_name}-${entry}.desktop";
+      destination = "/share/applications/wg-namespace-${ns.namespace_name}-${entry}.desktop";
+      text = ''
+        [Desktop Entry]
+        Type=Application
+        Name=${e.name}
+        Exec=${
+          concatStringsSep " " (
+            map desktopArgument (
+              [
+                helper
+                "exec"
+                "--namespace"
+                ns.namespace_name
+                "--"
+              ]
+              ++ e.command
+            )
+          )
+        }
+      ''
+      + lib.optionalString (e.icon != null) "Icon=${e.icon}\n";
+    };
 
   # Where a namespace's JSON document is found at run time. The path stays the same when the
   # config changes, so the unit text does not, and `nixos-rebuild switch` reloads instead of
@@ -1181,7 +1276,11 @@ let
 
   namespaceAssertions =
     { loc, ns }:
-    [
+    mapAttrsToList (entry: e: {
+      assertion = e.command != [ ];
+      message = "${loc}.desktopEntries.${entry}.command is empty; give the program to run and its arguments.";
+    }) ns.desktopEntries
+    ++ [
       {
         assertion = validName ns.namespace_name;
         message = oneLine ''
@@ -1412,6 +1511,12 @@ in
         cfg.metrics.port
       ];
     })
+
+    {
+      environment.systemPackages = concatLists (
+        mapAttrsToList (_: ns: mapAttrsToList (desktopEntry ns) ns.desktopEntries) namespaces
+      );
+    }
 
     # The exec service for allowedUsers/allowedGroups: started by the first connection, gone
     # again once idle. Anyone may connect; the service checks the peer credentials against
