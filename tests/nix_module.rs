@@ -25,7 +25,8 @@ use wg_namespace::config::{
 };
 
 /// Options that exist only in the module and never reach the helper's JSON.
-const MODULE_ONLY_OPTIONS: &[&str] = &["package", "restartOnUnhealthy", "metrics", "desktopEntries"];
+const MODULE_ONLY_OPTIONS: &[&str] =
+    &["package", "restartOnUnhealthy", "metrics", "desktopEntries"];
 
 const SEED_PREFIX: &str = "services.wireguard-namespace";
 const SET_PREFIX: &str = "services.wireguard-namespaces.<name>";
