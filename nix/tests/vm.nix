@@ -77,7 +77,12 @@ pkgs.testers.runNixOSTest {
       mode = "0400";
     };
 
+    # alice may run programs in the namespace without root (the exec service); bob may not.
+    users.users.alice.isNormalUser = true;
+    users.users.bob.isNormalUser = true;
+
     services.wireguard-namespace = {
+      allowedUsers = [ "alice" ];
       dns_server = serverTunnelAddress;
       ips = [ "10.66.0.2/24" ];
       privateKeyFile = "/etc/wg-namespace/client.key";
@@ -149,6 +154,15 @@ pkgs.testers.runNixOSTest {
         assert "${serverTunnelAddress}" in out, out
         out = client.succeed("wg-namespace exec --namespace vpn -- curl -fsS --max-time 5 http://web.test/")
         assert marker in out, out
+
+    with subtest("an allowed user runs a command in the namespace without root; others cannot"):
+        client.wait_for_unit("wg-namespace-exec.socket")
+        out = client.succeed(
+            f"su -l alice -c 'wg-namespace exec --namespace vpn -- curl -fsS --max-time 5 {far_end}'"
+        )
+        assert marker in out, out
+        code, out = client.execute("su -l bob -c 'wg-namespace exec --namespace vpn -- true' 2>&1")
+        assert code == 1 and "may not run commands" in out, out
 
     with subtest("the confined service runs in the namespace and reaches the server"):
         client.wait_for_unit("probe.service")
