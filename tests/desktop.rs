@@ -286,6 +286,31 @@ fn allowed_and_refused() -> Result<()> {
         text(&out),
         service.log()
     );
+    // The caller's own standard input, output and error are the command's.
+    let mut command = alice.exec(
+        &rig,
+        &service,
+        ns,
+        &["sh", "-c", "tr a-z A-Z; echo to-stderr >&2"],
+    );
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"typed by the caller\n")?;
+    let out = output_within(child, Duration::from_secs(20))?;
+    ensure!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout) == "TYPED BY THE CALLER\n"
+            && String::from_utf8_lossy(&out.stderr).contains("to-stderr"),
+        "the caller's descriptors: {}",
+        text(&out)
+    );
     // The command's exit status comes back.
     let out = output(
         alice.exec(&rig, &service, ns, &["sh", "-c", "exit 7"]),
