@@ -21,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub const PROBE_GRACE: Duration = Duration::from_secs(5);
 /// The longest a server is given in the rounds after every server failed.
 pub const MAX_DWELL: Duration = Duration::from_secs(600);
+/// How long an unanswered stretch must have been seen before it counts: an answer already on
+/// its way when the look was taken arrives within it.
+pub const CONFIRM: Duration = Duration::from_secs(1);
 
 /// What WireGuard reports about the server in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +54,14 @@ pub struct Watch {
     after: Duration,
     active: usize,
     seen: Option<Counters>,
+    /// When `seen` was taken, and the look before that one.
+    seen_at: Option<Instant>,
+    look_before: Option<Instant>,
+    /// The latest look saw an answer.
+    last_answered: bool,
     unanswered_since: Option<Instant>,
+    /// The look that first saw the current unanswered stretch.
+    noticed_at: Option<Instant>,
     probed_at: Option<Instant>,
     sent_since_probe: bool,
     /// Switches since a server last answered.
@@ -65,7 +75,11 @@ impl Watch {
             after,
             active,
             seen: None,
+            seen_at: None,
+            look_before: None,
+            last_answered: false,
             unanswered_since: None,
+            noticed_at: None,
             probed_at: None,
             sent_since_probe: false,
             failed_in_row: 0,
@@ -81,7 +95,11 @@ impl Watch {
     pub fn set_active(&mut self, active: usize) {
         self.active = active;
         self.seen = None;
+        self.seen_at = None;
+        self.look_before = None;
+        self.last_answered = false;
         self.unanswered_since = None;
+        self.noticed_at = None;
         self.probed_at = None;
     }
 
@@ -100,12 +118,38 @@ impl Watch {
             .min(MAX_DWELL.max(self.after))
     }
 
+    /// When the watch wants its next look at the counters; None before its first look at the
+    /// server in use (look at once). While the server is unanswered: the moment it may be
+    /// probed, then the end of the probe's grace. Otherwise (`after` - [`CONFIRM`]) / 2 past the
+    /// last look. An unanswered stretch is dated back to the earliest moment it may have
+    /// started (see [`Watch::observe`]), so a server that stops answering right after a look is
+    /// probed `after` later, and replaced [`PROBE_GRACE`] after that, as if it were watched
+    /// all the time.
+    pub fn next_look(&self) -> Option<Instant> {
+        let last = self.seen_at?;
+        Some(match (self.unanswered_since, self.probed_at) {
+            // Once soon after the probe, to see the counters the peer anew start from zero
+            // (the grace's end alone might find them back where they were).
+            (Some(_), Some(at)) if last <= at => at + CONFIRM,
+            (Some(_), Some(at)) => at + PROBE_GRACE,
+            (Some(since), None) => {
+                (since + self.dwell()).max(self.noticed_at.unwrap_or(last) + CONFIRM)
+            }
+            (None, _) => last + self.after.saturating_sub(CONFIRM) / 2,
+        })
+    }
+
     pub fn observe(&mut self, now: Instant, counters: Counters) -> Decision {
+        let before_previous = self.look_before;
+        let previous_look = self.seen_at.replace(now);
+        self.look_before = previous_look;
+        let previous_answered = std::mem::take(&mut self.last_answered);
         let Some(before) = self.seen.replace(counters) else {
             // A server just put in place that has sent and heard nothing is unanswered from
             // now: while it waits for a handshake answer, WireGuard sends only every 5 s.
             if counters.tx > 0 && counters.rx == 0 && counters.handshake.is_none() {
                 self.unanswered_since = Some(now);
+                self.noticed_at = Some(now);
             }
             return Decision::Wait;
         };
@@ -119,19 +163,33 @@ impl Watch {
         let answered = counters.rx > rx_before
             || (counters.handshake.is_some() && counters.handshake != before.handshake);
         if answered {
+            self.last_answered = true;
             self.unanswered_since = None;
+            self.noticed_at = None;
             self.probed_at = None;
             self.failed_in_row = 0;
             return Decision::Wait;
         }
         if counters.tx > tx_before {
-            self.unanswered_since.get_or_insert(now);
+            // Sent and not answered since the previous look: unanswered since then, or, when
+            // that look saw an answer (which may have come right after the one before it),
+            // since the one before.
+            if self.unanswered_since.is_none() {
+                let start = if previous_answered {
+                    before_previous.or(previous_look)
+                } else {
+                    previous_look
+                };
+                self.unanswered_since = Some(start.unwrap_or(now));
+                self.noticed_at = Some(now);
+            }
             self.sent_since_probe |= self.probed_at.is_some();
         }
         let Some(since) = self.unanswered_since else {
             return Decision::Wait;
         };
-        if now.duration_since(since) < self.dwell() {
+        let noticed = self.noticed_at.unwrap_or(since);
+        if now.duration_since(since) < self.dwell() || now.duration_since(noticed) < CONFIRM {
             return Decision::Wait;
         }
         match self.probed_at {
@@ -144,6 +202,7 @@ impl Watch {
             // Nothing was sent after the probe: no evidence either way, and nothing waits.
             Some(_) if !self.sent_since_probe => {
                 self.unanswered_since = None;
+                self.noticed_at = None;
                 self.probed_at = None;
                 Decision::Wait
             }
@@ -202,10 +261,11 @@ mod tests {
     fn a_quiet_server_is_probed_and_kept_when_it_answers() {
         let mut t = Instant::now();
         let mut w = Watch::new(2, 0, Duration::from_secs(5));
-        // Keepalives go out, nothing comes back: after 5 s, a probe.
+        // Keepalives go out, nothing comes back: 5 s after the last look before the first one
+        // was seen, a probe.
         let steps: Vec<_> = (0..8).map(|i| c(0, 32 * i, Some(1))).collect();
         let decisions = run(&mut w, &mut t, &steps);
-        assert_eq!(decisions, vec![(6, Decision::Probe)]);
+        assert_eq!(decisions, vec![(5, Decision::Probe)]);
         // The re-added peer handshakes: counters from zero, a new handshake.
         assert_eq!(w.observe(t, c(92, 148, Some(50))), Decision::Wait);
         assert_eq!(w.active(), 0);
@@ -253,6 +313,44 @@ mod tests {
         w.observe(t, c(60, 200, Some(9)));
         assert!(!w.all_down());
         assert_eq!(w.dwell(), after);
+    }
+
+    #[test]
+    fn looking_now_and_then_delays_no_switch() {
+        let after = Duration::from_secs(6);
+        let half = (after - CONFIRM) / 2;
+        let t0 = Instant::now();
+        let mut w = Watch::new(2, 0, after);
+        assert_eq!(w.next_look(), None, "the first look is at once");
+        // Traffic both ways: the next look 2.5 s later.
+        assert_eq!(w.observe(t0, c(100, 100, Some(1))), Decision::Wait);
+        assert_eq!(w.next_look(), Some(t0 + half));
+        // The server stops answering right after t0. The next look still sees its last
+        // answers; the one after sees only sending, dates the silence back to t0, and
+        // confirms it a second later.
+        assert_eq!(w.observe(t0 + half, c(150, 500, Some(1))), Decision::Wait);
+        assert_eq!(w.next_look(), Some(t0 + 2 * half));
+        assert_eq!(
+            w.observe(t0 + 2 * half, c(150, 900, Some(1))),
+            Decision::Wait
+        );
+        let confirmed = t0 + after;
+        assert_eq!(w.next_look(), Some(confirmed));
+        assert_eq!(w.observe(confirmed, c(150, 1000, Some(1))), Decision::Probe);
+        // The probe put the peer anew: its counters start from zero, the initiation sent.
+        assert_eq!(w.next_look(), Some(confirmed + CONFIRM));
+        assert_eq!(
+            w.observe(confirmed + CONFIRM, c(0, 148, None)),
+            Decision::Wait
+        );
+        let grace_over = confirmed + PROBE_GRACE;
+        assert_eq!(w.next_look(), Some(grace_over));
+        assert!(matches!(
+            w.observe(grace_over, c(0, 296, None)),
+            Decision::Switch { from: 0, to: 1, .. }
+        ));
+        // `after` + PROBE_GRACE after the server stopped.
+        assert_eq!(w.next_look(), None, "the new server is looked at at once");
     }
 
     #[test]

@@ -16,6 +16,10 @@
 //!
 //! For peers with alternatives it puts the next server in place of one that stopped answering
 //! (see [`crate::commands::failover`]).
+//!
+//! Between these it sleeps: until a change of the host's network, or the earliest of what is
+//! due (a name's next resolution, a handshake becoming overdue, failover's next look), at most
+//! [`HORIZON`]. An idle namespace costs it about one wakeup a minute.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +38,13 @@ use crate::system::wireguard::{self, Backend, PeerSettings};
 const HANDSHAKE_OVERDUE: Duration = Duration::from_secs(135);
 /// Re-resolution because of an overdue handshake happens at most this often per peer.
 const OVERDUE_RETRY: Duration = Duration::from_secs(15);
-const TICK: Duration = Duration::from_millis(500);
+/// The longest the loop sleeps while nothing is due. The sleep runs on CLOCK_BOOTTIME: a
+/// suspend longer than what was left of it ends it at resume, and a shorter one is noticed
+/// within this long.
+const HORIZON: Duration = Duration::from_secs(60);
+/// How soon a look is made again when the namespace is not up (yet) or its device cannot be
+/// read, and at a server just put in place.
+const SOON: Duration = Duration::from_millis(500);
 /// How long a failover waits for the namespace's lock to record a switch.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// A change of the host's network is acted on once it has been quiet this long...
@@ -352,6 +362,20 @@ impl Schedule {
         self.next_due = now + self.every;
         true
     }
+
+    /// When [`Schedule::take`] will say yes next, given the handshake's age `now`: the next
+    /// turn, or the moment the handshake becomes overdue (then every [`OVERDUE_RETRY`]).
+    fn next(&self, now: Instant, handshake_age: Option<Duration>) -> Instant {
+        // `take` wants the age past HANDSHAKE_OVERDUE, not at it.
+        let overdue_at = match handshake_age {
+            Some(age) => now + HANDSHAKE_OVERDUE.saturating_sub(age) + Duration::from_millis(1),
+            None => now,
+        };
+        let retry_at = self
+            .last_overdue_try
+            .map_or(overdue_at, |tried| overdue_at.max(tried + OVERDUE_RETRY));
+        self.next_due.min(retry_at)
+    }
 }
 
 /// Coalesces the host's network changes (a storm of route and address messages when a link
@@ -367,6 +391,16 @@ impl Debounce {
     fn note(&mut self, now: Instant) {
         self.first.get_or_insert(now);
         self.last = Some(now);
+    }
+
+    /// When [`Debounce::take`] will say yes, if changes are waiting.
+    fn due(&self) -> Option<Instant> {
+        let (first, last) = (self.first?, self.last?);
+        let settled = (last + SETTLE).min(first + SETTLE_MAX);
+        Some(
+            self.fired
+                .map_or(settled, |fired| settled.max(fired + MIN_GAP)),
+        )
     }
 
     /// Whether to act now; if so, the changes noted so far count as handled.
@@ -532,8 +566,11 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
     let mut sleep = SleepDetector::new();
 
     let mut waiting_reported = false;
+    // When the peers are looked at next: at once, then when the earliest thing is due.
+    let mut planned = Instant::now();
     loop {
-        let changed = watcher.wait(TICK)?;
+        let wake = debounce.due().map_or(planned, |due| due.min(planned));
+        let changed = watcher.wait(wake.saturating_duration_since(Instant::now()))?;
         let now = Instant::now();
         if changed {
             debounce.note(now);
@@ -542,6 +579,11 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
             eprintln!("refresh: the machine woke from sleep");
             debounce.note(now);
         }
+        let network_changed = debounce.take(now);
+        if now < planned && !network_changed {
+            continue;
+        }
+        planned = now + SOON;
         let target = match target(config) {
             Ok(target) => {
                 waiting_reported = false;
@@ -562,60 +604,83 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
                 continue;
             }
         };
-        let network_changed = debounce.take(now);
+        planned = now + HORIZON;
         for t in &mut tracked {
-            let Some(active) = t.sync(&on_device) else {
-                continue;
-            };
-            let server = t.peer.server(active);
-            let device = on_device[&server.0.0];
-            if network_changed {
-                rehandshake(config, &target, server, device.endpoint);
-                continue;
-            }
-            if let Some(watch) = &mut t.failover {
-                match watch.observe(now, device.counters) {
-                    Decision::Wait => {}
-                    Decision::Probe => {
-                        eprintln!(
-                            "refresh: peer {}: no answer for {}s; asking for a handshake",
-                            server.1,
-                            watch.dwell().as_secs()
-                        );
-                        rehandshake(config, &target, server, device.endpoint);
-                        continue;
-                    }
-                    Decision::Switch { from, to, silent } => {
-                        switch(config, &target, t, from, to, silent);
-                        continue;
-                    }
-                }
-                if t.recorded_all_down && !watch.all_down() {
-                    match record(config, t.peer, |f| f.all_down_since = None) {
-                        Ok(()) => t.recorded_all_down = false,
-                        Err(e) => eprintln!("refresh: {e:#}"),
-                    }
-                }
-            }
-            let handshake_age = device
-                .counters
-                .handshake
-                .and_then(|t| SystemTime::now().duration_since(t).ok());
-            let named = matches!(server.2, Some(e) if matches!(e.host, EndpointHost::Name(_)));
-            let Some(schedule) = t.schedule.as_mut().filter(|_| named) else {
-                continue;
-            };
-            if !schedule.take(now, handshake_age) {
-                continue;
-            }
-            if let Err(e) = refresh_server(config, &target, server, device.endpoint) {
-                eprintln!(
-                    "refresh: peer {}: {e:#}; keeping the current endpoint and retrying",
-                    server.1
-                );
+            if let Some(due) = visit(config, &target, t, &on_device, now, network_changed) {
+                planned = planned.min(due);
             }
         }
     }
+}
+
+/// Looks at one peer: handshakes anew after a network change, lets failover decide, resolves
+/// its name when due. Returns when it needs the next look.
+fn visit(
+    config: &Config,
+    target: &Target,
+    t: &mut Tracked,
+    on_device: &OnDevice,
+    now: Instant,
+    network_changed: bool,
+) -> Option<Instant> {
+    let active = t.sync(on_device)?;
+    let server = t.peer.server(active);
+    let device = on_device[&server.0.0];
+    let handshake_age = device
+        .counters
+        .handshake
+        .and_then(|t| SystemTime::now().duration_since(t).ok());
+    let named = matches!(server.2, Some(e) if matches!(e.host, EndpointHost::Name(_)));
+    let next = |t: &Tracked| -> Option<Instant> {
+        let look = t
+            .failover
+            .as_ref()
+            .map(|w| w.next_look().unwrap_or(now + SOON));
+        let resolve = t
+            .schedule
+            .as_ref()
+            .filter(|_| named)
+            .map(|s| s.next(now, handshake_age));
+        look.into_iter().chain(resolve).min()
+    };
+    if network_changed {
+        rehandshake(config, target, server, device.endpoint);
+        return next(t);
+    }
+    if let Some(watch) = &mut t.failover {
+        match watch.observe(now, device.counters) {
+            Decision::Wait => {}
+            Decision::Probe => {
+                eprintln!(
+                    "refresh: peer {}: no answer for {}s; asking for a handshake",
+                    server.1,
+                    watch.dwell().as_secs()
+                );
+                rehandshake(config, target, server, device.endpoint);
+                return next(t);
+            }
+            Decision::Switch { from, to, silent } => {
+                switch(config, target, t, from, to, silent);
+                return next(t);
+            }
+        }
+        if t.recorded_all_down && !watch.all_down() {
+            match record(config, t.peer, |f| f.all_down_since = None) {
+                Ok(()) => t.recorded_all_down = false,
+                Err(e) => eprintln!("refresh: {e:#}"),
+            }
+        }
+    }
+    if let Some(schedule) = t.schedule.as_mut().filter(|_| named)
+        && schedule.take(now, handshake_age)
+        && let Err(e) = refresh_server(config, target, server, device.endpoint)
+    {
+        eprintln!(
+            "refresh: peer {}: {e:#}; keeping the current endpoint and retrying",
+            server.1
+        );
+    }
+    next(t)
 }
 
 #[cfg(test)]
@@ -643,6 +708,29 @@ mod tests {
     }
 
     #[test]
+    fn sleeps_until_the_next_resolution_or_the_handshake_going_overdue() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut s = Schedule::new(t0, secs(600));
+        assert!(s.take(t0, Some(secs(10))));
+        // Fresh handshake: until it is overdue (135 s after it), before the next turn.
+        let next = s.next(t0, Some(secs(10)));
+        assert!(
+            next > t0 + secs(125) && next < t0 + secs(126),
+            "{:?}",
+            next - t0
+        );
+        assert!(!s.take(next - Duration::from_millis(2), Some(secs(135))));
+        assert!(s.take(next, Some(secs(136))));
+        // Overdue: every 15 s after the last try.
+        assert_eq!(s.next(next, Some(secs(136))), next + OVERDUE_RETRY);
+        // A name resolved every minute with a fresh handshake: the next turn.
+        let mut s = Schedule::new(t0, secs(60));
+        assert!(s.take(t0, Some(secs(1))));
+        assert_eq!(s.next(t0, Some(secs(1))), t0 + secs(60));
+    }
+
+    #[test]
     fn network_changes_are_coalesced_and_spaced() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
@@ -661,7 +749,11 @@ mod tests {
         assert!(d.take(t0 + ms(4000)), "three seconds into the storm");
         d.note(t0 + ms(4100));
         assert!(!d.take(t0 + ms(5000)), "too soon after the last one");
+        assert_eq!(d.due(), Some(t0 + ms(6000)), "MIN_GAP after the last one");
         assert!(d.take(t0 + ms(6000)));
+        assert_eq!(d.due(), None, "nothing waits");
+        d.note(t0 + ms(9000));
+        assert_eq!(d.due(), Some(t0 + ms(9500)), "once quiet for SETTLE");
     }
 
     #[test]

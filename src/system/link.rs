@@ -551,17 +551,43 @@ impl ChangeWatcher {
     }
 
     /// Waits up to `timeout` for a change; true when one came. Consumes every message that is
-    /// already queued, so a storm of changes counts once.
+    /// already queued, so a storm of changes counts once. The wait is measured on
+    /// CLOCK_BOOTTIME, which runs on while the machine sleeps: a wait that a suspend outlasted
+    /// ends at resume.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        use futures::future::Either;
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+        let timer = TimerFd::new(
+            ClockId::CLOCK_BOOTTIME,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .context("making a CLOCK_BOOTTIME timer")?;
+        // An expiry of zero would disarm the timer: a nanosecond is "at once".
+        let expiry = TimeSpec::from_duration(timeout.max(Duration::from_nanos(1)));
+        timer
+            .set(Expiration::OneShot(expiry), TimerSetTimeFlags::empty())
+            .context("setting a CLOCK_BOOTTIME timer")?;
+        let (runtime, messages) = (&self.netlink.runtime, &mut self.messages);
+        let first = runtime.block_on(async {
+            // SAFETY: the descriptor is owned by the AsyncFd, so it stays open while it is
+            // registered.
+            let timer =
+                unsafe { tokio::io::unix::AsyncFd::register(std::os::fd::OwnedFd::from(timer)) }
+                    .map_err(io::Error::from)?;
+            let message = messages.next();
+            let expired = timer.readable();
+            futures::pin_mut!(message, expired);
+            match futures::future::select(message, expired).await {
+                Either::Left((message, _)) => Ok::<_, io::Error>(Some(message)),
+                Either::Right((ready, _)) => ready.map(|_| None),
+            }
+        })?;
         let mut changed = false;
-        let first = self
-            .netlink
-            .runtime
-            .block_on(async { tokio::time::timeout(timeout, self.messages.next()).await });
         let mut next = match first {
-            Err(_) => return Ok(false),
-            Ok(None) => anyhow::bail!("the netlink connection for change notices closed"),
-            Ok(Some(message)) => Some(message),
+            None => return Ok(false),
+            Some(None) => anyhow::bail!("the netlink connection for change notices closed"),
+            Some(Some(message)) => Some(message),
         };
         while let Some((message, _)) = next {
             if let rtnetlink::packet_core::NetlinkPayload::InnerMessage(inner) = &message.payload
