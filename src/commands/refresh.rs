@@ -82,6 +82,22 @@ fn target(config: &Config) -> Result<Target> {
     Ok(Target { backend, fd })
 }
 
+/// What this process learned about its names, for `status` (see
+/// [`crate::system::endpoints::Learned`]); None in `refresh --once`, which ends at once.
+static LEARNED: std::sync::Mutex<Option<crate::system::endpoints::Learned>> =
+    std::sync::Mutex::new(None);
+
+/// Resolves `endpoint` now, and notes the outcome for `status`.
+fn resolve(endpoint: &Endpoint) -> std::io::Result<SocketAddr> {
+    let resolved = wireguard::resolve(endpoint);
+    if let EndpointHost::Name(_) = endpoint.host
+        && let Some(learned) = LEARNED.lock().unwrap_or_else(|e| e.into_inner()).as_mut()
+    {
+        learned.note(&endpoint.to_string(), resolved.is_ok());
+    }
+    resolved
+}
+
 /// Resolves one server's endpoint and moves its peer when the address changed.
 fn refresh_server(
     config: &Config,
@@ -90,7 +106,7 @@ fn refresh_server(
     current: Option<SocketAddr>,
 ) -> Result<()> {
     let endpoint = endpoint.context("peer has no endpoint")?;
-    let resolved = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
+    let resolved = resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
     if let Err(e) =
         crate::system::endpoints::remember(&config.namespace, &[(endpoint.to_string(), resolved)])
     {
@@ -226,7 +242,7 @@ fn record(config: &Config, peer: &Peer, change: impl FnOnce(&mut FailoverRecord)
 fn server_settings(peer: &Peer, index: usize) -> Result<PeerSettings> {
     let (key, _, endpoint) = peer.server(index);
     let endpoint = endpoint.context("no endpoint")?;
-    let address = wireguard::resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
+    let address = resolve(endpoint).with_context(|| format!("resolving {endpoint}"))?;
     let (field, preshared_key) = match index.checked_sub(1) {
         None => ("presharedKeyFile".to_string(), &peer.preshared_key),
         Some(i) => (
@@ -463,7 +479,7 @@ fn rehandshake(
     let Some(endpoint) = endpoint else {
         return;
     };
-    let resolved = match wireguard::resolve(endpoint) {
+    let resolved = match resolve(endpoint) {
         Ok(address) => Some(address),
         Err(e) => {
             eprintln!(
@@ -540,6 +556,8 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
         .filter(|p| p.endpoint.is_some())
         .map(|p| Tracked::new(p, start, false))
         .collect();
+    *LEARNED.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(crate::system::endpoints::Learned::new(&config.namespace));
     let snapshots = answer_snapshots(&config.namespace, access);
     if tracked.is_empty() {
         eprintln!("refresh: no peer has an endpoint; answering the snapshot socket only");

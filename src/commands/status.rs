@@ -484,6 +484,7 @@ fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>>
 
 fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::DeviceInfo) {
     let now = SystemTime::now();
+    let learned = std::cell::OnceCell::new();
     let up_for = now
         .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(state.started_at))
         .unwrap_or_default();
@@ -556,8 +557,19 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
                 .push(format!("peer {}: {problem}", record.public_key));
         }
         if let Some(configured) = active_endpoint {
+            // What the running `refresh` learned, or else a lookup now.
             let unresolvable = Endpoint::parse(configured)
-                .map(|e| wireguard::resolve(&e).is_err())
+                .map(|e| {
+                    let learned = learned
+                        .get_or_init(|| crate::system::endpoints::Learned::load(&state.namespace));
+                    match learned
+                        .as_ref()
+                        .and_then(|l| l.resolves.get(&e.to_string()))
+                    {
+                        Some(resolved) => !resolved,
+                        None => wireguard::resolve(&e).is_err(),
+                    }
+                })
                 .unwrap_or(true);
             if unresolvable {
                 status.verdict = status.verdict.max(Verdict::Degraded);

@@ -77,3 +77,58 @@ pub fn remember(namespace: &str, resolved: &[(String, SocketAddr)]) -> Result<()
     dir.write_atomically(FILE, &serde_json::to_vec_pretty(&text)?, 0o600)?;
     Ok(())
 }
+
+/// What the running `refresh` learned about the names it keeps resolved: whether each
+/// resolved at its latest try. `status` (and so the snapshot `refresh` itself serves) uses it
+/// instead of asking DNS on every call, while the process that wrote it runs. In
+/// `/run/wg-namespace/resolution/<ns>.json`, a directory no namespace name reaches; rewritten
+/// only when an outcome changes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Learned {
+    pub namespace: String,
+    pub process: crate::system::process::ProcessId,
+    /// Configured endpoint (`host:port`) -> whether it resolved.
+    pub resolves: BTreeMap<String, bool>,
+}
+
+const LEARNED_SUBDIR: &str = "resolution";
+
+fn learned_dir_path() -> PathBuf {
+    Path::new(crate::system::state::STATE_DIR).join(LEARNED_SUBDIR)
+}
+
+impl Learned {
+    /// An empty record of this process for `namespace`.
+    pub fn new(namespace: &str) -> Learned {
+        Learned {
+            namespace: namespace.to_string(),
+            process: crate::system::process::ProcessId::current(),
+            resolves: BTreeMap::new(),
+        }
+    }
+
+    /// Notes whether `endpoint` resolved; the file is rewritten when that is news.
+    pub fn note(&mut self, endpoint: &str, resolved: bool) {
+        if self.resolves.insert(endpoint.to_string(), resolved) == Some(resolved) {
+            return;
+        }
+        let saved = serde_json::to_vec_pretty(self)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| {
+                let dir = Dir::create(&learned_dir_path(), 0o755)?;
+                Ok(dir.write_atomically(&format!("{}.json", self.namespace), &text, 0o644)?)
+            });
+        if let Err(e) = saved {
+            eprintln!("refresh: cannot record whether {endpoint} resolves: {e:#}");
+        }
+    }
+
+    /// The record for `namespace`, when the process that wrote it still runs.
+    pub fn load(namespace: &str) -> Option<Learned> {
+        let dir = Dir::open(&learned_dir_path()).ok()?;
+        let bytes = dir.read(&format!("{namespace}.json"), MAX_SIZE).ok()??;
+        let learned: Learned = serde_json::from_slice(&bytes).ok()?;
+        (learned.namespace == namespace && learned.process.is_alive()).then_some(learned)
+    }
+}
