@@ -1231,7 +1231,6 @@ let
       SystemCallFilter = [
         "@system-service"
         "~@privileged"
-        "~@resources"
       ];
       UMask = "0077";
     }

@@ -136,6 +136,43 @@ fn get(fd: &std::os::fd::OwnedFd, address: SocketAddr, path: &str) -> Result<(u1
     })?
 }
 
+/// What a process of uid nobody reads from `rig`'s companion socket when it has `groups` and
+/// may pass the socket file's mode anyway (CAP_DAC_OVERRIDE): only the companion's own check
+/// of its credentials stands between it and the document.
+fn read_companion_as_nobody(rig: &Rig, groups: &str) -> Result<String> {
+    let socket = format!("/run/wg-namespace/companion/{}.sock", rig.confined);
+    let read = "import socket, sys\n\
+                s = socket.socket(socket.AF_UNIX)\n\
+                s.settimeout(10)\n\
+                s.connect(sys.argv[1])\n\
+                data = b''\n\
+                while True:\n    \
+                    chunk = s.recv(65536)\n    \
+                    if not chunk: break\n    \
+                    data += chunk\n\
+                sys.stdout.write(data.decode())\n";
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            groups,
+            "--inh-caps=+dac_override",
+            "--ambient-caps=+dac_override",
+            "--",
+            "python3",
+            "-c",
+            read,
+            &socket,
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "reading the companion: {}",
+        text(&out)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A chunked HTTP body (as Prometheus sends its larger answers), joined.
 fn dechunk(mut body: &str) -> Result<String> {
     let mut joined = String::new();
@@ -351,6 +388,15 @@ fn prometheus_scrapes() -> Result<()> {
         let path = rig.up_with(&config)?;
         start_refresh(rig, &path)?;
     }
+    // The companion answers members of the metrics group, and nobody else who is not root.
+    let member = read_companion_as_nobody(&a, &format!("--groups={METRICS_GID}"))?;
+    ensure!(
+        member.contains(&format!("\"namespace\":\"{}\"", a.confined)),
+        "a member got {member:?}"
+    );
+    let stranger = read_companion_as_nobody(&a, "--clear-groups")?;
+    ensure!(stranger.is_empty(), "a non-member got {stranger:?}");
+
     let serve = start_serve(&mut a, 9595)?;
     let (uid, capabilities) = identity(serve)?;
     ensure!(

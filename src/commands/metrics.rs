@@ -30,13 +30,15 @@ pub enum Fallback {
 /// The status document of every namespace on the host, in name order: those with a state file
 /// and those whose companion answers (a configured namespace that is down has one).
 pub fn collect(fallback: Fallback) -> Vec<Value> {
-    let names: Vec<String> = crate::system::state::recorded_namespaces()
-        .into_iter()
-        .chain(companion::socket_namespaces())
-        .collect::<BTreeSet<String>>()
+    let recorded: BTreeSet<String> = crate::system::state::recorded_namespaces()
         .into_iter()
         .collect();
-    collect_named(&names, fallback)
+    let names: BTreeSet<String> = recorded
+        .iter()
+        .cloned()
+        .chain(companion::socket_namespaces())
+        .collect();
+    documents(&names, &recorded, fallback)
 }
 
 /// The documents of the namespaces `names` that the host has (see [`collect`]).
@@ -44,47 +46,48 @@ pub fn collect_named(names: &[String], fallback: Fallback) -> Vec<Value> {
     let recorded: BTreeSet<String> = crate::system::state::recorded_namespaces()
         .into_iter()
         .collect();
-    let names: Vec<&String> = names
-        .iter()
-        .filter(|n| crate::config::check_name(n).is_ok())
-        .collect();
-    std::thread::scope(|scope| {
-        let asked: Vec<_> = names
-            .iter()
-            .map(|name| {
-                let name = name.as_str();
-                (name, scope.spawn(move || ask(name)))
-            })
-            .collect();
-        asked
-            .into_iter()
-            .filter_map(|(name, handle)| {
-                let answer = handle
-                    .join()
-                    .unwrap_or_else(|_| Err("the reading thread panicked".into()));
-                match answer {
-                    Ok(document) => Some(document),
-                    // A socket left by a companion that ended with its namespace.
-                    Err(_) if !recorded.contains(name) => None,
-                    Err(_) if fallback == Fallback::Inspect => {
-                        serde_json::to_value(crate::commands::status::inspect(name)).ok()
-                    }
-                    Err(problem) => Some(json!({
-                        "namespace": name,
-                        "verdict": "down",
-                        "reasons": [format!(
-                            "its companion (wg-namespace refresh) does not answer: {problem}"
-                        )],
-                    })),
-                }
-            })
-            .collect()
-    })
+    documents(&names.iter().cloned().collect(), &recorded, fallback)
 }
 
-fn ask(namespace: &str) -> std::result::Result<Value, String> {
-    let bytes = companion::ask(namespace, ASK_DEADLINE).map_err(|e| format!("{e:#}"))?;
-    let document: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{e}"))?;
+fn documents(
+    names: &BTreeSet<String>,
+    recorded: &BTreeSet<String>,
+    fallback: Fallback,
+) -> Vec<Value> {
+    let names: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| crate::config::check_name(n).is_ok())
+        .collect();
+    let answers = companion::ask_all(&names, ASK_DEADLINE);
+    names
+        .into_iter()
+        .zip(answers)
+        .filter_map(|(name, answer)| {
+            match answer
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|b| parse(name, &b))
+            {
+                Ok(document) => Some(document),
+                // A socket left by a companion that ended with its namespace.
+                Err(_) if !recorded.contains(name) => None,
+                Err(_) if fallback == Fallback::Inspect => {
+                    serde_json::to_value(crate::commands::status::inspect(name)).ok()
+                }
+                Err(problem) => Some(json!({
+                    "namespace": name,
+                    "verdict": "down",
+                    "reasons": [format!(
+                        "its companion (wg-namespace refresh) does not answer: {problem}"
+                    )],
+                })),
+            }
+        })
+        .collect()
+}
+
+fn parse(namespace: &str, bytes: &[u8]) -> std::result::Result<Value, String> {
+    let document: Value = serde_json::from_slice(bytes).map_err(|e| format!("{e}"))?;
     // The companion answers for its own namespace only.
     if document.get("namespace").and_then(Value::as_str) != Some(namespace) {
         return Err("it answered for another namespace".into());

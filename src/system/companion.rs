@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use nix::unistd::Gid;
 
 use crate::system::files::Dir;
@@ -128,43 +128,116 @@ pub fn serve(listener: UnixListener, access: Access, document: impl Fn() -> Vec<
     }
 }
 
-/// Reads the document the companion of `namespace` answers, within `deadline`.
-pub fn ask(namespace: &str, deadline: Duration) -> Result<Vec<u8>> {
-    let path = socket_path(namespace);
-    let mut stream =
-        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+/// Reads the documents the companions of `namespaces` answer, all at once and within
+/// `deadline`, in one thread: each connection is made without blocking and read as its answer
+/// arrives. One result per namespace, in order.
+pub fn ask_all(namespaces: &[&str], deadline: Duration) -> Vec<Result<Vec<u8>>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    struct Pending {
+        stream: UnixStream,
+        document: Vec<u8>,
+    }
     let until = Instant::now() + deadline;
-    let mut document = Vec::new();
-    let mut buffer = [0u8; 64 << 10];
-    loop {
+    let mut results: Vec<Option<Result<Vec<u8>>>> = Vec::new();
+    let mut pending: Vec<(usize, Pending)> = Vec::new();
+    for (i, namespace) in namespaces.iter().enumerate() {
+        let path = socket_path(namespace);
+        // A unix connect to a listening socket completes at once (or fails: EAGAIN when its
+        // backlog is full, which is an answer too).
+        let connected = UnixStream::connect(&path)
+            .and_then(|stream| stream.set_nonblocking(true).map(|()| stream))
+            .with_context(|| format!("connecting to {}", path.display()));
+        match connected {
+            Ok(stream) => {
+                results.push(None);
+                pending.push((
+                    i,
+                    Pending {
+                        stream,
+                        document: Vec::new(),
+                    },
+                ));
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut buffer = [0u8; 8 << 10];
+    while !pending.is_empty() {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("{} did not answer within {deadline:?}", path.display());
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = match stream.read(&mut buffer) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading from {}", path.display()));
-            }
-        };
-        if n == 0 {
             break;
         }
-        document.extend_from_slice(&buffer[..n]);
-        if document.len() as u64 > DOCUMENT_LIMIT {
-            bail!(
-                "{} answered more than {DOCUMENT_LIMIT} bytes",
-                path.display()
-            );
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let ready: Vec<bool> = {
+            let mut fds: Vec<PollFd> = pending
+                .iter()
+                .map(|(_, p)| PollFd::new(p.stream.as_fd(), PollFlags::POLLIN))
+                .collect();
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    for (i, _) in pending.drain(..) {
+                        results[i] = Some(Err(e).context("waiting for the companions"));
+                    }
+                    break;
+                }
+            }
+            fds.iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect()
+        };
+        let mut still = Vec::new();
+        for ((i, mut p), ready) in pending.drain(..).zip(ready) {
+            if !ready {
+                still.push((i, p));
+                continue;
+            }
+            let finished = loop {
+                match p.stream.read(&mut buffer) {
+                    Ok(0) => break Some(Ok(())),
+                    Ok(n) => {
+                        p.document.extend_from_slice(&buffer[..n]);
+                        if p.document.len() as u64 > DOCUMENT_LIMIT {
+                            break Some(Err(anyhow::anyhow!(
+                                "{} answered more than {DOCUMENT_LIMIT} bytes",
+                                socket_path(namespaces[i]).display()
+                            )));
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        break Some(Err(e).with_context(|| {
+                            format!("reading from {}", socket_path(namespaces[i]).display())
+                        }));
+                    }
+                }
+            };
+            match finished {
+                None => still.push((i, p)),
+                Some(Ok(())) if p.document.is_empty() => {
+                    results[i] = Some(Err(anyhow::anyhow!(
+                        "{} closed without an answer (not allowed to read it?)",
+                        socket_path(namespaces[i]).display()
+                    )));
+                }
+                Some(Ok(())) => results[i] = Some(Ok(p.document)),
+                Some(Err(e)) => results[i] = Some(Err(e)),
+            }
         }
+        pending = still;
     }
-    if document.is_empty() {
-        bail!(
-            "{} closed without an answer (not allowed to read it?)",
-            path.display()
-        );
-    }
-    Ok(document)
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| {
+                Err(anyhow::anyhow!(
+                    "{} did not answer within {deadline:?}",
+                    socket_path(namespaces[i]).display()
+                ))
+            })
+        })
+        .collect()
 }
