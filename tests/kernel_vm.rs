@@ -3,8 +3,9 @@
 //! `scripts/vm/init` there: the link born inside the namespace, traffic through the tunnel, the
 //! UDP socket in the root namespace, the confined namespace's links, the configured MTU, the
 //! inbound drop, `status --json`, `check-leaks`, `heal` of a deleted kernel link (made again in
-//! the same namespace with its MTU, a process inside keeping its PID), failover to an
-//! alternative server under `refresh`, and a clean `down`.
+//! the same namespace with its MTU, a process inside keeping its PID), failover under `refresh`
+//! (servers whose hosts drop the UDP port: the switch, all down with backoff, recovery; a
+//! server whose link goes down), and a clean `down`.
 //!
 //! Phases, each timed and printed: `scripts/vm/prepare-kernel` (downloads and caches the kernel
 //! on first use: the only network access), `build-initramfs` with the helper cargo built for
@@ -33,12 +34,15 @@ const CHECKS: &[&str] = &[
     "status-handshake",
     "check-leaks",
     "heal-kernel",
+    "failover-drop",
+    "failover-all-down",
+    "failover-recovery",
     "failover-kernel",
     "down-clean",
 ];
 
 /// The guest's own limit (the boot script kills qemu then); the harness allows a little more.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// First preparation downloads ~70 MB; later ones only read the cache.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 const INITRAMFS_TIMEOUT: Duration = Duration::from_secs(120);

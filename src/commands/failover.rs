@@ -3,6 +3,10 @@
 //!
 //! A server has stopped answering when the tunnel sent something (its tx bytes grew) and got
 //! nothing back (rx bytes and the latest handshake stand still) for `failoverAfterSeconds`.
+//! Received bytes count as an answer only while the peer has a session (a handshake on
+//! record): a server whose port drops what we send still sends us its own handshake
+//! initiations (it retries for 90 s after its data went unanswered), and both the kernel and
+//! wireguard-go count those in rx. Without a session, only a completed handshake is an answer.
 //! A healthy server answers data within WireGuard's passive keepalive (10 s), but it never
 //! answers a persistent keepalive, so an idle tunnel with keepalive looks the same for up to
 //! two minutes. Before switching, the peer is therefore made to handshake anew: a server that
@@ -145,9 +149,9 @@ impl Watch {
         self.look_before = previous_look;
         let previous_answered = std::mem::take(&mut self.last_answered);
         let Some(before) = self.seen.replace(counters) else {
-            // A server just put in place that has sent and heard nothing is unanswered from
+            // A server just put in place that has sent and has no session is unanswered from
             // now: while it waits for a handshake answer, WireGuard sends only every 5 s.
-            if counters.tx > 0 && counters.rx == 0 && counters.handshake.is_none() {
+            if counters.tx > 0 && counters.handshake.is_none() {
                 self.unanswered_since = Some(now);
                 self.noticed_at = Some(now);
             }
@@ -160,8 +164,8 @@ impl Watch {
         } else {
             (before.rx, before.tx)
         };
-        let answered = counters.rx > rx_before
-            || (counters.handshake.is_some() && counters.handshake != before.handshake);
+        let answered = counters.handshake.is_some()
+            && (counters.rx > rx_before || counters.handshake != before.handshake);
         if answered {
             self.last_answered = true;
             self.unanswered_since = None;
@@ -313,6 +317,58 @@ mod tests {
         w.observe(t, c(60, 200, Some(9)));
         assert!(!w.all_down());
         assert_eq!(w.dwell(), after);
+    }
+
+    /// A server whose host drops our packets keeps sending its own handshake initiations
+    /// (148 bytes every 5 s, for 90 s), which WireGuard counts as received: the VM test saw
+    /// probe after probe with the kernel backend, and never a switch.
+    #[test]
+    fn handshake_initiations_from_a_server_that_drops_ours_are_no_answer() {
+        let mut t = Instant::now();
+        let after = Duration::from_secs(5);
+        let mut w = Watch::new(2, 0, after);
+        // An established session; then what we send goes unanswered, and after the probe the
+        // re-added peer (no session) hears the server's initiations and nothing else.
+        let mut steps: Vec<_> = (0..6).map(|i| c(5000, 5000 + 100 * i, Some(1))).collect();
+        steps.extend([
+            c(148, 148, None),
+            c(148, 148, None),
+            c(296, 148, None),
+            c(296, 296, None),
+            c(296, 296, None),
+        ]);
+        let decisions = run(&mut w, &mut t, &steps);
+        assert_eq!(decisions[0], (5, Decision::Probe), "{decisions:?}");
+        assert!(
+            matches!(decisions[1], (10, Decision::Switch { from: 0, to: 1, .. })),
+            "{decisions:?}"
+        );
+        // The alternative put in place hears the same from its server: still no answer, and
+        // after a whole round every server is down.
+        let heard_only_initiations = [
+            c(0, 148, None),
+            c(0, 148, None),
+            c(148, 148, None),
+            c(148, 296, None),
+            c(148, 296, None),
+            c(148, 296, None),
+            c(148, 148, None),
+            c(148, 148, None),
+            c(296, 148, None),
+            c(296, 296, None),
+            c(296, 296, None),
+        ];
+        let decisions = run(&mut w, &mut t, &heard_only_initiations);
+        assert_eq!(decisions[0], (5, Decision::Probe), "{decisions:?}");
+        assert!(
+            matches!(decisions[1], (10, Decision::Switch { from: 1, to: 0, .. })),
+            "{decisions:?}"
+        );
+        assert!(w.all_down());
+        // A handshake that completes is an answer.
+        w.observe(t, c(148, 148, None));
+        w.observe(t, c(240, 296, Some(99)));
+        assert!(!w.all_down());
     }
 
     #[test]
