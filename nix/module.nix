@@ -413,6 +413,11 @@ let
         `WG_NAMESPACE_FORWARDED_PORT` (also `WG_NAMESPACE_FORWARDED_UDP_PORT` and
         `WG_NAMESPACE_FORWARDED_TCP_PORT`). It runs once per change; when it fails or takes
         longer than 60 seconds it is tried again, with a growing pause, until it succeeds.
+
+        It runs in the sandbox of `wireguard-namespace-<name>-port-forward.service`: the file
+        system is read-only but for a private `/tmp`, so hand the port over through the
+        application's API; a program that wants it from a file can read
+        `/run/wg-namespace/forwarding/<name>.json`.
       '';
     };
 
@@ -1038,7 +1043,75 @@ let
       # and reboots: `up` goes on with it when a name does not resolve at that moment.
       StateDirectory = "wg-namespace/${name}";
       StateDirectoryMode = "0700";
+    }
+    # No setting that gives the unit a mount namespace of its own (ProtectSystem, PrivateTmp,
+    # ReadWritePaths, ...): the /run/netns/<name> mount `up` makes must be seen by the host and
+    # by every unit that joins the namespace. What needs no mount namespace still applies, and
+    # to the userspace daemon and the relays started here too.
+    // unitHardening
+    // {
+      CapabilityBoundingSet = repairCapabilities;
+      DeviceAllow = [ "/dev/net/tun rw" ];
+      DevicePolicy = "closed";
     };
+  };
+
+  # Sandboxing that suits every unit running the helper as root, the namespace's own included:
+  # none of it needs a mount namespace, so mounts made under it stay visible to the host.
+  unitHardening = {
+    # Nothing these units start gains privileges through a setuid or file-capability program.
+    NoNewPrivileges = true;
+    # Netlink (links, routes, WireGuard, nftables), UDP to the servers and the gateway, TCP
+    # and UDP for the relays, Unix sockets (userspace daemon, name service, systemctl).
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_NETLINK"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    LockPersonality = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    # No clock setting, debugging (ptrace, reading other processes' memory), kernel modules,
+    # raw I/O, reboot or swap.
+    SystemCallFilter = [
+      "~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap"
+      "~process_vm_readv process_vm_writev"
+    ];
+  };
+
+  # What making, repairing and taking down a namespace takes: entering and making network
+  # namespaces and mounting them (CAP_SYS_ADMIN), links, addresses, routes, WireGuard and
+  # nftables (CAP_NET_ADMIN), binding a published port below 1024 (CAP_NET_BIND_SERVICE),
+  # starting the relays as their own user with an empty bounding set (CAP_SETUID, CAP_SETGID,
+  # CAP_SETPCAP), ending recorded processes after checking what they run in /proc (CAP_KILL,
+  # CAP_SYS_PTRACE for the read access; ptrace itself is refused by the system call filter),
+  # and reading key files whoever owns them (CAP_DAC_READ_SEARCH).
+  repairCapabilities = [
+    "CAP_NET_ADMIN"
+    "CAP_SYS_ADMIN"
+    "CAP_NET_BIND_SERVICE"
+    "CAP_SETUID"
+    "CAP_SETGID"
+    "CAP_SETPCAP"
+    "CAP_KILL"
+    "CAP_SYS_PTRACE"
+    "CAP_DAC_READ_SEARCH"
+  ];
+
+  # The companion units (refresh, port-forward, health) never make the namespace's mount, so
+  # each has a mount namespace of its own: the file system is read-only but for the paths each
+  # writes (ReadWritePaths, per unit), home directories too (key files may live there), /tmp
+  # is private, and the kernel's modules, logs and control groups are out of reach.
+  companionSandbox = unitHardening // {
+    ProtectSystem = "strict";
+    ProtectHome = "read-only";
+    PrivateTmp = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
   };
 
   # A long-running companion of the namespace's unit: started with it, stopped and restarted
@@ -1061,6 +1134,32 @@ let
         + lib.optionalString cfg.metrics.enable " --metrics-group ${metricsGroup}";
       Restart = "always";
       RestartSec = "10s";
+    }
+    // companionSandbox
+    // {
+      # Enters the namespace (setns) and changes the WireGuard device in it (netlink); reads
+      # the recorded daemon's /proc entries (ptrace read access: the daemon may hold
+      # capabilities this unit has not; ptrace itself is refused by the system call filter);
+      # reads key files of the alternatives it switches to, whoever owns them; gives its status
+      # socket to the metrics group (CAP_CHOWN, which reaches only the paths below: the rest of
+      # the file system is read-only here).
+      CapabilityBoundingSet = [
+        "CAP_NET_ADMIN"
+        "CAP_SYS_ADMIN"
+        "CAP_SYS_PTRACE"
+        "CAP_DAC_READ_SEARCH"
+        "CAP_CHOWN"
+      ];
+      # The state file (and its lock and snapshot socket) and the endpoint cache.
+      ReadWritePaths = [
+        "-/run/wg-namespace"
+        "-/var/lib/wg-namespace/${name}"
+      ];
+      # Only the helper runs here: no device, no sysctl, no writable executable memory.
+      PrivateDevices = true;
+      ProtectKernelTunables = true;
+      MemoryDenyWriteExecute = true;
+      RestrictNamespaces = "net";
     };
   };
 
@@ -1073,6 +1172,30 @@ let
       ExecStart = "${helper} port-forward --config ${jsonDocument ns}";
       Restart = "always";
       RestartSec = "10s";
+    }
+    // companionSandbox
+    // {
+      # As refresh (setns, the forwarded port in the namespace's firewall), plus what
+      # `exec --user` needs to run onPortChange: a mount namespace for the namespace's /etc
+      # files, becoming the hook's user (CAP_SETUID/SETGID; CAP_SETPCAP to empty its bounding
+      # set) and ending the hook's processes, which run as another user (CAP_KILL).
+      CapabilityBoundingSet = [
+        "CAP_NET_ADMIN"
+        "CAP_SYS_ADMIN"
+        "CAP_SYS_PTRACE"
+        "CAP_DAC_READ_SEARCH"
+        "CAP_SETUID"
+        "CAP_SETGID"
+        "CAP_SETPCAP"
+        "CAP_KILL"
+      ];
+      # The forwarding record (/run/wg-namespace/forwarding). The hook inherits this sandbox:
+      # it writes nowhere but its private /tmp.
+      ReadWritePaths = [ "-/run/wg-namespace" ];
+      PrivateDevices = true;
+      ProtectKernelTunables = true;
+      RestrictNamespaces = "net mnt";
+      # No MemoryDenyWriteExecute: the hook may be any program, a JIT-compiled one too.
     };
   };
 
@@ -1083,6 +1206,30 @@ let
       Type = "oneshot";
       # A check that hangs must not keep the timer from firing again.
       TimeoutStartSec = "1min";
+      # What heal starts again (the userspace daemon, a relay) must outlive the check: with
+      # the default, systemd would kill it as soon as this oneshot ends. `down` (the
+      # namespace's ExecStop) ends it by its recorded identity, wherever it runs.
+      KillMode = "process";
+    }
+    // companionSandbox
+    // {
+      # What `up` needs, but for making the namespace (heal never does): see
+      # repairCapabilities.
+      CapabilityBoundingSet = repairCapabilities;
+      # The state file, the endpoint cache, the namespace's /etc files and the userspace
+      # daemon's configuration socket.
+      ReadWritePaths = [
+        "-/run/wg-namespace"
+        "-/var/lib/wg-namespace/${name}"
+        "-/etc/netns"
+        "-/run/wireguard"
+      ];
+      # Only TUN, for a userspace daemon heal starts again. /proc/sys stays writable: IPv6 is
+      # turned off inside the namespace through it. No MemoryDenyWriteExecute: that daemon is
+      # the configured userspaceCommand, whatever program it is.
+      DeviceAllow = [ "/dev/net/tun rw" ];
+      DevicePolicy = "closed";
+      RestrictNamespaces = "net";
     };
     # `heal` repairs what it finds missing with the least invasive step (the ruleset, the
     # namespace's files, the WireGuard interface or its daemon, a relay, a handshake) and

@@ -462,6 +462,86 @@ impl Module {
             _ => panic!("`{binding}` in nix/module.nix must return an attribute set literal"),
         }
     }
+
+    /// Follows let-bound names, parentheses and the bodies of functions (`name: ns: ...`).
+    fn resolve(&self, expr: ast::Expr) -> ast::Expr {
+        match strip(expr) {
+            ast::Expr::Ident(i) => match ident_name(&i).and_then(|n| self.bindings.get(&n)) {
+                Some(bound) => self.resolve(bound.clone()),
+                None => ast::Expr::Ident(i),
+            },
+            ast::Expr::Lambda(lambda) => match lambda.body() {
+                Some(body) => self.resolve(body),
+                None => ast::Expr::Lambda(lambda),
+            },
+            // `f x` where f is let-bound: what f returns (its arguments do not matter here).
+            ast::Expr::Apply(apply) => match apply.lambda().map(|f| self.resolve(f)) {
+                Some(ast::Expr::Lambda(_)) | None => ast::Expr::Apply(apply),
+                Some(body) => body,
+            },
+            other => other,
+        }
+    }
+
+    /// The entries of an attribute set expression built from literals, let-bound names and
+    /// `//`, the right side winning as in Nix; `None` when it is made some other way.
+    fn attrs(&self, expr: ast::Expr) -> Option<HashMap<String, ast::Expr>> {
+        match self.resolve(expr) {
+            ast::Expr::AttrSet(set) => Some(
+                entries(&set)
+                    .into_iter()
+                    .filter(|(path, _)| path.len() == 1)
+                    .map(|(mut path, value)| (path.remove(0), value))
+                    .collect(),
+            ),
+            ast::Expr::BinOp(op) if op.operator() == Some(ast::BinOpKind::Update) => {
+                let mut left = self.attrs(op.lhs()?)?;
+                left.extend(self.attrs(op.rhs()?)?);
+                Some(left)
+            }
+            _ => None,
+        }
+    }
+
+    /// The `serviceConfig` a let-bound unit function (`refreshUnit`, ...) writes.
+    fn service_config(&self, unit: &str) -> HashMap<String, ast::Expr> {
+        let body = self
+            .bindings
+            .get(unit)
+            .unwrap_or_else(|| panic!("nix/module.nix has no let-bound `{unit}`"));
+        let unit_attrs = self
+            .attrs(body.clone())
+            .unwrap_or_else(|| panic!("cannot read the attribute set `{unit}` returns"));
+        let service = unit_attrs
+            .get("serviceConfig")
+            .unwrap_or_else(|| panic!("`{unit}` sets no serviceConfig"));
+        self.attrs(service.clone())
+            .unwrap_or_else(|| panic!("cannot read the serviceConfig of `{unit}`"))
+    }
+
+    /// A value as written, with let-bound names followed and blanks squeezed; string lists as
+    /// their strings joined by spaces.
+    fn value(&self, expr: &ast::Expr) -> String {
+        match self.resolve(expr.clone()) {
+            ast::Expr::List(list) => list
+                .items()
+                .map(|item| self.value(&item))
+                .collect::<Vec<_>>()
+                .join(" "),
+            ast::Expr::Str(s) => s
+                .normalized_parts()
+                .into_iter()
+                .map(|part| match part {
+                    ast::InterpolPart::Literal(text) => text,
+                    ast::InterpolPart::Interpolation(i) => source(&i),
+                })
+                .collect(),
+            other => source(&other)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
 }
 
 /// Removes the indentation a multi-line expression has from its place in the file.
@@ -837,4 +917,210 @@ fn the_reader_rejects_what_it_cannot_read() {
     );
     let error = module.try_options().unwrap_err();
     assert!(error.contains("expected an option set"), "{error}");
+}
+
+/// Settings that give a unit a mount namespace of its own. The namespace's own unit must have
+/// none: the /run/netns/<name> mount `up` makes would then stay in that mount namespace,
+/// unseen by the host and by the services that join the namespace.
+const MOUNT_NAMESPACE_SETTINGS: &[&str] = &[
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectHostname",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadWritePaths",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "TemporaryFileSystem",
+    "RootDirectory",
+    "RootImage",
+];
+
+/// Capabilities no unit of the module needs: with one of them, a compromised helper could do
+/// far more than its namespace takes.
+const NEVER_NEEDED: &[&str] = &[
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_TIME",
+    "CAP_MKNOD",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_BPF",
+    "CAP_SYS_RESOURCE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_MAC_ADMIN",
+];
+
+/// What one companion unit's sandbox must hold beyond the common settings.
+struct Sandbox {
+    /// The let-bound function in nix/module.nix that makes the unit.
+    unit: &'static str,
+    /// Its own settings and their values.
+    own: &'static [(&'static str, &'static str)],
+    /// Capabilities it uses (see the comments in the module), so must keep.
+    needed: &'static [&'static str],
+    /// Its ReadWritePaths, as written.
+    writes: &'static str,
+}
+
+#[test]
+fn companion_units_are_sandboxed() {
+    let module = Module::load();
+    let common = [
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "read-only"),
+        ("PrivateTmp", "true"),
+        ("NoNewPrivileges", "true"),
+        ("ProtectKernelModules", "true"),
+        ("ProtectKernelLogs", "true"),
+        ("ProtectControlGroups", "true"),
+        ("ProtectHostname", "true"),
+        ("LockPersonality", "true"),
+        ("RestrictRealtime", "true"),
+        ("RestrictSUIDSGID", "true"),
+        ("SystemCallArchitectures", "native"),
+        (
+            "RestrictAddressFamilies",
+            "AF_UNIX AF_NETLINK AF_INET AF_INET6",
+        ),
+    ];
+    let units = [
+        Sandbox {
+            unit: "refreshUnit",
+            own: &[
+                ("PrivateDevices", "true"),
+                ("ProtectKernelTunables", "true"),
+                ("MemoryDenyWriteExecute", "true"),
+                ("RestrictNamespaces", "net"),
+            ],
+            needed: &[
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_SYS_PTRACE",
+                "CAP_DAC_READ_SEARCH",
+                "CAP_CHOWN",
+            ],
+            writes: "-/run/wg-namespace -/var/lib/wg-namespace/${name}",
+        },
+        Sandbox {
+            unit: "portForwardUnit",
+            own: &[
+                ("PrivateDevices", "true"),
+                ("ProtectKernelTunables", "true"),
+                ("RestrictNamespaces", "net mnt"),
+            ],
+            needed: &[
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_SETUID",
+                "CAP_SETGID",
+                "CAP_SETPCAP",
+                "CAP_KILL",
+            ],
+            writes: "-/run/wg-namespace",
+        },
+        Sandbox {
+            unit: "healthUnit",
+            own: &[
+                ("KillMode", "process"),
+                ("DevicePolicy", "closed"),
+                ("DeviceAllow", "/dev/net/tun rw"),
+                ("RestrictNamespaces", "net"),
+            ],
+            needed: &[
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_NET_BIND_SERVICE",
+                "CAP_SETUID",
+                "CAP_SETGID",
+                "CAP_SETPCAP",
+                "CAP_KILL",
+                "CAP_SYS_PTRACE",
+            ],
+            writes: "-/run/wg-namespace -/var/lib/wg-namespace/${name} -/etc/netns -/run/wireguard",
+        },
+    ];
+    let mut failures = Vec::new();
+    for Sandbox {
+        unit,
+        own,
+        needed,
+        writes,
+    } in units
+    {
+        let settings = module.service_config(unit);
+        let value = |key: &str| settings.get(key).map(|v| module.value(v));
+        for (key, expected) in common.iter().chain(own) {
+            if value(key).as_deref() != Some(*expected) {
+                failures.push(format!(
+                    "{unit}: {key} is {:?}, want {expected:?}",
+                    value(key)
+                ));
+            }
+        }
+        let filter = value("SystemCallFilter").unwrap_or_default();
+        for group in ["@debug", "@module", "@raw-io", "@reboot", "@clock"] {
+            if !(filter.starts_with('~') && filter.contains(group)) {
+                failures.push(format!(
+                    "{unit}: SystemCallFilter {filter:?} lets {group} through"
+                ));
+            }
+        }
+        let capabilities = value("CapabilityBoundingSet").unwrap_or_default();
+        let capabilities: BTreeSet<&str> = capabilities.split_whitespace().collect();
+        if capabilities.is_empty() {
+            failures.push(format!("{unit}: no CapabilityBoundingSet"));
+        }
+        for cap in needed.iter().filter(|c| !capabilities.contains(*c)) {
+            failures.push(format!(
+                "{unit}: CapabilityBoundingSet lacks {cap}, which it uses"
+            ));
+        }
+        for cap in NEVER_NEEDED.iter().filter(|c| capabilities.contains(*c)) {
+            failures.push(format!("{unit}: CapabilityBoundingSet keeps {cap}"));
+        }
+        if value("ReadWritePaths").as_deref() != Some(writes) {
+            failures.push(format!(
+                "{unit}: ReadWritePaths is {:?}, want {writes:?}",
+                value("ReadWritePaths")
+            ));
+        }
+    }
+
+    let main = module.service_config("mainUnit");
+    for key in MOUNT_NAMESPACE_SETTINGS
+        .iter()
+        .filter(|k| main.contains_key(**k))
+    {
+        failures.push(format!(
+            "mainUnit sets {key}, which gives it a mount namespace of its own: the host would \
+             not see /run/netns/<name>"
+        ));
+    }
+    let main_value = |key: &str| main.get(key).map(|v| module.value(v)).unwrap_or_default();
+    if main_value("NoNewPrivileges") != "true" {
+        failures.push("mainUnit: NoNewPrivileges is not true".into());
+    }
+    let capabilities = main_value("CapabilityBoundingSet");
+    if capabilities.is_empty() {
+        failures.push("mainUnit: no CapabilityBoundingSet".into());
+    }
+    for cap in NEVER_NEEDED
+        .iter()
+        .filter(|c| capabilities.split_whitespace().any(|k| k == **c))
+    {
+        failures.push(format!("mainUnit: CapabilityBoundingSet keeps {cap}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -506,6 +506,91 @@ let
       (check "metrics: port open" (builtins.elem 9595 config.networking.firewall.allowedTCPPorts))
     ];
 
+  # The companion units run sandboxed; the namespace's own unit gets nothing that would give it
+  # a mount namespace of its own (the host must see the /run/netns/<name> mount `up` makes).
+  sandboxChecks =
+    let
+      two = (example "two-namespaces").systemd.services;
+      forwarding = (example "port-forwarding").systemd.services;
+      companions = {
+        refresh = two.wireguard-namespace-office-refresh;
+        health = two.wireguard-namespace-office-health;
+        port-forward = forwarding.wireguard-namespace-vpn-port-forward;
+      };
+      main = two.wireguard-namespace-office;
+      common = {
+        ProtectSystem = "strict";
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        NoNewPrivileges = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        SystemCallArchitectures = "native";
+      };
+      commonChecks = lib.concatLists (
+        lib.mapAttrsToList (
+          unit: service:
+          lib.mapAttrsToList (
+            key: value: equal "sandbox: ${unit} ${key}" value (service.serviceConfig.${key} or null)
+          ) common
+          ++ [
+            (check "sandbox: ${unit} keeps no CAP_SYS_MODULE" (
+              service.serviceConfig ? CapabilityBoundingSet
+              && !builtins.elem "CAP_SYS_MODULE" service.serviceConfig.CapabilityBoundingSet
+            ))
+          ]
+        ) companions
+      );
+      mountNamespaceSettings = [
+        "ProtectSystem"
+        "ProtectHome"
+        "PrivateTmp"
+        "PrivateDevices"
+        "ProtectKernelTunables"
+        "ProtectKernelModules"
+        "ProtectKernelLogs"
+        "ProtectControlGroups"
+        "ProtectHostname"
+        "ReadWritePaths"
+        "ReadOnlyPaths"
+        "InaccessiblePaths"
+      ];
+    in
+    commonChecks
+    ++ [
+      (equal "sandbox: refresh writes the state and the endpoint cache" [
+        "-/run/wg-namespace"
+        "-/var/lib/wg-namespace/office"
+      ] companions.refresh.serviceConfig.ReadWritePaths)
+      (equal "sandbox: health writes what heal repairs" [
+        "-/run/wg-namespace"
+        "-/var/lib/wg-namespace/office"
+        "-/etc/netns"
+        "-/run/wireguard"
+      ] companions.health.serviceConfig.ReadWritePaths)
+      (equal "sandbox: port-forward writes its record only" [ "-/run/wg-namespace" ]
+        companions.port-forward.serviceConfig.ReadWritePaths
+      )
+      (equal "sandbox: health leaves what heal starts running" "process"
+        companions.health.serviceConfig.KillMode
+      )
+      (equal "sandbox: health reaches TUN only" [ "/dev/net/tun rw" ]
+        companions.health.serviceConfig.DeviceAllow
+      )
+      (check "sandbox: port-forward can become the hook's user" (
+        lib.all (c: builtins.elem c companions.port-forward.serviceConfig.CapabilityBoundingSet) [
+          "CAP_SETUID"
+          "CAP_SETGID"
+          "CAP_SETPCAP"
+        ]
+      ))
+      (equal "sandbox: the namespace's unit has no mount namespace of its own" [ ] (
+        filter (key: main.serviceConfig ? ${key}) mountNamespaceSettings
+      ))
+      (equal "sandbox: the namespace's unit NoNewPrivileges" true main.serviceConfig.NoNewPrivileges)
+    ];
+
   checks =
     noneChecks
     ++ metricsChecks
@@ -514,6 +599,7 @@ let
     ++ configFileChecks
     ++ portForwardingChecks
     ++ confinedChecks
+    ++ sandboxChecks
     ++ failingChecks;
   failures = filter (c: !c.ok) checks;
 

@@ -96,6 +96,17 @@ pkgs.testers.runNixOSTest {
           persistentKeepalive = 25;
         }
       ];
+      # The health unit repairs in place; the relay gives it something to start again.
+      restartOnUnhealthy = {
+        enable = true;
+        interval = "10s";
+      };
+      publishPorts = [
+        {
+          hostPort = 8080;
+          namespacePort = 80;
+        }
+      ];
     };
 
     # Fetches the test page through the tunnel every second and keeps the last answer.
@@ -175,6 +186,54 @@ pkgs.testers.runNixOSTest {
     with subtest("status and leak checks pass"):
         client.wait_until_succeeds("wg-namespace status --namespace vpn", timeout=60)
         client.succeed("wg-namespace check-leaks --namespace vpn")
+
+    with subtest("the companion units run sandboxed, the namespace's own unit in the host's mounts"):
+        pid = client.succeed("systemctl show -P MainPID wireguard-namespace-vpn-refresh.service").strip()
+        assert pid != "0", "refresh is not running"
+        client.succeed(f"test \"$(readlink /proc/{pid}/ns/mnt)\" != \"$(readlink /proc/1/ns/mnt)\"")
+        client.succeed(f"grep -q '^NoNewPrivs:[[:space:]]*1' /proc/{pid}/status")
+        bounding = client.succeed(f"awk '/^CapBnd/{{print $2}}' /proc/{pid}/status").strip()
+        assert bounding != client.succeed("awk '/^CapBnd/{print $2}' /proc/1/status").strip(), bounding
+        client.fail(f"nsenter -t {pid} -m touch /etc/sandbox-test")
+        for unit in ["refresh", "health"]:
+            out = client.succeed(f"systemctl show -P ProtectSystem wireguard-namespace-vpn-{unit}.service")
+            assert out.strip() == "strict", f"{unit}: ProtectSystem={out}"
+        client.succeed("findmnt -n /run/netns/vpn")
+
+    with subtest("refresh handshakes anew when an address of the host comes"):
+        since = client.succeed("date +%s").strip()
+        client.succeed("sleep 1; ip link add wgtest0 type dummy; ip addr add 10.97.0.1/24 dev wgtest0; ip link set wgtest0 up")
+        client.wait_until_succeeds(
+            f"journalctl -u wireguard-namespace-vpn-refresh.service -o cat --since @{since}"
+            " | grep -q 'handshaking again'",
+            timeout=30,
+        )
+        client.succeed("ip link del wgtest0")
+
+    with subtest("the health unit heals a deleted interface in place"):
+        probe = client.succeed("systemctl show -P MainPID probe.service").strip()
+        invocation = client.succeed("systemctl show -P InvocationID wireguard-namespace-vpn.service").strip()
+        client.succeed("ip -n vpn link del vpn")
+        client.wait_until_succeeds("ip -n vpn link show vpn", timeout=60)
+        assert client.succeed("systemctl show -P MainPID probe.service").strip() == probe
+        assert (
+            client.succeed("systemctl show -P InvocationID wireguard-namespace-vpn.service").strip()
+            == invocation
+        ), "the namespace's unit was restarted instead of healed"
+        client.succeed("rm -f /run/probe/body")
+        client.wait_until_succeeds(f"grep -qF '{marker}' /run/probe/body", timeout=60)
+
+    with subtest("a relay the health unit starts again outlives the check"):
+        relay = client.succeed("ss -Htlnp 'sport = :8080' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2").strip()
+        client.succeed(f"kill -9 {relay}")
+        client.wait_until_succeeds(
+            f"ss -Htlnp 'sport = :8080' | grep -o 'pid=[0-9]*' | grep -vx 'pid={relay}'", timeout=60
+        )
+        healed = client.succeed("ss -Htlnp 'sport = :8080' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2").strip()
+        # Longer than a health check takes: with the default KillMode the relay would be gone.
+        client.sleep(25)
+        client.succeed(f"kill -0 {healed}")
+        client.succeed("ss -Htln 'sport = :8080' | grep -q .")
 
     with subtest("stopping the namespace stops the confined service and cuts all traffic"):
         client.succeed("systemctl stop wireguard-namespace-vpn.service")
