@@ -499,6 +499,60 @@ fn prometheus_scrapes() -> Result<()> {
     for rule in loaded {
         ensure!(rule["health"] != "err", "a rule fails: {rule:#}");
     }
+
+    socket_activated(&mut a)?;
+    Ok(())
+}
+
+/// `serve` started as systemd starts it (the listening socket passed as LISTEN_FDS, by
+/// systemd-socket-activate), as nobody: it answers on the passed socket, and exits by itself
+/// once idle.
+fn socket_activated(rig: &mut Rig) -> Result<()> {
+    let address: SocketAddr = "127.0.0.1:9596".parse()?;
+    let mut child = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                "systemd-socket-activate",
+                "--listen",
+                &address.to_string(),
+                "setpriv",
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                &format!("--groups={METRICS_GID}"),
+                "--",
+                BIN,
+                "serve",
+                "--exit-when-idle",
+                "3",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("systemd-socket-activate (Debian's systemd package)")?;
+    let fd = rig.host_fd();
+    let answered = wait_for(Duration::from_secs(10), "the activated serve", || {
+        get(fd, address, "/metrics").is_ok_and(|(code, body)| {
+            code == 200 && body.contains("# TYPE wg_namespace_verdict gauge")
+        })
+    });
+    if let Err(e) = answered {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    let (uid, _) = identity(child.id())?;
+    ensure!(
+        uid.starts_with(&NOBODY.to_string()),
+        "activated serve runs as {uid}"
+    );
+    let exited = output_within(child, Duration::from_secs(20))?;
+    ensure!(
+        exited.status.success(),
+        "the activated serve did not exit cleanly when idle: {}",
+        text(&exited)
+    );
     Ok(())
 }
 
