@@ -383,10 +383,11 @@ log:
 fn prometheus_scrapes() -> Result<()> {
     let mut a = Rig::new(193)?;
     let mut b = Rig::new(194)?;
+    let mut companions = Vec::new();
     for rig in [&mut a, &mut b] {
         let config = rig.config()?;
         let path = rig.up_with(&config)?;
-        start_refresh(rig, &path)?;
+        companions.push(start_refresh(rig, &path)?);
     }
     // The companion answers members of the metrics group, and nobody else who is not root.
     let member = read_companion_as_nobody(&a, &format!("--groups={METRICS_GID}"))?;
@@ -409,7 +410,8 @@ fn prometheus_scrapes() -> Result<()> {
     );
     let target: SocketAddr = "127.0.0.1:9595".parse()?;
     let prometheus = Prometheus::start(&a, target, 9090)?;
-    let namespaces = [a.confined.as_str(), b.confined.as_str()];
+    let names = [a.confined.clone(), b.confined.clone()];
+    let namespaces = [names[0].as_str(), names[1].as_str()];
     let before = received(&prometheus, &a, &namespaces)?;
 
     for rig in [&a, &b] {
@@ -500,14 +502,37 @@ fn prometheus_scrapes() -> Result<()> {
         ensure!(rule["health"] != "err", "a rule fails: {rule:#}");
     }
 
-    socket_activated(&mut a)?;
+    socket_activated(&a)?;
+
+    // b's companion stops: serve says so; `metrics` as root inspects b itself.
+    b.kill_tracked(companions[1]);
+    let (code, document) = get(
+        a.host_fd(),
+        target,
+        &format!("/v1/namespaces/{}", b.confined),
+    )?;
+    ensure!(
+        code == 200 && document.contains("does not answer") && document.contains("\"down\""),
+        "{code} {document}"
+    );
+    let printed = a.helper(&["metrics"])?;
+    ensure!(printed.status.success(), "metrics: {}", text(&printed));
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    for ns in namespaces {
+        let healthy = format!("wg_namespace_verdict{{netns=\"{ns}\",verdict=\"healthy\"}} 1");
+        ensure!(
+            printed.contains(&healthy),
+            "{healthy} missing from:\n{printed}"
+        );
+    }
+    no_secret("metrics", &printed, &secrets)?;
     Ok(())
 }
 
 /// `serve` started as systemd starts it (the listening socket passed as LISTEN_FDS, by
 /// systemd-socket-activate), as nobody: it answers on the passed socket, and exits by itself
 /// once idle.
-fn socket_activated(rig: &mut Rig) -> Result<()> {
+fn socket_activated(rig: &Rig) -> Result<()> {
     let address: SocketAddr = "127.0.0.1:9596".parse()?;
     let mut child = rig
         .command_in(
