@@ -411,10 +411,26 @@ fn nft_child() -> Result<()> {
     );
     rig.assert_clean()?;
 
-    // Reading the ruleset back runs the `nft` program: one that never finishes is given up on,
-    // and `status` says why.
+    // The guard is judged over netlink; the `nft` program runs only to word a rule that was
+    // added. One that never finishes is given up on, and `status` still says down.
     config["extraFirewallRules"] = json!(padding);
     rig.up_with(&config)?;
+    let confined = rig.confined_fd()?;
+    let tamper = rig
+        .command_in(
+            &confined,
+            &[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                "wg_namespace_guard",
+                "output",
+                "accept",
+            ],
+        )
+        .output()?;
+    ensure!(tamper.status.success(), "nft insert: {}", text(&tamper));
     let fake = rig.dir.join("fake-bin");
     std::fs::create_dir_all(&fake)?;
     let nft = fake.join("nft");
@@ -438,7 +454,7 @@ fn nft_child() -> Result<()> {
     let out = output_within(child, Duration::from_secs(90))?;
     let report = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        out.status.code() == Some(4) && report.contains("did not finish within"),
+        out.status.code() == Some(4) && report.contains("chain output has an added rule 1"),
         "{}",
         text(&out)
     );
