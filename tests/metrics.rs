@@ -503,6 +503,7 @@ fn prometheus_scrapes() -> Result<()> {
     }
 
     socket_activated(&a)?;
+    bounded(&a, target)?;
 
     // b's companion stops: serve says so; `metrics` as root inspects b itself.
     b.kill_tracked(companions[1]);
@@ -578,6 +579,62 @@ fn socket_activated(rig: &Rig) -> Result<()> {
         "the activated serve did not exit cleanly when idle: {}",
         text(&exited)
     );
+    Ok(())
+}
+
+/// `serve` bounds what a client can make it hold: the request's size and time, and the number
+/// of connections at once; and it answers GET (and HEAD) only.
+fn bounded(rig: &Rig, target: SocketAddr) -> Result<()> {
+    let fd = rig.host_fd();
+    let exchange = |request: &[u8]| -> Result<String> {
+        Rig::within(fd, || -> Result<String> {
+            let mut stream = TcpStream::connect(target)?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            stream.write_all(request)?;
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            Ok(String::from_utf8_lossy(&answer).into_owned())
+        })?
+    };
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let answer = exchange(huge.as_bytes())?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 431"),
+        "a 9 KB request: {answer:?}"
+    );
+    let answer = exchange(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")?;
+    ensure!(answer.starts_with("HTTP/1.1 405"), "a POST: {answer:?}");
+
+    // Sixteen clients that send nothing: the seventeenth is turned away at once.
+    let silent: Vec<TcpStream> = (0..16)
+        .map(|_| Rig::within(fd, || TcpStream::connect(target))?.map_err(Into::into))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let answer = exchange(b"GET /metrics HTTP/1.1\r\n\r\n")?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 503"),
+        "the 17th connection: {answer:?}"
+    );
+    // ... and the silent ones are given up after the request deadline (10 s).
+    let started = std::time::Instant::now();
+    let mut first = silent.into_iter().next().context("a silent client")?;
+    first.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut answer = Vec::new();
+    let _ = first.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 408") && started.elapsed() < Duration::from_secs(15),
+        "a silent client after {:?}: {answer:?}",
+        started.elapsed()
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "serve to take requests again",
+        || get(fd, target, "/metrics").is_ok_and(|(code, _)| code == 200),
+    )?;
     Ok(())
 }
 
