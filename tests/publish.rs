@@ -1109,7 +1109,13 @@ fn idle_relays_sleep() -> Result<()> {
     udp.set_read_timeout(Some(Duration::from_secs(5)))?;
     udp.send_to(b"once", "127.0.0.1:18081")?;
     udp.recv(&mut [0u8; 16])?;
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for(Duration::from_secs(10), "both sessions to end", || {
+        status(&rig).is_ok_and(|(_, ns)| {
+            ns["relays"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["sessionsOpen"] == 0))
+        })
+    })?;
 
     let pids: Vec<u32> = relay_pids(&rig)?.into_iter().map(|(pid, _)| pid).collect();
     ensure!(pids.len() == 2, "expected two relays, got {pids:?}");
