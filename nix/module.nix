@@ -411,8 +411,10 @@ let
         Program run inside the namespace, without a shell, each time the forwarded port changes
         (the first time included), with the port as its only argument and in the environment as
         `WG_NAMESPACE_FORWARDED_PORT` (also `WG_NAMESPACE_FORWARDED_UDP_PORT` and
-        `WG_NAMESPACE_FORWARDED_TCP_PORT`). It runs once per change; when it fails or takes
-        longer than 60 seconds it is tried again, with a growing pause, until it succeeds.
+        `WG_NAMESPACE_FORWARDED_TCP_PORT`). It runs once per change, beside the renewals (which
+        do not wait for it); when it fails or takes longer than 60 seconds it is tried again, with
+        a growing pause, until it succeeds. Every process it starts is killed when it exits or
+        at that deadline (it runs as PID 1 of a PID namespace of its own).
 
         It runs in the sandbox of `wireguard-namespace-<name>-port-forward.service`: the file
         system is read-only but for a private `/tmp`, so hand the port over through the
@@ -661,8 +663,9 @@ let
         A port forwarded by the VPN provider over NAT-PMP (RFC 6886), as ProtonVPN offers. A unit
         `wireguard-namespace-<name>-port-forward.service` asks for it from inside the namespace,
         so only through the tunnel; renews it; maps again when the gateway restarts or the tunnel
-        changes; opens the port (and no other) in the namespace's firewall only while it is
-        mapped; runs {option}`portForwarding.onPortChange` when it changes; and writes it, with
+        changes; opens the port (and no other, and never one below 1024 or a publishPorts or
+        hostServices namespacePort) in the namespace's firewall only while it is mapped; runs
+        {option}`portForwarding.onPortChange` when it changes; and writes it, with
         its expiry, to `/run/wg-namespace/forwarding/<name>.json` for other units to read.
         `wg-namespace status` shows it too.
       '';
@@ -1178,7 +1181,8 @@ let
       # As refresh (setns, the forwarded port in the namespace's firewall), plus what
       # `exec --user` needs to run onPortChange: a mount namespace for the namespace's /etc
       # files, becoming the hook's user (CAP_SETUID/SETGID; CAP_SETPCAP to empty its bounding
-      # set) and ending the hook's processes, which run as another user (CAP_KILL).
+      # set) and ending the hook's processes, which run as another user (CAP_KILL); and a PID
+      # namespace per run of the hook, so that all it started dies with it.
       CapabilityBoundingSet = [
         "CAP_NET_ADMIN"
         "CAP_SYS_ADMIN"
@@ -1194,7 +1198,7 @@ let
       ReadWritePaths = [ "-/run/wg-namespace" ];
       PrivateDevices = true;
       ProtectKernelTunables = true;
-      RestrictNamespaces = "net mnt";
+      RestrictNamespaces = "net mnt pid";
       # No MemoryDenyWriteExecute: the hook may be any program, a JIT-compiled one too.
     };
   };

@@ -36,6 +36,18 @@ fn main() {
             the_record_is_kept_apart_from_state_files,
         ),
         trial(
+            "a_hanging_hook_neither_stops_renewals_nor_outlives_its_deadline",
+            a_hanging_hook_neither_stops_renewals_nor_outlives_its_deadline,
+        ),
+        trial(
+            "an_idle_port_forward_wakes_rarely",
+            an_idle_port_forward_wakes_rarely,
+        ),
+        trial(
+            "the_gateway_picks_neither_the_port_nor_the_renewal",
+            the_gateway_picks_neither_the_port_nor_the_renewal,
+        ),
+        trial(
             "port_forward_refuses_configs_it_cannot_serve",
             port_forward_refuses_configs_it_cannot_serve,
         ),
@@ -499,7 +511,8 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
     ensure!(reachable(&rig, FIRST_PORT)?, "the forwarded port is closed");
 
     // Failover to another server (another key; its gateway knows nothing of our mapping and
-    // hands out other ports), done as failover does it: one device update.
+    // hands out other ports), done as failover does it: the switch recorded in the state file,
+    // then one device update.
     drop(server);
     rig.stop_peer_wg();
     let old_key = rig.peer_key.get_public().to_base64();
@@ -509,6 +522,9 @@ fn mapped_again_when_the_tunnel_changes() -> Result<()> {
     let new_key = rig.peer_key.get_public().to_base64();
     let endpoint = format!("{}:{WG_PORT}", rig.peer_underlay());
     let changed_at = Instant::now();
+    wg_namespace::system::state::State::load(&rig.confined)?
+        .context("no state file")?
+        .save()?;
     let out = rig
         .command_in(
             rig.host_fd(),
@@ -740,6 +756,342 @@ fn the_record_is_kept_apart_from_state_files() -> Result<()> {
     let out = rig.helper(&["down", "--namespace", &neighbour])?;
     ensure!(out.status.success(), "down {neighbour}: {}", text(&out));
     drop(server);
+    rig.assert_clean()
+}
+
+/// The processes (by PID and start time, as the host sees them) that the hook below wrote down.
+fn hook_processes(pids: &Path) -> Vec<wg_namespace::system::process::ProcessId> {
+    std::fs::read_to_string(pids)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let pid = fields.next()?.parse().ok()?;
+            let start_time = fields.next()?.parse().ok()?;
+            Some(wg_namespace::system::process::ProcessId { pid, start_time })
+        })
+        .collect()
+}
+
+/// The record's phase and the earliest expiry of its ports, as `port-forward` wrote it.
+fn record_expiry(namespace: &str) -> Option<(String, Option<u64>)> {
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(record_path(namespace)).ok()?).ok()?;
+    let earliest = record["ports"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["expiresAt"].as_u64())
+        .min();
+    Some((record["phase"].as_str()?.to_string(), earliest))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A hook that hangs past its 60 s deadline the first time, having started a process in the
+/// background, and returns at once (leaving another such process) after that. Meanwhile the
+/// renewals (every 2 s) go on, the record never shows a lapsed mapping as mapped, and the
+/// retry and a port granted again do not run the hook more than once per port. Whatever the
+/// hook started is gone when it is killed, and when it returns.
+fn a_hanging_hook_neither_stops_renewals_nor_outlives_its_deadline() -> Result<()> {
+    let mut rig = Rig::new(71)?;
+    let server = gateway(&rig)?;
+    let hook_dir = rig.dir.join("hook");
+    std::fs::create_dir(&hook_dir)?;
+    std::os::unix::fs::chown(&hook_dir, Some(65534), Some(65534))?;
+    let calls_log = hook_dir.join("calls.log");
+    let pids = hook_dir.join("pids");
+    let hook = rig.dir.join("on-port-change");
+    // `read ... < /proc/self/stat` in the shell itself: its PID and start time as the host
+    // sees them (fields 1 and 22), whatever PID namespace it runs in.
+    let me = r#"read -r pid _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ start _ < /proc/self/stat; echo "$pid $start" >> "$dir/pids""#;
+    std::fs::write(
+        &hook,
+        format!(
+            r#"#!/bin/sh
+export dir={dir}
+echo "$1" >> "$dir/calls.log"
+{me}
+sh -c '{me}; exec sleep 600' &
+calls=$(wc -l < "$dir/calls.log")
+# Until the background process has written itself down.
+while [ "$(wc -l < "$dir/pids")" -lt $((calls * 2)) ]; do sleep 0.1; done
+if [ "$calls" -eq 1 ]; then exec sleep 600; fi
+"#,
+            dir = hook_dir.display(),
+        ),
+    )?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+    let log = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+
+    wait_for(
+        Duration::from_secs(20),
+        "the hook and its background process",
+        || hook_processes(&pids).len() == 2,
+    )
+    .with_context(|| format!("port-forward said: {}", log()))?;
+    let first = hook_processes(&pids);
+    ensure!(
+        first.iter().all(|p| p.is_alive()),
+        "the hook's processes are not running: {first:?}"
+    );
+    let hanging_since = Instant::now();
+    let requests_before = server.seen().len();
+    let mut lapsed_yet_mapped = Vec::new();
+    // Past the deadline (60 s) and the first retry (5 s later).
+    wait_for(Duration::from_secs(80), "the hook's second run", || {
+        if let Some((phase, Some(earliest))) = record_expiry(&rig.confined)
+            && phase == "mapped"
+            && earliest < unix_now()
+        {
+            lapsed_yet_mapped.push((unix_now(), earliest));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        calls(&calls_log).len() >= 2
+    })
+    .with_context(|| format!("port-forward said: {}", log()))?;
+    let hung_for = hanging_since.elapsed();
+    ensure!(
+        hung_for >= Duration::from_secs(55),
+        "the hook was killed after {hung_for:?}, before its deadline"
+    );
+    ensure!(
+        lapsed_yet_mapped.is_empty(),
+        "the record said mapped with a lapsed port (now, expiresAt): {lapsed_yet_mapped:?}"
+    );
+    let times: Vec<Instant> = server.seen()[requests_before..]
+        .iter()
+        .map(|s| s.at)
+        .collect();
+    let longest_gap = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(hung_for);
+    ensure!(
+        times.len() >= 40 && longest_gap < Duration::from_millis(3500),
+        "{} requests while the hook hung for {hung_for:?}, {longest_gap:?} the longest pause (renewals are due every 2s)",
+        times.len()
+    );
+    let left: Vec<_> = first.iter().filter(|p| p.is_alive()).collect();
+    ensure!(
+        left.is_empty(),
+        "the killed hook's processes are still running: {left:?}"
+    );
+    ensure!(
+        log().contains("killed it and all it started"),
+        "no word of the kill: {}",
+        log()
+    );
+
+    // The second run returns at once; what it left in the background goes with it.
+    wait_for(
+        Duration::from_secs(10),
+        "the second run's processes",
+        || hook_processes(&pids).len() == 4,
+    )?;
+    let second = hook_processes(&pids)[2..].to_vec();
+    wait_for(
+        Duration::from_secs(5),
+        "the second run's processes to end",
+        || second.iter().all(|p| !p.is_alive()),
+    )?;
+    wait_for(Duration::from_secs(5), "the hook's success", || {
+        log().contains("succeeded")
+    })?;
+    // Renewals of the same port, the hook left alone.
+    std::thread::sleep(Duration::from_secs(6));
+    ensure!(
+        calls(&calls_log) == [FIRST_PORT.to_string(), FIRST_PORT.to_string()],
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    let report = status(&rig)?;
+    ensure!(
+        report["verdict"] == "healthy" && report["portForwarding"]["phase"] == "mapped",
+        "status: {report:#}"
+    );
+
+    // A new port: one more run.
+    server.restart(AFTER_RESTART);
+    wait_for(Duration::from_secs(20), "the run for the new port", || {
+        calls(&calls_log).len() == 3
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        calls(&calls_log)[2..] == [AFTER_RESTART.to_string()],
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// Voluntary context switches of all threads of `pid` so far: how often it went to sleep.
+fn wakeups(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .context("no voluntary_ctxt_switches")?
+            .trim()
+            .parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// Mapped with ProtonVPN's 60 s lifetime and left alone for a minute, `port-forward` wakes for
+/// its two renewals and little else (issue 22: it woke every second).
+fn an_idle_port_forward_wakes_rarely() -> Result<()> {
+    let mut rig = Rig::new(72)?;
+    let server = gateway_granting(&rig, FIRST_PORT, 60)?;
+    let (hook, calls_log) = hook(&rig)?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    let (forwarder, _) = start_forwarder(&mut rig, &path)?;
+    wait_for(Duration::from_secs(20), "the first mapping", || {
+        calls(&calls_log).len() == 1
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let before = wakeups(forwarder)?;
+    let requests_before = server.seen().len();
+    std::thread::sleep(Duration::from_secs(60));
+    let woke = wakeups(forwarder)? - before;
+    let renewals = server.seen().len() - requests_before;
+    eprintln!("port-forward woke {woke} times in 60s idle ({renewals} requests)");
+    ensure!(
+        renewals >= 2,
+        "{renewals} requests in 60s: the renewals stopped"
+    );
+    ensure!(woke <= 12, "port-forward woke {woke} times in 60s idle");
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// Whether status shows port forwarding degraded with a reason containing `words`.
+fn degraded_because(rig: &Rig, words: &str) -> bool {
+    status(rig).is_ok_and(|s| {
+        s["verdict"] == "degraded"
+            && s["portForwarding"]["phase"] == "retrying"
+            && s["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r.as_str().unwrap_or("").contains(words)))
+    })
+}
+
+/// A granted port below 1024, or one a relay serves (publishPorts' namespacePort here), is
+/// not opened and not handed to the hook; a lifetime longer than asked is renewed as if it
+/// were the one asked for, so that a gateway restart is noticed at the next renewal.
+fn the_gateway_picks_neither_the_port_nor_the_renewal() -> Result<()> {
+    const ASKED: u64 = 6;
+    let mut rig = Rig::new(73)?;
+    // The first port the gateway grants is the published service's.
+    let server = gateway_granting(&rig, FIRST_PORT, 60)?;
+    let (hook, calls_log) = hook(&rig)?;
+    // Not nobody: the relays of publishPorts run as nobody here.
+    std::os::unix::fs::chown(rig.dir.join("hook"), Some(1), Some(1))?;
+    let mut config = forwarding_config(&rig, &hook)?;
+    config["portForwarding"]["onPortChangeUser"] = "daemon".into();
+    config["portForwarding"]["lifetimeSeconds"] = ASKED.into();
+    config["publishPorts"] = json!([{ "protocol": "tcp", "hostAddress": "127.0.0.1",
+        "hostPort": 18173, "namespacePort": FIRST_PORT }]);
+    let path = rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    for port in [FIRST_PORT, 1000, 45000] {
+        Rig::serve_tcp(
+            &inside,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            "service",
+        )?;
+    }
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+    let log = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+
+    wait_for(
+        Duration::from_secs(20),
+        "the published port refused",
+        || {
+            degraded_because(
+                &rig,
+                &format!("granted port {FIRST_PORT} is a publishPorts namespacePort"),
+            )
+        },
+    )
+    .with_context(|| format!("status: {:?}\nport-forward said: {}", status(&rig), log()))?;
+    ensure!(
+        forwarded(&status(&rig)?).is_empty() && !reachable(&rig, FIRST_PORT)?,
+        "the published service's port was opened to the tunnel"
+    );
+
+    server.restart(1000);
+    wait_for(Duration::from_secs(20), "a port below 1024 refused", || {
+        degraded_because(&rig, "granted port 1000 is below 1024")
+    })
+    .with_context(|| format!("status: {:?}\nport-forward said: {}", status(&rig), log()))?;
+    ensure!(
+        forwarded(&status(&rig)?).is_empty() && !reachable(&rig, 1000)?,
+        "port 1000 was opened"
+    );
+    ensure!(
+        calls(&calls_log).is_empty(),
+        "the hook ran for a refused port: {:?}",
+        calls(&calls_log)
+    );
+
+    server.restart(45000);
+    wait_for(Duration::from_secs(20), "an acceptable port", || {
+        calls(&calls_log).len() == 1
+    })?;
+    ensure!(
+        calls(&calls_log) == ["45000 45000 1"] && reachable(&rig, 45000)?,
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    wait_for(Duration::from_secs(10), "healthy", || {
+        status(&rig).is_ok_and(|s| s["verdict"] == "healthy")
+    })?;
+
+    // 2^32-1 seconds granted: still renewed at half the lifetime asked for.
+    server.grant_lifetime(Some(u32::MAX));
+    let asked_at = server.seen().len();
+    wait_for(Duration::from_secs(10), "renewals granted 2^32-1", || {
+        server.seen().len() >= asked_at + 4
+    })?;
+    let record: Value = serde_json::from_slice(&std::fs::read(record_path(&rig.confined))?)?;
+    let latest = record["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["expiresAt"].as_u64())
+        .max()
+        .unwrap_or(u64::MAX);
+    ensure!(
+        latest <= unix_now() + ASKED,
+        "the record expects the mapping to last until {latest}: {record:#}"
+    );
+    server.restart(AFTER_RESTART);
+    wait_for(Duration::from_secs(15), "the restart noticed", || {
+        calls(&calls_log).len() == 2
+    })
+    .with_context(|| format!("port-forward said: {}", log()))?;
+    ensure!(
+        calls(&calls_log)[1] == format!("{AFTER_RESTART} {AFTER_RESTART} 1"),
+        "hook calls: {:?}",
+        calls(&calls_log)
+    );
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
     rig.assert_clean()
 }
 

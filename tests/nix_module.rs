@@ -1018,7 +1018,7 @@ fn companion_units_are_sandboxed() {
             own: &[
                 ("PrivateDevices", "true"),
                 ("ProtectKernelTunables", "true"),
-                ("RestrictNamespaces", "net mnt"),
+                ("RestrictNamespaces", "net mnt pid"),
             ],
             needed: &[
                 "CAP_NET_ADMIN",

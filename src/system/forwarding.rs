@@ -133,7 +133,8 @@ impl Record {
         let name = record_name(&self.namespace);
         let write = || -> Result<()> {
             let dir = record_dir(true)?.context("the records' directory is missing")?;
-            Ok(dir.write_atomically(&name, &text, 0o644)?)
+            // Rewritten at every renewal and meaningless after a reboot: never worth a sync.
+            Ok(dir.write_atomically_unsynced(&name, &text, 0o644)?)
         };
         // The last record of another namespace going may take the empty directory with it
         // between our opening and writing it; it is made again.

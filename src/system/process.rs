@@ -447,3 +447,127 @@ pub fn output_within(
         stderr: stderr.join().unwrap_or_default(),
     })
 }
+
+/// A child started as PID 1 of a new PID namespace. When it dies, however it dies, the kernel
+/// kills every process left in that namespace: nothing it started outlives it. (A process group
+/// or session can be left by any descendant, with `setsid`; a PID namespace cannot.)
+#[derive(Debug)]
+pub struct Contained {
+    pid: u32,
+    /// Readable once it has exited; reaped through it, so never confused with another process.
+    pidfd: OwnedFd,
+    reaped: bool,
+}
+
+impl Contained {
+    /// Starts `program` with `args` and exactly the environment `env`, its standard input
+    /// `/dev/null`, its output ours.
+    pub fn spawn(
+        program: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(String, std::ffi::OsString)],
+    ) -> Result<Contained> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |bytes: &[u8]| CString::new(bytes).context("a NUL byte in an argument");
+        let path = c(program.as_os_str().as_bytes())?;
+        let argv: Vec<CString> = std::iter::once(Ok(path.clone()))
+            .chain(args.iter().map(|a| c(a.as_bytes())))
+            .collect::<Result<_>>()?;
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<Result<_>>()?;
+        let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+            strings
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
+        let stdin = File::open("/dev/null").context("opening /dev/null")?;
+        let mut pidfd: libc::c_int = -1;
+        // The clone system call, not clone3: systemd's RestrictNamespaces= can only check the
+        // flags of the former, and makes the latter fail with ENOSYS. With no stack of its own
+        // it behaves as fork; CLONE_PIDFD stores the pidfd where the parent's TID would go.
+        // The child only makes system calls on memory prepared above (async-signal-safe), then
+        // executes or exits.
+        let flags = libc::CLONE_NEWPID | libc::CLONE_PIDFD | libc::SIGCHLD;
+        // SAFETY: see above.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags as libc::c_ulong,
+                0 as libc::c_ulong,
+                std::ptr::addr_of_mut!(pidfd),
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if ret == 0 {
+            // SAFETY: see above; dup2 clears close-on-exec on descriptor 0.
+            unsafe {
+                libc::dup2(stdin.as_raw_fd(), 0);
+                libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("starting {} in a PID namespace", program.display()));
+        }
+        Ok(Contained {
+            pid: ret as u32,
+            // SAFETY: clone3 stored a new descriptor for the child there.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+            reaped: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Readable once the process has exited.
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Kills it, and with it everything it started.
+    pub fn kill(&self) {
+        if !self.reaped {
+            ProcessId::signal(&self.pidfd, Signal::SIGKILL);
+        }
+    }
+
+    /// Its exit status once it has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<WaitStatus>> {
+        self.wait(WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG)
+    }
+
+    fn wait(&mut self, flags: WaitPidFlag) -> Result<Option<WaitStatus>> {
+        use nix::sys::wait::{Id, waitid};
+        if self.reaped {
+            bail!("process {} was already reaped", self.pid);
+        }
+        match waitid(Id::PIDFd(self.pidfd.as_fd()), flags)
+            .with_context(|| format!("waiting for process {}", self.pid))?
+        {
+            WaitStatus::StillAlive => Ok(None),
+            status => {
+                self.reaped = true;
+                Ok(Some(status))
+            }
+        }
+    }
+}
+
+impl Drop for Contained {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            let _ = self.wait(WaitPidFlag::WEXITED);
+        }
+    }
+}

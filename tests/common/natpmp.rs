@@ -1,7 +1,8 @@
 //! A small NAT-PMP gateway (RFC 6886) for tests, behaving like ProtonVPN's: one public port
 //! per client for UDP and TCP alike, kept while renewed, picked by the gateway (suggestions
-//! are ignored). Two switches: `restart` (the epoch starts again and every mapping is
-//! forgotten, so the next one gets another port) and `silent` (requests go unanswered).
+//! are ignored). Three switches: `restart` (the epoch starts again and every mapping is
+//! forgotten, so the next one gets another port), `silent` (requests go unanswered) and
+//! `grant_lifetime` (a lifetime granted whatever was asked, as a misbehaving gateway would).
 //! `natpmpc` (libnatpmp) checks it in tests/forwarding.rs.
 
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ struct Gateway {
     /// Public port and expiry by client address.
     mappings: HashMap<IpAddr, (u16, Instant)>,
     silent: bool,
+    /// Granted instead of what was asked, when set.
+    forced_lifetime: Option<u32>,
     seen: Vec<Seen>,
 }
 
@@ -73,7 +76,9 @@ impl Gateway {
             self.mappings.remove(&client);
             (0, 0)
         } else {
-            let granted = lifetime.min(self.max_lifetime);
+            let granted = self
+                .forced_lifetime
+                .unwrap_or(lifetime.min(self.max_lifetime));
             let expires = now + Duration::from_secs(u64::from(granted));
             let port = match self.mappings.get(&client) {
                 Some(&(port, until)) if until > now => port,
@@ -119,6 +124,7 @@ impl NatPmpServer {
             next_port: first_port,
             mappings: HashMap::new(),
             silent: false,
+            forced_lifetime: None,
             seen: Vec::new(),
         }));
         let shared = Arc::clone(&gateway);
@@ -163,6 +169,11 @@ impl NatPmpServer {
 
     pub fn set_silent(&self, silent: bool) {
         self.gateway.lock().unwrap().silent = silent;
+    }
+
+    /// Grants `lifetime` to every request from now on, whatever was asked.
+    pub fn grant_lifetime(&self, lifetime: Option<u32>) {
+        self.gateway.lock().unwrap().forced_lifetime = lifetime;
     }
 
     /// Every request so far.
