@@ -51,7 +51,13 @@ impl Response {
         }
     }
 
-    fn write(&self, stream: &mut TcpStream, head_only: bool) -> std::io::Result<()> {
+    /// Writes the answer, all of it within `limit` (a client that reads slowly is given up).
+    fn write(
+        &self,
+        stream: &mut TcpStream,
+        head_only: bool,
+        limit: Duration,
+    ) -> std::io::Result<()> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -69,11 +75,24 @@ impl Response {
             self.content_type,
             self.body.len()
         );
-        stream.write_all(head.as_bytes())?;
-        if !head_only {
-            stream.write_all(&self.body)?;
+        let body: &[u8] = if head_only { &[] } else { &self.body };
+        let until = Instant::now() + limit;
+        for mut part in [head.as_bytes(), body] {
+            while !part.is_empty() {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                stream.set_write_timeout(Some(left))?;
+                match stream.write(part) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => part = &part[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        stream.flush()
+        Ok(())
     }
 }
 
@@ -146,7 +165,6 @@ fn route(path: &str) -> Response {
 
 /// Reads one request within the deadline and answers it.
 fn handle(mut stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
     let until = Instant::now() + REQUEST_DEADLINE;
     let mut buffer = vec![0u8; REQUEST_LIMIT];
     let mut filled = 0;
@@ -183,7 +201,7 @@ fn handle(mut stream: TcpStream) {
                 } else {
                     Response::text(405, "only GET and HEAD")
                 };
-                let _ = response.write(&mut stream, head_only);
+                let _ = response.write(&mut stream, head_only, WRITE_DEADLINE);
                 return;
             }
             Ok(httparse::Status::Partial) if filled == buffer.len() => {
@@ -197,7 +215,7 @@ fn handle(mut stream: TcpStream) {
         }
     };
     if let Some(response) = response {
-        let _ = response.write(&mut stream, false);
+        let _ = response.write(&mut stream, false, WRITE_DEADLINE);
     }
 }
 
@@ -253,8 +271,7 @@ pub fn run(listen: SocketAddr, idle: Duration) -> Result<i32> {
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = Response::text(503, "busy").write(&mut stream, false);
+            let _ = Response::text(503, "busy").write(&mut stream, false, Duration::from_secs(1));
             continue;
         }
         let counted = Arc::clone(&active);
