@@ -109,7 +109,12 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = run_cmd(&["userdel", "--remove", &self.name]);
+        // userdel refuses while a process of the user runs: a command the service's end is
+        // still taking down gets a few seconds.
+        let _ = wait_for(Duration::from_secs(5), "the user's removal", || {
+            let _ = run_cmd(&["userdel", "--remove", &self.name]);
+            matches!(nix::unistd::User::from_name(&self.name), Ok(None))
+        });
         let _ = run_cmd(&["groupdel", &self.name]);
     }
 }
