@@ -693,6 +693,11 @@ impl Drop for Rig {
         let _ = netns::delete(&self.peer);
         let _ = netns::delete(&self.host);
         let _ = std::fs::remove_file(uapi_socket(&self.confined));
+        // The snapshot socket of a refresh the test ran (a killed refresh leaves it).
+        let _ = std::fs::remove_file(format!(
+            "/run/wg-namespace/companion/{}.sock",
+            self.confined
+        ));
         let _ = std::fs::remove_dir_all(&self.dir);
         // The endpoint cache `up` keeps for names (outside /run, so that it survives reboots).
         let _ = std::fs::remove_dir_all(format!("/var/lib/wg-namespace/{}", self.confined));
