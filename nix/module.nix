@@ -594,8 +594,9 @@ let
       example = literalExpression ''"''${pkgs.boringtun}/bin/boringtun-cli"'';
       description = ''
         Command that runs the userspace WireGuard daemon for the `userspace` and `auto` backends.
-        The helper appends `-f <interface>`. `null` runs `wireguard-go`, which the unit gets on
-        its `PATH`.
+        The helper appends `-f <interface>`. `null` runs `wireguard-go` from nixpkgs, by its
+        store path. A program given without a path is looked up in `PATH` by `up`; repairs
+        (`heal`, `reload`) start the same file again, whatever `PATH` they run with.
       '';
     };
 
@@ -920,13 +921,16 @@ let
       extraFirewallRules
       ips
       backend
-      userspaceCommand
       strictDns
       configFile
       mtu
       allowedUsers
       allowedGroups
       ;
+    # By its store path: `heal` from the health unit or a root shell starts the daemon again
+    # whatever PATH it has.
+    userspaceCommand =
+      if usesWireguardGo ns then "${pkgs.wireguard-go}/bin/wireguard-go" else ns.userspaceCommand;
     dns_server = orFromFile ns ns.dns_server;
     privateKeyFile = orFromFile ns ns.privateKeyFile;
     peers = map peerJson ns.peers;
@@ -1018,7 +1022,7 @@ let
     wants = [ "network-online.target" ];
     after = [ "network-online.target" ];
     wantedBy = [ "multi-user.target" ];
-    path = [ pkgs.nftables ] ++ optional (usesWireguardGo ns) pkgs.wireguard-go;
+    path = [ pkgs.nftables ];
     # A changed document is applied in place by ExecReload: the namespace, and the services
     # confined to it, keep running. What cannot change in place stays in the unit's text, so
     # that changing it restarts: the name (in the unit's name and paths) and the backend.

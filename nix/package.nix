@@ -2,7 +2,6 @@
 {
   lib,
   rustPlatform,
-  makeBinaryWrapper,
   nftables,
 }:
 
@@ -32,8 +31,6 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ makeBinaryWrapper ];
-
   # Tests that need root skip themselves in the build sandbox; the rest may render and check
   # rulesets with nft.
   nativeCheckInputs = [ nftables ];
@@ -43,14 +40,12 @@ rustPlatform.buildRustPackage {
     export WG_NAMESPACE_VM_SKIP=1
   '';
 
-  # The helper loads its rulesets through libnftables in its own process, found at this path
-  # (the store path in the binary also makes nftables a runtime dependency), and reads them
-  # back with `nft`.
+  # The helper loads its rulesets through libnftables in its own process, found at this path,
+  # and reads them back with this `nft`: every unit that runs the helper (and a root shell)
+  # gets the same ones, whatever its PATH. The store paths in the binary also make nftables a
+  # runtime dependency.
   env.WG_NAMESPACE_LIBNFTABLES = "${lib.getLib nftables}/lib/libnftables.so.1";
-
-  postInstall = ''
-    wrapProgram $out/bin/wg-namespace --prefix PATH : ${lib.makeBinPath [ nftables ]}
-  '';
+  env.WG_NAMESPACE_NFT = "${lib.getBin nftables}/bin/nft";
 
   meta = {
     description = "Network namespaces whose only way out is a WireGuard tunnel";

@@ -34,6 +34,10 @@ fn main() {
             "heal_recreates_a_deleted_interface_and_a_killed_daemon_in_place",
             heal_in_place,
         ),
+        trial(
+            "heal_without_the_daemon_on_path_starts_the_program_up_found_in_place",
+            heal_without_the_daemon_on_path,
+        ),
         // The pause switch exists in debug builds only.
         trial(
             "reload_killed_midway_is_finished_by_reload_or_undone_by_down",
@@ -669,6 +673,60 @@ fn reload_killed_midway() -> Result<()> {
             .with_context(|| format!("down right after a kill before {step}"))?;
     }
     Ok(())
+}
+
+/// The health unit, refresh and a root shell have another PATH than the unit that ran `up`
+/// (under NixOS, none of them has wireguard-go): `heal` must start the daemon `up` started, by
+/// the file `up` found, and repair in place rather than ask for a restart (exit 5).
+fn heal_without_the_daemon_on_path() -> Result<()> {
+    let mut rig = Rig::new(64)?;
+    let echo = echo_server(&rig)?;
+    let mut config = rig.config()?;
+    config["peers"][0]["persistentKeepalive"] = json!(1);
+    let path = rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let pid = confined_process(&mut rig)?;
+    let mut connection = Connection::open(&inside, echo)?;
+    connection.carries_data("after up")?;
+    let daemon = recorded_pid(&rig, "daemon")?;
+    let program = std::fs::read_link(format!("/proc/{daemon}/exe"))?;
+
+    // A PATH with nothing but nft, which a cargo build of the helper reads the ruleset with
+    // (the NixOS package runs nftables' own by its store path).
+    let bin = rig.dir.join("unrelated-bin");
+    std::fs::create_dir(&bin)?;
+    let nft = wg_namespace::system::process::find_program("nft")?;
+    std::os::unix::fs::symlink(nft, bin.join("nft"))?;
+
+    let index = link_index(&rig)?.context("no interface")?;
+    wg_namespace::system::link::Netlink::inside(&inside)?.delete(index)?;
+    let out = rig
+        .command_in(
+            rig.host_fd(),
+            &[BIN, "heal", "--config", path.to_str().context("path")?],
+        )
+        .env_clear()
+        .env("PATH", &bin)
+        .output()?;
+    ensure!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("interface recreated"),
+        "heal with PATH={} ({}): {}",
+        bin.display(),
+        out.status,
+        text(&out)
+    );
+    connection.carries_data("after healing with another PATH")?;
+    still_confined(&rig, pid, "after healing with another PATH")?;
+    let healed = recorded_pid(&rig, "daemon")?;
+    ensure!(healed != daemon, "no new daemon");
+    let now = std::fs::read_link(format!("/proc/{healed}/exe"))?;
+    ensure!(
+        now == program,
+        "the new daemon runs {now:?}, up's ran {program:?}"
+    );
+    rig.down()?;
+    rig.assert_clean()
 }
 
 fn heal_killed_midway() -> Result<()> {

@@ -58,7 +58,8 @@ let
     ips = [ ];
     peers = [ ];
     backend = "auto";
-    userspaceCommand = null;
+    # The daemon by its store path, so that every unit (and a root shell) starts the same one.
+    userspaceCommand = "${pkgs.wireguard-go}/bin/wireguard-go";
     strictDns = true;
     publishPorts = [ ];
     hostServices = [ ];
@@ -173,7 +174,8 @@ let
       (equal "seed: after" [ "network-online.target" ] unit.after)
       (equal "seed: wantedBy" [ "multi-user.target" ] unit.wantedBy)
       (check "seed: nftables on PATH" (hasPackage pkgs.nftables unit))
-      (check "seed: wireguard-go on PATH for the auto backend" (hasPackage pkgs.wireguard-go unit))
+      # The document names it by its store path instead (compared above).
+      (check "seed: wireguard-go not taken from PATH" (!hasPackage pkgs.wireguard-go unit))
       (equal "seed: relay user" {
         isSystemUser = true;
         group = "wg-namespace";
@@ -197,6 +199,7 @@ let
         ];
         privateKeyFile = "/run/secrets/mullvad.key";
         backend = "kernel";
+        userspaceCommand = null;
         peers = [
           (peerDefaults // {
             publicKey = "ZLuhud+INvuHE9TQkJnkoa1k4sOYvR13ru11/4ks3E4=";
@@ -294,8 +297,8 @@ let
       (check "two: no wireguard-go for the kernel backend" (
         !hasPackage pkgs.wireguard-go units.wireguard-namespace-mullvad
       ))
-      (check "two: wireguard-go for the userspace backend" (
-        hasPackage pkgs.wireguard-go units.wireguard-namespace-office
+      (check "two: wireguard-go not taken from PATH for the userspace backend" (
+        !hasPackage pkgs.wireguard-go units.wireguard-namespace-office
       ))
       (equal "two: refresh ExecStart"
         "${helper config} refresh --config ${jsonFile "office" office}"

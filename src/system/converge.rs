@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -648,22 +649,60 @@ pub fn create_interface(
         );
     }
     wireguard::remove_stale_socket(interface);
-    let daemon = wireguard::spawn_daemon(&config.userspace_command, interface)?;
+    let (command, program) = daemon_command(&config.userspace_command, &journal.state)
+        .with_context(|| {
+            format!(
+                "starting the userspace WireGuard daemon ({})",
+                config.userspace_command.join(" ")
+            )
+        })?;
+    let daemon = wireguard::spawn_daemon(&command, interface)?;
     crate::system::pause_point("daemon-unrecorded");
     let process = daemon.process;
+    journal.state.userspace_program = Some(program);
     journal.record(Resource::Daemon {
         process,
         executables: daemon.executables.clone(),
         interface: interface.into(),
     })?;
     daemon.release()?;
-    wireguard::wait_for_daemon(process, &config.userspace_command, interface, host)?;
+    wireguard::wait_for_daemon(process, &command, interface, host)?;
     let executable = process.executable();
     let index = host
         .index_of(interface)?
         .context("the WireGuard daemon's link disappeared")?;
     journal.daemon_started(executable, index)?;
     Ok(Backend::Userspace)
+}
+
+/// The daemon's command with its program as a path, and that path: the file the same command
+/// started last time (so that `heal` from a unit whose PATH lacks it starts the same daemon),
+/// else what PATH finds now. The state file is untrusted input: the recorded file is run only
+/// when it has the program's name and only root can change it.
+fn daemon_command(command: &[String], state: &State) -> Result<(Vec<String>, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let (program, args) = command.split_first().context("userspaceCommand is empty")?;
+    let root_only = |path: &std::path::Path| {
+        path.metadata()
+            .is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
+    };
+    let recorded = state.userspace_program.as_ref().filter(|path| {
+        state.userspace_command.as_deref() == Some(command)
+            && path.file_name() == std::path::Path::new(program).file_name()
+            && crate::system::process::runnable(path)
+            && root_only(path)
+    });
+    let path = match recorded {
+        Some(path) => path.clone(),
+        None => crate::system::process::find_program(program)?,
+    };
+    let text = path
+        .to_str()
+        .with_context(|| format!("{} is not a UTF-8 path", path.display()))?;
+    let argv = std::iter::once(text.to_string())
+        .chain(args.iter().cloned())
+        .collect();
+    Ok((argv, path))
 }
 
 /// Sets the private key and all peers of a new device.
@@ -1133,6 +1172,37 @@ mod tests {
 
     const PEER: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
     const OTHER: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+
+    /// The recorded daemon program is run only for the command it was recorded with, when it
+    /// has the program's name and only root can change it; else PATH decides (here: nothing).
+    #[test]
+    fn a_recorded_daemon_program_is_run_only_when_it_fits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("wgns-daemon-program-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let program = dir.join("wgns-no-such-daemon");
+        std::fs::write(&program, "").unwrap();
+        let command = vec!["wgns-no-such-daemon".to_string(), "-v".to_string()];
+        let mut state = State::new("vpn", "10.0.0.1".parse().unwrap());
+        state.userspace_command = Some(command.clone());
+        state.userspace_program = Some(program.clone());
+        let run = |state: &State, command: &[String]| daemon_command(command, state).ok();
+
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let (argv, path) = run(&state, &command).expect("the recorded program");
+            assert_eq!(argv, [program.to_str().unwrap(), "-v"]);
+            assert_eq!(path, program);
+        }
+        let other = vec!["wgns-no-such-daemon".to_string()];
+        assert_eq!(run(&state, &other), None, "another command");
+        let mut renamed = state.clone();
+        renamed.userspace_program = Some(dir.join("sh"));
+        assert_eq!(run(&renamed, &command), None, "another name");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(run(&state, &command), None, "writable by everyone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn config(keepalive: u16, peers: &[&str]) -> Config {
         let peers: Vec<_> = peers

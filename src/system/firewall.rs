@@ -26,18 +26,30 @@ fn run_nft(fd: BorrowedFd<'_>, text: &str) -> Result<nft::Outcome> {
     nft::run_script(fd, text, NFT_TIMEOUT).context("loading nft rules (libnftables)")
 }
 
+/// The `nft` program: the NixOS package sets its store path at build time, so that every unit
+/// (and a root shell) runs the same one whatever its PATH; elsewhere PATH finds it.
+const NFT_PROGRAM: &str = match option_env!("WG_NAMESPACE_NFT") {
+    Some(path) => path,
+    None => "nft",
+};
+
 /// Runs the `nft` program with `args` inside the namespace `fd`, within [`NFT_TIMEOUT`]. What
 /// only reads the ruleset goes this way: libnftables 1.0.6 reads freed memory when it prints
 /// JSON in a process that has had a context before (valgrind), which a short-lived `nft`
 /// process survives and this one must not risk.
 fn nft_program(fd: BorrowedFd<'_>, args: &[&str]) -> Result<Output> {
-    let mut command = crate::system::process::command_in("nft", fd);
+    let mut command = crate::system::process::command_in(NFT_PROGRAM, fd);
     command.args(args);
     crate::system::process::output_within(&mut command, None, NFT_TIMEOUT).map_err(|e| {
         match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                anyhow::Error::new(e).context("running nft (is nftables installed and on PATH?)")
-            }
+            std::io::ErrorKind::NotFound => anyhow::Error::new(e).context(format!(
+                "running {NFT_PROGRAM} (is nftables installed{}?)",
+                if NFT_PROGRAM.contains('/') {
+                    ""
+                } else {
+                    " and on PATH"
+                }
+            )),
             _ => anyhow::Error::new(e).context("running nft"),
         }
     })

@@ -338,11 +338,6 @@ pub fn start_detached(spec: Detached<'_>) -> Result<Gated> {
 /// Where `program` would be run from: itself when it holds a slash, else the first match in
 /// PATH. Fails naming the program when there is none.
 pub fn find_program(program: &str) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let runnable = |path: &std::path::Path| {
-        path.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
     if program.contains('/') {
         let path = std::path::PathBuf::from(program);
         return if runnable(&path) {
@@ -356,6 +351,13 @@ pub fn find_program(program: &str) -> Result<std::path::PathBuf> {
         .map(|dir| dir.join(program))
         .find(|path| runnable(path))
         .with_context(|| format!("{program} is not installed (not found in PATH)"))
+}
+
+/// Whether `path` is an executable file.
+pub fn runnable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The hidden `gate` command: waits for the go-ahead on `fd`, then becomes `command`.

@@ -467,6 +467,11 @@ pub struct State {
     /// The userspace daemon's command as last applied; a change recreates the interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub userspace_command: Option<Vec<String>>,
+    /// The file `userspace_command`'s program was when its daemon last started (found in the
+    /// PATH of that run when the command names no path): repairs start that same file, whatever
+    /// PATH their caller has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_program: Option<PathBuf>,
     /// Digest of the ruleset text last loaded, so that `reload` of the same config leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ruleset_digest: Option<String>,
@@ -546,6 +551,7 @@ impl State {
             port_forwarding: None,
             resources: Vec::new(),
             userspace_command: None,
+            userspace_program: None,
             ruleset_digest: None,
             leak_guard: None,
             last_reload: None,
