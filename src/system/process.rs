@@ -109,14 +109,16 @@ impl ProcessId {
     }
 
     /// A pidfd pinning this very process (not whatever holds the PID later), or None when it
-    /// is gone or the PID now belongs to another process. PIDs 0 and 1 are never ours.
+    /// is gone or the PID now belongs to another process. PIDs 0 and 1 are never ours. A zombie
+    /// leader is still pinned: its other threads may not have exited yet, and they may hold the
+    /// process's descriptors (a daemon's TUN queues and configuration socket).
     fn pin(&self) -> Option<OwnedFd> {
         if self.pid <= 1 {
             return None;
         }
         let pidfd = pidfd_open(self.pid)?;
         // Checked after pinning: if the identity matches now, the pidfd is this process.
-        self.is_alive().then_some(pidfd)
+        self.state().is_some().then_some(pidfd)
     }
 
     fn signal(pidfd: &OwnedFd, signal: Signal) {
@@ -161,6 +163,18 @@ impl ProcessId {
             return Ok(());
         };
         ProcessId::signal(&pidfd, Signal::SIGKILL);
+        if self.wait_gone(&pidfd, limit) {
+            return Ok(());
+        }
+        bail!("process {} does not end", self.pid)
+    }
+
+    /// Waits up to `limit`, sending nothing, for a process that is ending on its own to be
+    /// gone: a zombie leader whose other threads are still exiting.
+    pub fn wait_exited(&self, limit: Duration) -> Result<()> {
+        let Some(pidfd) = self.pin() else {
+            return Ok(());
+        };
         if self.wait_gone(&pidfd, limit) {
             return Ok(());
         }

@@ -355,6 +355,9 @@ fn stop_process(
         )));
     }
     if !process.is_alive() {
+        // It is ending on its own (a daemon whose TUN went with the namespace): a zombie leader
+        // may still have threads whose descriptors are open. Nothing is sent to it.
+        process.wait_exited(Duration::from_secs(2))?;
         return Ok(Undone::Done);
     }
     if !process.runs_one_of(executables) {
