@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use wg_namespace::system::process::ProcessId;
 
 fn main() {
     run(vec![
@@ -219,6 +220,10 @@ fn status_verdicts() -> Result<()> {
     // once it runs.
     let daemon = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP)?;
+    // A stop takes effect once the daemon is scheduled; on a busy machine that is not at once.
+    wait_for(Duration::from_secs(5), "the daemon to stop", || {
+        ProcessId::of(pid as u32).is_some_and(|p| p.is_stopped())
+    })?;
     let asked = std::time::Instant::now();
     let stopped = expect_verdict(&rig, 4, "down", "is stopped");
     nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGCONT)?;
