@@ -164,6 +164,11 @@ fn killed_at_random_moments() -> Result<()> {
         if !out.status.success() {
             return Err(failed(format!("down failed: {}", text(&out))));
         }
+        // A daemon's gate that `up` started but never recorded exits by itself once it sees
+        // `up`'s end of its pipe close; on a busy machine it may still be starting up itself.
+        let _ = wait_for(Duration::from_secs(5), "unrecorded gates to exit", || {
+            rig.leftovers().is_empty()
+        });
         let mut left = rig.leftovers();
         left.extend(state_files(&rig.confined));
         if !left.is_empty() {
