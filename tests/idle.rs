@@ -1,20 +1,133 @@
-//! An idle namespace costs next to nothing: `status` takes what the helper's processes beside
-//! it already know instead of asking again.
+//! An idle namespace costs next to nothing: the helper's processes beside it (`refresh`,
+//! `port-forward`, a publishPorts relay) sleep until something is due, instead of waking on a
+//! clock, and `status` takes what they already know instead of asking again.
 
 mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::natpmp::NatPmpServer;
 use common::*;
 use serde_json::{Value, json};
 
 fn main() {
-    run(vec![trial(
-        "status_says_whether_a_name_resolves_from_what_refresh_learned",
-        status_asks_refresh,
-    )])
+    run(vec![
+        trial(
+            "an_idle_namespaces_helper_processes_wake_at_most_12_times_a_minute",
+            idle_wakeups,
+        ),
+        trial(
+            "status_says_whether_a_name_resolves_from_what_refresh_learned",
+            status_asks_refresh,
+        ),
+    ])
+}
+
+/// The issue's goal is 0.2 wakeups a second per namespace: 12 in a minute.
+const MOST_WAKEUPS: u64 = 12;
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Voluntary context switches of a process, summed over its threads: how often it went to
+/// sleep, and so woke up again.
+fn wakeups(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn status(rig: &Rig) -> Result<Value> {
+    let out = rig.helper(&["status", "--json", "--namespace", &rig.confined])?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    Ok(report["namespaces"][0].clone())
+}
+
+/// `wg-namespace COMMAND --config CONFIG` in the rig's host namespace, as its unit runs it.
+fn companion(rig: &mut Rig, command: &str, config: &Path) -> Result<u32> {
+    let log = std::fs::File::create(rig.dir.join(format!("{command}.log")))?;
+    let child = rig
+        .command_in(
+            rig.host_fd(),
+            &[BIN, command, "--config", config.to_str().context("path")?],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(rig.track(child))
+}
+
+fn idle_wakeups() -> Result<()> {
+    let mut rig = Rig::new(160)?;
+    // A mapping that lasts an hour: no renewal is due within the minute watched.
+    let _gateway = NatPmpServer::start(
+        rig.peer_fd(),
+        rig.peer_tunnel_ip(),
+        rig.peer_underlay(),
+        40000,
+        3600,
+    )?;
+    let mut config = rig.config()?;
+    config["portForwarding"] = json!({
+        "gateway": rig.peer_tunnel_ip().to_string(),
+        "lifetimeSeconds": 3600,
+    });
+    config["publishPorts"] = json!([
+        { "protocol": "tcp", "hostPort": 19160, "namespacePort": 9160 },
+    ]);
+    let path = rig.up_with(&config)?;
+    let refresh = companion(&mut rig, "refresh", &path)?;
+    let forward = companion(&mut rig, "port-forward", &path)?;
+    wait_for(Duration::from_secs(20), "a forwarded port", || {
+        status(&rig).is_ok_and(|s| s["portForwarding"]["phase"] == "mapped")
+    })?;
+    let relays: Vec<u32> = status(&rig)?["relays"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| u32::try_from(r["pid"].as_u64()?).ok())
+        .collect();
+    ensure!(relays.len() == 1, "expected one relay: {relays:?}");
+    // What starting up costs is over.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let watched: Vec<(&str, u32)> = [("refresh", refresh), ("port-forward", forward)]
+        .into_iter()
+        .chain(relays.iter().map(|&pid| ("relay", pid)))
+        .collect();
+    let before: Vec<u64> = watched
+        .iter()
+        .map(|(_, pid)| wakeups(*pid))
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    std::thread::sleep(IDLE);
+    let mut report = Vec::new();
+    let mut total = 0;
+    for ((name, pid), before) in watched.iter().zip(before) {
+        let after = wakeups(*pid).with_context(|| format!("{name} (pid {pid}) ended"))?;
+        report.push(format!("{name} {}", after - before));
+        total += after - before;
+    }
+    println!(
+        "idle for {:.0} s: {total} wakeups ({})",
+        started.elapsed().as_secs_f64(),
+        report.join(", ")
+    );
+    ensure!(
+        total <= MOST_WAKEUPS,
+        "the helper's processes woke {total} times in {} s while idle ({}); at most \
+         {MOST_WAKEUPS} are allowed",
+        IDLE.as_secs(),
+        report.join(", ")
+    );
+    Ok(())
 }
 
 const NAME: &str = "peer.wgns.test";
