@@ -18,8 +18,9 @@
 //! (see [`crate::commands::failover`]).
 //!
 //! Between these it sleeps: until a change of the host's network, or the earliest of what is
-//! due (a name's next resolution, a handshake becoming overdue, failover's next look), at most
-//! [`HORIZON`]. An idle namespace costs it about one wakeup a minute.
+//! due (a name's next resolution, a handshake becoming overdue, failover's next look). While
+//! nothing is, it wakes every [`HORIZON`] only to see whether the machine slept, and looks at
+//! nothing else.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ const HORIZON: Duration = Duration::from_secs(60);
 /// How soon a look is made again when the namespace is not up (yet) or its device cannot be
 /// read, and at a server just put in place.
 const SOON: Duration = Duration::from_millis(500);
+/// How soon a peer none of whose servers is on the device is looked at again.
+const RECHECK: Duration = Duration::from_secs(5);
 /// How long a failover waits for the namespace's lock to record a switch.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// A change of the host's network is acted on once it has been quiet this long...
@@ -584,10 +587,15 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
     let mut sleep = SleepDetector::new();
 
     let mut waiting_reported = false;
-    // When the peers are looked at next: at once, then when the earliest thing is due.
-    let mut planned = Instant::now();
+    // When the peers are looked at next: at once, then when the earliest thing is due; None
+    // while nothing is (the loop still wakes every HORIZON, to notice a sleep).
+    let mut planned = Some(Instant::now());
     loop {
-        let wake = debounce.due().map_or(planned, |due| due.min(planned));
+        let horizon = Instant::now() + HORIZON;
+        let wake = [debounce.due(), planned]
+            .into_iter()
+            .flatten()
+            .fold(horizon, Instant::min);
         let changed = watcher.wait(wake.saturating_duration_since(Instant::now()))?;
         let now = Instant::now();
         if changed {
@@ -598,10 +606,10 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
             debounce.note(now);
         }
         let network_changed = debounce.take(now);
-        if now < planned && !network_changed {
+        if !network_changed && planned.is_none_or(|at| now < at) {
             continue;
         }
-        planned = now + SOON;
+        planned = Some(now + SOON);
         let target = match target(config) {
             Ok(target) => {
                 waiting_reported = false;
@@ -622,12 +630,10 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
                 continue;
             }
         };
-        planned = now + HORIZON;
-        for t in &mut tracked {
-            if let Some(due) = visit(config, &target, t, &on_device, now, network_changed) {
-                planned = planned.min(due);
-            }
-        }
+        planned = tracked
+            .iter_mut()
+            .filter_map(|t| visit(config, &target, t, &on_device, now, network_changed))
+            .min();
     }
 }
 
@@ -641,7 +647,11 @@ fn visit(
     now: Instant,
     network_changed: bool,
 ) -> Option<Instant> {
-    let active = t.sync(on_device)?;
+    let Some(active) = t.sync(on_device) else {
+        // None of its servers is on the device (being made again by heal, say): look again
+        // before long if there is anything to watch.
+        return (t.failover.is_some() || t.schedule.is_some()).then_some(now + RECHECK);
+    };
     let server = t.peer.server(active);
     let device = on_device[&server.0.0];
     let handshake_age = device
