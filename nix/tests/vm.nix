@@ -19,6 +19,26 @@ let
   serverTunnelAddress = "10.66.0.1";
   marker = "hello from the far end of the tunnel";
   webroot = pkgs.writeTextDir "index.html" "${marker}\n";
+  # A NAT-PMP gateway (RFC 6886) as a VPN provider runs one: every mapping gets port 40000, for
+  # the lifetime asked.
+  natpmpGateway = pkgs.writeText "natpmp-gateway.py" ''
+    import socket, struct, time
+    start = time.monotonic()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("${serverTunnelAddress}", 5351))
+    while True:
+        data, peer = s.recvfrom(1100)
+        if len(data) < 2:
+            continue
+        op = data[1]
+        epoch = int(time.monotonic() - start) + 1000
+        if op == 0:
+            s.sendto(struct.pack("!BBHI4s", 0, 128, 0, epoch, bytes(4)), peer)
+        elif op in (1, 2) and len(data) >= 12:
+            internal, _, lifetime = struct.unpack("!HHI", data[4:12])
+            port = 40000 if lifetime else 0
+            s.sendto(struct.pack("!BBHIHHI", 0, 128 + op, 0, epoch, internal, port, lifetime), peer)
+  '';
 in
 pkgs.testers.runNixOSTest {
   name = "wg-namespace";
@@ -32,7 +52,10 @@ pkgs.testers.runNixOSTest {
           53
           80
         ];
-        allowedUDPPorts = [ 53 ];
+        allowedUDPPorts = [
+          53
+          5351
+        ];
       };
     };
 
@@ -64,6 +87,14 @@ pkgs.testers.runNixOSTest {
       wantedBy = [ "multi-user.target" ];
       after = [ "network.target" ];
       serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --directory ${webroot}";
+    };
+
+    systemd.services.natpmp-gateway = {
+      description = "Test NAT-PMP gateway";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "wireguard-wg0.service" ];
+      requires = [ "wireguard-wg0.service" ];
+      serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 ${natpmpGateway}";
     };
   };
 
@@ -107,6 +138,16 @@ pkgs.testers.runNixOSTest {
           namespacePort = 80;
         }
       ];
+      # Renewed every 10 s; the hook leaves a process in the background, which must not
+      # outlive it.
+      portForwarding = {
+        gateway = serverTunnelAddress;
+        lifetimeSeconds = 20;
+        onPortChange = pkgs.writeShellScript "vm-hook" ''
+          sleep 300 &
+          echo "vm hook: forwarded port $1"
+        '';
+      };
     };
 
     # Fetches the test page through the tunnel every second and keeps the last answer.
@@ -186,6 +227,26 @@ pkgs.testers.runNixOSTest {
     with subtest("status and leak checks pass"):
         client.wait_until_succeeds("wg-namespace status --namespace vpn", timeout=60)
         client.succeed("wg-namespace check-leaks --namespace vpn")
+
+    with subtest("the forwarded port: mapped, the hook run once, nothing it started left behind"):
+        unit = "wireguard-namespace-vpn-port-forward.service"
+        client.wait_until_succeeds(
+            "grep -q '\"phase\": \"mapped\"' /run/wg-namespace/forwarding/vpn.json", timeout=60
+        )
+        client.wait_until_succeeds(
+            f"journalctl -u {unit} -o cat | grep -q 'vm-hook 40000 succeeded'", timeout=60
+        )
+        # The hook ran as PID 1 of a PID namespace of its own: its background process died
+        # with it, so port-forward is alone in its unit's cgroup.
+        client.wait_until_succeeds(
+            f"test \"$(cat /sys/fs/cgroup$(systemctl show -P ControlGroup {unit})/cgroup.procs)\""
+            f" = \"$(systemctl show -P MainPID {unit})\"",
+            timeout=10,
+        )
+        client.sleep(25)
+        runs = client.succeed(f"journalctl -u {unit} -o cat | grep -c 'vm hook: forwarded port 40000'")
+        assert runs.strip() == "1", f"the hook ran {runs.strip()} times for one port"
+        client.succeed("grep -q '\"phase\": \"mapped\"' /run/wg-namespace/forwarding/vpn.json")
 
     with subtest("the companion units run sandboxed, the namespace's own unit in the host's mounts"):
         pid = client.succeed("systemctl show -P MainPID wireguard-namespace-vpn-refresh.service").strip()
