@@ -1124,3 +1124,22 @@ fn companion_units_are_sandboxed() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn the_health_timer_fires_on_time() {
+    let module = Module::load();
+    let timer = module
+        .attrs(module.bindings["healthTimer"].clone())
+        .expect("healthTimer returns an attribute set");
+    let config = module
+        .attrs(timer["timerConfig"].clone())
+        .expect("healthTimer's timerConfig is an attribute set");
+    // systemd's default AccuracySec (1min) lets a 20 s interval fire up to 80 s apart.
+    assert_eq!(
+        config
+            .get("AccuracySec")
+            .map(|v| module.value(v))
+            .as_deref(),
+        Some("1s")
+    );
+}

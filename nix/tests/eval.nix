@@ -312,6 +312,7 @@ let
         ours (attrNames config.systemd.timers)
       ))
       (equal "two: health interval" "30s" timer.timerConfig.OnUnitActiveSec)
+      (equal "two: health timer fires on time" "1s" timer.timerConfig.AccuracySec)
       (check "two: health check heals in place" (
         hasInfix "${helper config} heal --config /etc/wg-namespace/office.json" health.script
       ))
