@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressMessage, AddressScope,
+};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType,
@@ -239,7 +241,16 @@ impl Netlink {
     pub fn add_addresses(&self, index: u32, addresses: &[Cidr]) -> Result<()> {
         for chunk in addresses.chunks(PIPELINE) {
             let requests = chunk.iter().map(|a| {
-                let request = self.handle.address().add(index, a.addr, a.prefix);
+                let mut request = self.handle.address().add(index, a.addr, a.prefix);
+                // A tunnel has no link layer to find a duplicate on: without this an IPv6
+                // address stays tentative (unusable as a source, refused to bind) until the
+                // kernel's DAD work has run, which a busy machine delays.
+                if a.addr.is_ipv6() {
+                    request
+                        .message_mut()
+                        .attributes
+                        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                }
                 async move {
                     request
                         .execute()
