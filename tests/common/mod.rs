@@ -625,7 +625,12 @@ pub fn cmdline(pid: u32) -> String {
 
 /// `ip -n <ns> address add <address> dev <link>`.
 fn add_address(ns: &str, address: &str, link: &str) -> Result<()> {
-    sh(&["ip", "-n", ns, "address", "add", address, "dev", link]).map(drop)
+    // `nodad`: an IPv6 address is usable at once, not after the kernel's DAD work has run,
+    // which a busy machine delays (binding it failed with EADDRNOTAVAIL meanwhile).
+    sh(&[
+        "ip", "-n", ns, "address", "add", address, "dev", link, "nodad",
+    ])
+    .map(drop)
 }
 
 /// PIDs (other than ours) of the processes for which `keep` holds.
