@@ -1358,6 +1358,10 @@ let
       # Unprivileged and read-only: everything it shows comes from the refresh units' sockets,
       # which this group may read.
       DynamicUser = true;
+      # Not the unit's name, which the dynamic user would take by default: a group of that name
+      # (metricsGroup) exists already, and systemd refuses a dynamic user whose group name is
+      # taken ("User or group with specified name already exists", seen under systemd 252).
+      User = "wg-namespace-serve";
       SupplementaryGroups = [ metricsGroup ];
       CapabilityBoundingSet = "";
       AmbientCapabilities = "";

@@ -506,6 +506,9 @@ let
         server.DynamicUser && server.CapabilityBoundingSet == "" && server.NoNewPrivileges
       ))
       (equal "metrics: server's group" [ "wg-namespace-metrics" ] server.SupplementaryGroups)
+      (check "metrics: the dynamic user's name is not a static group's" (
+        !(config.users.groups ? ${server.User})
+      ))
       (check "metrics: group exists" (config.users.groups ? wg-namespace-metrics))
       (check "metrics: port open" (builtins.elem 9595 config.networking.firewall.allowedTCPPorts))
     ];
