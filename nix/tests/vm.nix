@@ -112,6 +112,9 @@ pkgs.testers.runNixOSTest {
     users.users.alice.isNormalUser = true;
     users.users.bob.isNormalUser = true;
 
+    # /metrics and the health endpoint, socket-activated, unprivileged.
+    services.wireguard-namespace.metrics.enable = true;
+
     services.wireguard-namespace = {
       allowedUsers = [ "alice" ];
       dns_server = serverTunnelAddress;
@@ -247,6 +250,26 @@ pkgs.testers.runNixOSTest {
         runs = client.succeed(f"journalctl -u {unit} -o cat | grep -c 'vm hook: forwarded port 40000'")
         assert runs.strip() == "1", f"the hook ran {runs.strip()} times for one port"
         client.succeed("grep -q '\"phase\": \"mapped\"' /run/wg-namespace/forwarding/vpn.json")
+
+    with subtest("metrics: socket-activated, unprivileged, read from the companion, without keys"):
+        client.wait_for_unit("wg-namespace-metrics.socket")
+        client.wait_until_succeeds(
+            "curl -fsS --max-time 30 http://127.0.0.1:9595/metrics"
+            " | grep -F 'wg_namespace_verdict{netns=\"vpn\",verdict=\"healthy\"} 1'",
+            timeout=60,
+        )
+        client.succeed(
+            "test \"$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9595/v1/namespaces/vpn/health)\" = 200"
+        )
+        pid = client.succeed("systemctl show -P MainPID wg-namespace-metrics.service").strip()
+        assert pid != "0", "the metrics server is not running after a request"
+        uid = client.succeed(f"awk '/^Uid:/{{print $2}}' /proc/{pid}/status").strip()
+        assert uid != "0", "the metrics server runs as root"
+        client.succeed(f"grep -q '^CapEff:[[:space:]]*0000000000000000' /proc/{pid}/status")
+        client.fail(
+            "curl -fsS http://127.0.0.1:9595/v1/namespaces http://127.0.0.1:9595/metrics"
+            " | grep -qF '${keys.client.private}'"
+        )
 
     with subtest("the companion units run sandboxed, the namespace's own unit in the host's mounts"):
         pid = client.succeed("systemctl show -P MainPID wireguard-namespace-vpn-refresh.service").strip()
