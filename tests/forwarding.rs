@@ -934,21 +934,6 @@ if [ "$calls" -eq 1 ]; then exec sleep 600; fi
     rig.assert_clean()
 }
 
-/// Voluntary context switches of all threads of `pid` so far: how often it went to sleep.
-fn wakeups(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let status = std::fs::read_to_string(task?.path().join("status"))?;
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .context("no voluntary_ctxt_switches")?
-            .trim()
-            .parse::<u64>()?;
-    }
-    Ok(total)
-}
-
 /// Mapped with ProtonVPN's 60 s lifetime and left alone for a minute, `port-forward` wakes for
 /// its two renewals and little else (issue 22: it woke every second).
 fn an_idle_port_forward_wakes_rarely() -> Result<()> {

@@ -29,21 +29,6 @@ fn main() {
 const MOST_WAKEUPS: u64 = 12;
 const IDLE: Duration = Duration::from_secs(60);
 
-/// Voluntary context switches of a process, summed over its threads: how often it went to
-/// sleep, and so woke up again.
-fn wakeups(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let status = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
-}
-
 fn status(rig: &Rig) -> Result<Value> {
     let out = rig.helper(&["status", "--json", "--namespace", &rig.confined])?;
     let report: Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;

@@ -612,6 +612,21 @@ fn underlay_link(a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
     Ok(())
 }
 
+/// Voluntary context switches of a process, summed over its threads: how often it went to
+/// sleep, and so woke up again. A thread that ends meanwhile counts as none.
+pub fn wakeups(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
