@@ -910,20 +910,25 @@ fn host_services() -> Result<()> {
     rig.assert_clean()
 }
 
-fn killed_relay() -> Result<()> {
-    let rig = Rig::new(184)?;
+/// Up with one published web UI, answering through its relay: the published address and the
+/// relay's PID.
+fn web_ui_with_its_relay(rig: &Rig) -> Result<(SocketAddr, u32)> {
     let mut config = rig.config()?;
     config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
     rig.up_with(&config)?;
-    let inside = rig.confined_fd()?;
-    Rig::serve_tcp(&inside, "127.0.0.1:8080".parse()?, WEB_UI)?;
+    Rig::serve_tcp(&rig.confined_fd()?, "127.0.0.1:8080".parse()?, WEB_UI)?;
     let published: SocketAddr = "127.0.0.1:18080".parse()?;
     ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
-
-    let (pid, _) = relay_pids(&rig)?
+    let (pid, _) = relay_pids(rig)?
         .into_iter()
         .next()
         .context("no relay in status")?;
+    Ok((published, pid))
+}
+
+fn killed_relay() -> Result<()> {
+    let rig = Rig::new(184)?;
+    let (published, pid) = web_ui_with_its_relay(&rig)?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -966,18 +971,7 @@ fn killed_relay() -> Result<()> {
 /// running, and heal replaces it.
 fn stopped_relay() -> Result<()> {
     let rig = Rig::new(80)?;
-    let mut config = rig.config()?;
-    config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
-    rig.up_with(&config)?;
-    let inside = rig.confined_fd()?;
-    Rig::serve_tcp(&inside, "127.0.0.1:8080".parse()?, WEB_UI)?;
-    let published: SocketAddr = "127.0.0.1:18080".parse()?;
-    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
-
-    let (pid, _) = relay_pids(&rig)?
-        .into_iter()
-        .next()
-        .context("no relay in status")?;
+    let (published, pid) = web_ui_with_its_relay(&rig)?;
     let relay = nix::unistd::Pid::from_raw(pid as i32);
     nix::sys::signal::kill(relay, nix::sys::signal::Signal::SIGSTOP)?;
     wait_for(Duration::from_secs(5), "the relay to stop", || {
@@ -1064,21 +1058,6 @@ fn hook_as_relay_user() -> Result<()> {
     rig.assert_clean()
 }
 
-/// Voluntary context switches of every thread of `pid`: each is a wakeup.
-fn wakeups(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let status = std::fs::read_to_string(task?.path().join("status"))?;
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .context("no voluntary_ctxt_switches")?
-            .trim()
-            .parse::<u64>()?;
-    }
-    Ok(total)
-}
-
 /// Relays with no session sleep until a socket is ready: no clock wakes them, also after their
 /// sessions ended. WG_RELAY_IDLE_SECONDS sets how long they are watched (10 s by default; the
 /// numbers in the README are from 60 s).
@@ -1143,16 +1122,7 @@ fn idle_relays_sleep() -> Result<()> {
 fn traced_relay() -> Result<()> {
     use nix::sys::wait::{WaitPidFlag, waitpid};
     let rig = Rig::new(87)?;
-    let mut config = rig.config()?;
-    config["publishPorts"] = json!([{"hostPort": 18080, "namespacePort": 8080}]);
-    rig.up_with(&config)?;
-    Rig::serve_tcp(&rig.confined_fd()?, "127.0.0.1:8080".parse()?, WEB_UI)?;
-    let published: SocketAddr = "127.0.0.1:18080".parse()?;
-    ensure!(Rig::tcp_request(rig.host_fd(), published, Duration::from_secs(5))? == WEB_UI);
-    let (pid, _) = relay_pids(&rig)?
-        .into_iter()
-        .next()
-        .context("no relay in status")?;
+    let (published, pid) = web_ui_with_its_relay(&rig)?;
     let relay = nix::unistd::Pid::from_raw(pid as i32);
     // This thread is the tracer until the relay is gone.
     for request in [libc::PTRACE_SEIZE, libc::PTRACE_INTERRUPT] {
