@@ -124,6 +124,14 @@ impl Learned {
         }
     }
 
+    /// Removes the record of `namespace` (it goes with the namespace); missing is fine.
+    pub fn forget(namespace: &str) -> Result<()> {
+        let Ok(dir) = Dir::open(&learned_dir_path()) else {
+            return Ok(());
+        };
+        Ok(dir.remove_file(&format!("{namespace}.json"))?)
+    }
+
     /// The record for `namespace`, when the process that wrote it still runs.
     pub fn load(namespace: &str) -> Option<Learned> {
         let dir = Dir::open(&learned_dir_path()).ok()?;

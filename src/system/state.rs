@@ -668,8 +668,9 @@ impl State {
         match first_error {
             None => match state_dir(false)? {
                 Some(dir) => {
-                    // The forwarding process's report outlives neither the namespace nor its port.
+                    // The companions' reports outlive neither the namespace nor its port.
                     crate::system::forwarding::remove_record(&self.namespace)?;
+                    crate::system::endpoints::Learned::forget(&self.namespace)?;
                     Ok(dir.remove_file(&state_name(&self.namespace))?)
                 }
                 None => Ok(()),
@@ -916,11 +917,34 @@ impl Lock {
         }
         let _ = self.dir.remove_file(&self.name);
         drop(self.file);
-        if let Some(parent) = Path::new(STATE_DIR).parent()
-            && let Ok(parent) = Dir::open(parent)
-        {
-            let _ = parent.remove_dir("wg-namespace");
-        }
+        remove_state_dir_if_unused(&self.dir);
+    }
+}
+
+/// With no namespace left (no state or lock file), the directories of the companions' and
+/// relays' records go, those that are empty, and then the state directory itself.
+fn remove_state_dir_if_unused(dir: &Dir) {
+    let names = dir.names().unwrap_or_default();
+    if names
+        .iter()
+        .any(|n| n.ends_with(".json") || n.ends_with(".lock"))
+    {
+        return;
+    }
+    for name in &names {
+        let _ = dir.remove_dir(name);
+    }
+    if let Some(parent) = Path::new(STATE_DIR).parent()
+        && let Ok(parent) = Dir::open(parent)
+    {
+        let _ = parent.remove_dir("wg-namespace");
+    }
+}
+
+/// [`remove_state_dir_if_unused`] for whoever removed records of their own after `down`.
+pub fn tidy_state_dir() {
+    if let Ok(dir) = Dir::open(Path::new(STATE_DIR)) {
+        remove_state_dir_if_unused(&dir);
     }
 }
 
