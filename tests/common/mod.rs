@@ -680,11 +680,23 @@ fn processes_in(fd: &OwnedFd) -> Vec<u32> {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        let _ = self.helper(&["down", "--namespace", &self.confined]);
+        // Companions first, asked to stop as systemd asks them (port-forward then removes its
+        // record), so that none writes a record again after `down`.
+        for child in &self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
         for mut child in self.children.drain(..) {
+            while child.try_wait().is_ok_and(|s| s.is_none()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = self.helper(&["down", "--namespace", &self.confined]);
         self.stop_peer_wg();
         self.stop_second_peer_wg();
         // Anything still running in our namespaces was started for this test; end it by PID.
@@ -713,11 +725,16 @@ impl Drop for Rig {
         let _ = netns::delete(&self.peer);
         let _ = netns::delete(&self.host);
         let _ = std::fs::remove_file(uapi_socket(&self.confined));
-        // The snapshot socket of a refresh the test ran (a killed refresh leaves it).
-        let _ = std::fs::remove_file(format!(
-            "/run/wg-namespace/companion/{}.sock",
-            self.confined
-        ));
+        // What a companion the test ran leaves when it is killed: its snapshot socket and its
+        // records; then the state directory goes if no other namespace uses it.
+        for record in [
+            format!("companion/{}.sock", self.confined),
+            format!("forwarding/{}.json", self.confined),
+            format!("resolution/{}.json", self.confined),
+        ] {
+            let _ = std::fs::remove_file(Path::new("/run/wg-namespace").join(record));
+        }
+        wg_namespace::system::state::tidy_state_dir();
         let _ = std::fs::remove_dir_all(&self.dir);
         // The endpoint cache `up` keeps for names (outside /run, so that it survives reboots).
         let _ = std::fs::remove_dir_all(format!("/var/lib/wg-namespace/{}", self.confined));
