@@ -808,15 +808,11 @@ fn send_once_more_if_refused(socket: &UdpSocket, datagram: &[u8]) {
 pub fn counters_path(namespace: &str, entry: &Entry) -> PathBuf {
     Path::new(COUNTERS_DIR)
         .join(namespace)
-        .join(format!("{:016x}.sock", entry_digest(entry)))
-}
-
-/// FNV-1a over the entry's JSON form: stable across versions, unlike std's hasher.
-fn entry_digest(entry: &Entry) -> u64 {
-    let text = serde_json::to_vec(entry).unwrap_or_default();
-    text.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+        // The digest of the entry's JSON form: stable across versions, unlike std's hasher.
+        .join(format!(
+            "{}.sock",
+            crate::system::firewall::digest(&serde_json::to_string(entry).unwrap_or_default())
+        ))
 }
 
 /// Binds (but does not listen on: the relay does, see [`counters_listener`]) the counters
