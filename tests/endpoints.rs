@@ -107,7 +107,7 @@ fn endpoint_follows_moved_name() -> Result<()> {
     // A long-lived connection from inside, read on a thread of its own.
     let server = ticker(&rig)?;
     let stream = Rig::within(&rig.confined_fd()?, || {
-        TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        TcpStream::connect_timeout(&server, Duration::from_secs(15))
     })??;
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, u64)>();
     std::thread::spawn(move || {
