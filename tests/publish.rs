@@ -31,6 +31,10 @@ fn main() {
             udp_recovers,
         ),
         trial(
+            "a_udp_relay_on_a_wildcard_address_answers_from_the_address_the_client_sent_to",
+            udp_wildcard_source,
+        ),
+        trial(
             "a_udp_client_over_the_session_cap_takes_the_place_of_the_least_recently_active",
             udp_cap,
         ),
@@ -314,6 +318,88 @@ fn serve_udp_echo(fd: &OwnedFd, addr: SocketAddr) -> Result<Arc<UdpSocket>> {
         }
     });
     Ok(socket)
+}
+
+/// A host with two addresses publishes UDP on the wildcard address. A client that connected
+/// its socket to the second address (as DNS and game clients do) accepts only datagrams from
+/// that address: the relay must answer from the address each client sent to, not from the one
+/// the route to the client prefers. The same for IPv6 and for IPv4 clients of a dual-stack
+/// listener.
+fn udp_wildcard_source() -> Result<()> {
+    let rig = Rig::new(236)?;
+    let second_v4: IpAddr = "10.200.236.5".parse()?;
+    let second_v6: IpAddr = "fd77:236::5".parse()?;
+    sh(&[
+        "ip",
+        "-n",
+        &rig.host,
+        "address",
+        "add",
+        "10.200.236.5/29",
+        "dev",
+        &rig.host_veth,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &rig.host,
+        "address",
+        "add",
+        "fd77:236::5/128",
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
+    let mut config = rig.config()?;
+    config["publishPorts"] = json!([
+        {"protocol": "udp", "hostAddress": "0.0.0.0", "hostPort": 19094, "namespacePort": 9094},
+        {"protocol": "udp", "hostAddress": "::", "hostPort": 19095, "namespacePort": 9095},
+    ]);
+    rig.up_with(&config)?;
+    let inside = rig.confined_fd()?;
+    let _echo_v4 = serve_udp_echo(&inside, "127.0.0.1:9094".parse()?)?;
+    let _echo_v6 = serve_udp_echo(&inside, "127.0.0.1:9095".parse()?)?;
+
+    // Each client sends from an address other than the one it sends to, so that a reply
+    // routed back to it would by default leave from the client's own address.
+    for (from, to) in [
+        (
+            SocketAddr::new(rig.host_underlay().into(), 0),
+            SocketAddr::new(second_v4, 19094),
+        ),
+        (
+            SocketAddr::new(rig.host_underlay().into(), 0),
+            SocketAddr::new(second_v4, 19095),
+        ),
+        ("[::1]:0".parse()?, SocketAddr::new(second_v6, 19095)),
+    ] {
+        let echoed = Rig::within(rig.host_fd(), || -> Result<Vec<u8>> {
+            let socket = UdpSocket::bind(from)?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = [0u8; 64];
+            // The service inside may still be starting: a few tries.
+            for _ in 0..3 {
+                socket.send(b"to the second address")?;
+                if let Ok(n) = socket.recv(&mut buf) {
+                    return Ok(buf[..n].to_vec());
+                }
+            }
+            // Where did the answer go? A socket that takes datagrams from anyone says.
+            let probe = UdpSocket::bind(from)?;
+            probe.set_read_timeout(Some(Duration::from_secs(3)))?;
+            probe.send_to(b"to the second address", to)?;
+            let source = probe.recv_from(&mut buf).map(|(_, source)| source);
+            bail!(
+                "a client at {} connected to {to} got no answer; an unconnected one got one \
+                 from {source:?}",
+                socket.local_addr()?
+            )
+        })??;
+        ensure!(echoed == b"to the second address", "{to} echoed {echoed:?}");
+    }
+    rig.down()?;
+    rig.assert_clean()
 }
 
 fn relays_unprivileged() -> Result<()> {

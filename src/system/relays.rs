@@ -615,6 +615,8 @@ fn splice(a: &TcpStream, b: &TcpStream, idle: Duration) {
 
 struct UdpSession {
     client: SocketAddr,
+    /// Where the client sent its first datagram: its replies leave from there.
+    local: Option<LocalEnd>,
     source: Option<IpAddr>,
     socket: UdpSocket,
     last: Instant,
@@ -703,6 +705,8 @@ fn relay_udp(
     outside
         .set_nonblocking(true)
         .context("making the UDP listener non-blocking")?;
+    ask_for_local_ends(outside)?;
+    let mut control = nix::cmsg_space!(libc::in_pktinfo, libc::in6_pktinfo);
     let mut sessions = UdpSessions {
         list: Vec::new(),
         by_client: HashMap::new(),
@@ -734,11 +738,11 @@ fn relay_udp(
             while let Ok(len) = session.socket.recv(&mut buf) {
                 session.last = Instant::now();
                 session.answered = true;
-                let _ = outside.send_to(&buf[..len], session.client);
+                reply(outside, &buf[..len], session.client, session.local);
             }
         }
         if ready[0] {
-            while let Ok((len, client)) = outside.recv_from(&mut buf) {
+            while let Ok((len, client, local)) = receive(outside, &mut buf, &mut control) {
                 let index = match sessions.by_client.get(&client) {
                     Some(&index) => index,
                     None => {
@@ -748,6 +752,7 @@ fn relay_udp(
                             Ok(socket) => {
                                 sessions.list.push(UdpSession {
                                     client,
+                                    local,
                                     source,
                                     socket,
                                     last: Instant::now(),
@@ -776,6 +781,128 @@ fn relay_udp(
         {
             answer_counters(counters, sessions.tally.counts());
         }
+    }
+}
+
+/// The local address a client's datagram was sent to, as the kernel reported it with the
+/// datagram. A listener on a wildcard address (0.0.0.0, ::) receives on every address of the
+/// host, but a reply sent plainly leaves from the address the route to the client prefers,
+/// which a client that connected its socket to another of the host's addresses drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalEnd {
+    /// The local address of an IPv4 listener's datagram (`ipi_spec_dst`).
+    V4(Ipv4Addr),
+    /// The destination of an IPv6 listener's datagram (IPv4-mapped for an IPv4 client), with
+    /// the interface it came in on when the address is link-local and so needs it.
+    V6(Ipv6Addr, u32),
+}
+
+/// Has the kernel report with each datagram the address it was sent to.
+fn ask_for_local_ends(outside: &UdpSocket) -> Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let local = outside.local_addr().context("the UDP listener's address")?;
+    match local {
+        SocketAddr::V4(_) => setsockopt(outside, sockopt::Ipv4PacketInfo, &true),
+        SocketAddr::V6(_) => setsockopt(outside, sockopt::Ipv6RecvPacketInfo, &true),
+    }
+    .context("asking for the destination address of each datagram")
+}
+
+/// One datagram from the listener: its length, the client that sent it, and the local address
+/// it was sent to.
+fn receive(
+    outside: &UdpSocket,
+    buf: &mut [u8],
+    control: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<LocalEnd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let message = recvmsg::<SockaddrStorage>(
+        outside.as_raw_fd(),
+        &mut iov,
+        Some(control),
+        MsgFlags::empty(),
+    )?;
+    let client = message
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(*v4))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+        })
+        .ok_or_else(|| io::Error::other("a datagram without a source address"))?;
+    let local = message.cmsgs().ok().and_then(|mut cmsgs| {
+        cmsgs.find_map(|cmsg| match cmsg {
+            ControlMessageOwned::Ipv4PacketInfo(info) => Some(LocalEnd::V4(Ipv4Addr::from(
+                u32::from_be(info.ipi_spec_dst.s_addr),
+            ))),
+            ControlMessageOwned::Ipv6PacketInfo(info) => {
+                let address = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                let interface = if address.is_unicast_link_local() {
+                    info.ipi6_ifindex
+                } else {
+                    0
+                };
+                usable_as_source(address).then_some(LocalEnd::V6(address, interface))
+            }
+            _ => None,
+        })
+    });
+    Ok((message.bytes, client, local))
+}
+
+/// Whether replies can leave from `address`, a destination an IPv6 listener reported. An IPv4
+/// listener reports a local address for broadcasts on its own; an IPv6 one reports the
+/// group or broadcast address itself, which no reply can come from.
+fn usable_as_source(address: Ipv6Addr) -> bool {
+    match address.to_ipv4_mapped() {
+        Some(v4) => !v4.is_multicast() && !v4.is_broadcast() && !v4.is_unspecified(),
+        None => !address.is_multicast() && !address.is_unspecified(),
+    }
+}
+
+/// Sends a service's reply to `client` from `local`, the address the client sent to. Where
+/// that address cannot be used (it went away, or was a subnet's broadcast address), the reply
+/// leaves from the address the route prefers, as it would without it.
+fn reply(outside: &UdpSocket, datagram: &[u8], client: SocketAddr, local: Option<LocalEnd>) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    let to = SockaddrStorage::from(client);
+    let iov = [io::IoSlice::new(datagram)];
+    let send = |control: &[ControlMessage]| {
+        sendmsg(
+            outside.as_raw_fd(),
+            &iov,
+            control,
+            MsgFlags::empty(),
+            Some(&to),
+        )
+    };
+    let (v4, v6);
+    let control = match local {
+        None => None,
+        Some(LocalEnd::V4(address)) => {
+            v4 = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(address).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            Some(ControlMessage::Ipv4PacketInfo(&v4))
+        }
+        Some(LocalEnd::V6(address, interface)) => {
+            v6 = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: address.octets(),
+                },
+                ipi6_ifindex: interface,
+            };
+            Some(ControlMessage::Ipv6PacketInfo(&v6))
+        }
+    };
+    let sent = send(control.as_slice());
+    if control.is_some() && matches!(sent, Err(Errno::EINVAL | Errno::EADDRNOTAVAIL)) {
+        let _ = send(&[]);
     }
 }
 
@@ -954,6 +1081,18 @@ mod tests {
             "an IPv4 client of a dual-stack listener counts as its IPv4 address"
         );
         assert_eq!(source("192.0.2.7:1"), source("192.0.2.7:2"));
+    }
+
+    #[test]
+    fn replies_never_leave_from_a_group_or_broadcast_address() {
+        let usable = |text: &str| usable_as_source(text.parse().unwrap());
+        assert!(usable("fd77::5"));
+        assert!(usable("fe80::1"));
+        assert!(usable("::ffff:10.200.0.5"));
+        assert!(!usable("ff02::1"));
+        assert!(!usable("::ffff:255.255.255.255"));
+        assert!(!usable("::ffff:224.0.0.251"));
+        assert!(!usable("::"));
     }
 
     #[test]
