@@ -527,9 +527,9 @@ fn answer_snapshots(
     std::thread::Builder::new()
         .name("snapshots".into())
         .spawn(move || {
+            let mut inspector = crate::commands::status::Inspector::new(&namespace);
             companion::serve(listener, access, || {
-                serde_json::to_vec(&crate::commands::status::inspect(&namespace))
-                    .unwrap_or_default()
+                serde_json::to_vec(&inspector.inspect()).unwrap_or_default()
             })
         })
         .inspect_err(|e| eprintln!("refresh: no snapshot thread: {e}"))

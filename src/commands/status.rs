@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::{Endpoint, Key, Protocol};
+use crate::config::{Endpoint, EndpointHost, Key, Protocol};
 use crate::exit::code;
 use crate::system::firewall;
 use crate::system::link::Netlink;
 use crate::system::relays::{self, Direction, Entry};
-use crate::system::state::{Phase, Resource, State};
+use crate::system::state::{Phase, Resource, State, StateReader};
 use crate::system::wireguard;
 
 /// A peer without a handshake for this long makes the namespace degraded.
@@ -195,204 +195,237 @@ pub struct Report {
 
 /// Collects the status of one namespace. Never fails: whatever cannot be read is a reason.
 pub fn inspect(namespace: &str) -> NamespaceStatus {
-    let mut status = NamespaceStatus {
-        namespace: namespace.to_string(),
-        verdict: Verdict::Healthy,
-        reasons: Vec::new(),
-        backend: None,
-        daemon_pid: None,
-        interface: InterfaceStatus {
-            name: namespace.to_string(),
-            ..Default::default()
-        },
-        firewall: FirewallStatus::default(),
-        dns: DnsStatus::default(),
-        peers: Vec::new(),
-        publish_ports: Vec::new(),
-        host_services: Vec::new(),
-        relays: Vec::new(),
-        up_since: None,
-        forwarded_ports: Vec::new(),
-        port_forwarding: None,
-        last_reload: None,
-        heals: Vec::new(),
-        heals_total: 0,
-        reloads_total: 0,
-    };
-    let down = |status: &mut NamespaceStatus, reason: String| {
-        status.verdict = Verdict::Down;
-        status.reasons.push(reason);
-    };
-    let state = match State::load(namespace) {
-        Ok(Some(state)) if state.phase == Phase::Up => state,
-        Ok(Some(state)) => {
-            let reason = if state.owner.is_alive() {
-                format!("being built by wg-namespace up (pid {})", state.owner.pid)
-            } else {
-                "half-built: an interrupted `up` left it (`up` or `down` clears it)".into()
-            };
-            down(&mut status, reason);
-            return status;
-        }
-        Ok(None) => {
-            down(&mut status, "not up".into());
-            return status;
-        }
-        Err(e) => {
-            down(&mut status, format!("{e:#}"));
-            return status;
-        }
-    };
-    status.backend = state.backend.map(|b| b.as_str().to_string());
-    status.up_since = Some(state.started_at);
-    status.dns.server = Some(state.dns_server.to_string());
-    status.dns.servers = if state.dns_servers.is_empty() {
-        vec![state.dns_server.to_string()]
-    } else {
-        state.dns_servers.iter().map(ToString::to_string).collect()
-    };
-    status.publish_ports = state.publish_ports.clone();
-    status.last_reload = state.last_reload.clone();
-    status.heals = state.heals.clone();
-    status.heals_total = state.heals_total;
-    status.reloads_total = state.reloads_total;
+    Inspector::new(namespace).inspect()
+}
 
-    let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
-    status.dns.resolv_conf =
-        crate::system::files::read_text(&resolv, crate::system::files::CONFIG_LIMIT).is_ok_and(
-            |text| {
-                text.lines()
-                    .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
+/// [`inspect`] again and again for one namespace, as the companion does for every scrape.
+/// Everything a verdict rests on is looked at anew each time; what is kept is only what can be
+/// shown not to have changed: the parsed record while the state file's bytes are the same
+/// ([`StateReader`]), and an intact leak guard while the ruleset's generation is the same
+/// ([`firewall::Judge`]).
+pub struct Inspector {
+    namespace: String,
+    states: StateReader,
+    guard: firewall::Judge,
+}
+
+impl Inspector {
+    pub fn new(namespace: &str) -> Inspector {
+        Inspector {
+            namespace: namespace.to_string(),
+            states: StateReader::new(namespace),
+            guard: firewall::Judge::default(),
+        }
+    }
+
+    pub fn inspect(&mut self) -> NamespaceStatus {
+        let namespace = self.namespace.as_str();
+        let mut status = NamespaceStatus {
+            namespace: namespace.to_string(),
+            verdict: Verdict::Healthy,
+            reasons: Vec::new(),
+            backend: None,
+            daemon_pid: None,
+            interface: InterfaceStatus {
+                name: namespace.to_string(),
+                ..Default::default()
             },
-        );
-    if !status.dns.resolv_conf {
-        down(
-            &mut status,
-            format!(
-                "{} is missing or does not name {}",
-                resolv.display(),
-                state.dns_server
-            ),
-        );
-    }
-
-    for resource in &state.resources {
-        match resource {
-            Resource::Daemon { process, .. } => status.daemon_pid = Some(process.pid),
-            Resource::Publisher { process, .. } if !process.is_alive() => {
-                status.verdict = status.verdict.max(Verdict::Degraded);
-                status
-                    .reasons
-                    .push(format!("the port relay (pid {}) is gone", process.pid));
+            firewall: FirewallStatus::default(),
+            dns: DnsStatus::default(),
+            peers: Vec::new(),
+            publish_ports: Vec::new(),
+            host_services: Vec::new(),
+            relays: Vec::new(),
+            up_since: None,
+            forwarded_ports: Vec::new(),
+            port_forwarding: None,
+            last_reload: None,
+            heals: Vec::new(),
+            heals_total: 0,
+            reloads_total: 0,
+        };
+        let down = |status: &mut NamespaceStatus, reason: String| {
+            status.verdict = Verdict::Down;
+            status.reasons.push(reason);
+        };
+        let state = match self.states.load() {
+            Ok(Some(state)) if state.phase == Phase::Up => state,
+            Ok(Some(state)) => {
+                let reason = if state.owner.is_alive() {
+                    format!("being built by wg-namespace up (pid {})", state.owner.pid)
+                } else {
+                    "half-built: an interrupted `up` left it (`up` or `down` clears it)".into()
+                };
+                down(&mut status, reason);
+                return status;
             }
-            Resource::Relay { process, entry, .. } => {
-                let stopped = process.is_stopped();
-                let running = process.is_alive() && !stopped;
-                if !running {
-                    status.verdict = status.verdict.max(Verdict::Degraded);
-                    // A stopped relay still holds its port: connections are accepted and never
-                    // answered, which is worse than gone.
-                    let what = if stopped {
-                        "is stopped (by a signal or a tracer): it takes connections and answers none"
-                    } else {
-                        "is gone"
-                    };
-                    status.reasons.push(format!(
-                        "the relay for {entry} (pid {}) {what}",
-                        process.pid
-                    ));
-                }
-                if entry.direction == Direction::HostService {
-                    status.host_services.push(HostServiceStatus {
-                        protocol: entry.protocol,
-                        namespace_port: entry.namespace_port,
-                        host_address: entry.host_address,
-                        host_port: entry.host_port,
-                    });
-                }
-                let counts = running
-                    .then(|| relays::session_counts(namespace, entry, process).ok())
-                    .flatten();
-                status.relays.push(RelayStatus {
-                    entry: *entry,
-                    pid: process.pid,
-                    running,
-                    sessions_open: counts.map(|c| c.open),
-                    sessions_refused: counts.map(|c| c.refused),
-                    sessions_evicted: counts.map(|c| c.evicted),
-                });
+            Ok(None) => {
+                down(&mut status, "not up".into());
+                return status;
             }
-            _ => {}
-        }
-    }
-
-    let Some(fd) = state.open_netns() else {
-        down(
-            &mut status,
-            "the network namespace is gone (or is no longer the one `up` made)".into(),
-        );
-        return status;
-    };
-    // A guard that is there but flushed, dormant or opened up leaks as if it were not.
-    match firewall::judge(&fd, state.leak_guard.as_ref()) {
-        Ok(judgement) => {
-            status.firewall.loaded = judgement.loaded;
-            if !judgement.loaded {
-                down(&mut status, "the firewall ruleset is not loaded".into());
+            Err(e) => {
+                down(&mut status, format!("{e:#}"));
+                return status;
             }
-            status.firewall.guard_intact = judgement.differences.is_empty();
-            for difference in judgement.differences {
-                down(&mut status, difference);
-            }
-        }
-        Err(e) => down(&mut status, format!("cannot verify the leak guard: {e:#}")),
-    }
+        };
+        status.backend = state.backend.map(|b| b.as_str().to_string());
+        status.up_since = Some(state.started_at);
+        status.dns.server = Some(state.dns_server.to_string());
+        status.dns.servers = if state.dns_servers.is_empty() {
+            vec![state.dns_server.to_string()]
+        } else {
+            state.dns_servers.iter().map(ToString::to_string).collect()
+        };
+        status.publish_ports = state.publish_ports.clone();
+        status.last_reload = state.last_reload.clone();
+        status.heals = state.heals.clone();
+        status.heals_total = state.heals_total;
+        status.reloads_total = state.reloads_total;
 
-    match Netlink::inside(&fd).and_then(|nl| interface_status(&nl, namespace)) {
-        Ok(Some(interface)) => {
-            if !interface.up {
-                down(&mut status, "the WireGuard interface is down".into());
-            }
-            status.interface = interface;
-        }
-        Ok(None) => down(&mut status, "the WireGuard interface is gone".into()),
-        Err(e) => down(&mut status, format!("reading the interface: {e:#}")),
-    }
-
-    if let Some(configured) = &state.port_forwarding {
-        forwarding_status(&mut status, namespace, configured);
-    }
-
-    // A daemon that is gone or stopped cannot answer; asking would only wait. Looked at once,
-    // right before asking, so that the verdict and the question agree.
-    let mut daemon_answers = true;
-    for resource in &state.resources {
-        if let Resource::Daemon { process, .. } = resource {
-            let problem = if !process.is_alive() {
-                "gone"
-            } else if process.is_stopped() {
-                "stopped"
-            } else {
-                continue;
-            };
-            daemon_answers = false;
+        let resolv = crate::system::dns::dir(namespace).join("resolv.conf");
+        status.dns.resolv_conf =
+            crate::system::files::read_text(&resolv, crate::system::files::CONFIG_LIMIT).is_ok_and(
+                |text| {
+                    text.lines()
+                        .any(|l| l.trim() == format!("nameserver {}", state.dns_server))
+                },
+            );
+        if !status.dns.resolv_conf {
             down(
                 &mut status,
                 format!(
-                    "the userspace WireGuard daemon (pid {}) is {problem}",
-                    process.pid
+                    "{} is missing or does not name {}",
+                    resolv.display(),
+                    state.dns_server
                 ),
             );
         }
-    }
-    let backend = state.backend;
-    if let (Some(backend), true, true) = (backend, status.interface.present, daemon_answers) {
-        match wireguard::show(namespace, backend, &fd) {
-            Ok(device) => peer_status(&mut status, &state, &device),
-            Err(e) => down(&mut status, format!("{e:#}")),
+
+        for resource in &state.resources {
+            match resource {
+                Resource::Daemon { process, .. } => status.daemon_pid = Some(process.pid),
+                Resource::Publisher { process, .. } if !process.is_alive() => {
+                    status.verdict = status.verdict.max(Verdict::Degraded);
+                    status
+                        .reasons
+                        .push(format!("the port relay (pid {}) is gone", process.pid));
+                }
+                Resource::Relay { process, entry, .. } => {
+                    let stopped = process.is_stopped();
+                    let running = process.is_alive() && !stopped;
+                    if !running {
+                        status.verdict = status.verdict.max(Verdict::Degraded);
+                        // A stopped relay still holds its port: connections are accepted and never
+                        // answered, which is worse than gone.
+                        let what = if stopped {
+                            "is stopped (by a signal or a tracer): it takes connections and answers none"
+                        } else {
+                            "is gone"
+                        };
+                        status.reasons.push(format!(
+                            "the relay for {entry} (pid {}) {what}",
+                            process.pid
+                        ));
+                    }
+                    if entry.direction == Direction::HostService {
+                        status.host_services.push(HostServiceStatus {
+                            protocol: entry.protocol,
+                            namespace_port: entry.namespace_port,
+                            host_address: entry.host_address,
+                            host_port: entry.host_port,
+                        });
+                    }
+                    let counts = running
+                        .then(|| relays::session_counts(namespace, entry, process).ok())
+                        .flatten();
+                    status.relays.push(RelayStatus {
+                        entry: *entry,
+                        pid: process.pid,
+                        running,
+                        sessions_open: counts.map(|c| c.open),
+                        sessions_refused: counts.map(|c| c.refused),
+                        sessions_evicted: counts.map(|c| c.evicted),
+                    });
+                }
+                _ => {}
+            }
         }
+
+        let recorded_netns = state.resources.iter().find_map(|r| match r {
+            Resource::Namespace { id, .. } => Some(*id),
+            _ => None,
+        });
+        let Some((fd, netns)) = recorded_netns.and_then(|netns| {
+            let fd = crate::system::netns::open_matching(namespace, netns)?;
+            Some((fd, netns))
+        }) else {
+            down(
+                &mut status,
+                "the network namespace is gone (or is no longer the one `up` made)".into(),
+            );
+            return status;
+        };
+        // A guard that is there but flushed, dormant or opened up leaks as if it were not.
+        match self.guard.judge(&fd, netns, state.leak_guard.as_ref()) {
+            Ok(judgement) => {
+                status.firewall.loaded = judgement.loaded;
+                if !judgement.loaded {
+                    down(&mut status, "the firewall ruleset is not loaded".into());
+                }
+                status.firewall.guard_intact = judgement.differences.is_empty();
+                for difference in judgement.differences {
+                    down(&mut status, difference);
+                }
+            }
+            Err(e) => down(&mut status, format!("cannot verify the leak guard: {e:#}")),
+        }
+
+        match Netlink::inside(&fd).and_then(|nl| interface_status(&nl, namespace)) {
+            Ok(Some(interface)) => {
+                if !interface.up {
+                    down(&mut status, "the WireGuard interface is down".into());
+                }
+                status.interface = interface;
+            }
+            Ok(None) => down(&mut status, "the WireGuard interface is gone".into()),
+            Err(e) => down(&mut status, format!("reading the interface: {e:#}")),
+        }
+
+        if let Some(configured) = &state.port_forwarding {
+            forwarding_status(&mut status, namespace, configured);
+        }
+
+        // A daemon that is gone or stopped cannot answer; asking would only wait. Looked at once,
+        // right before asking, so that the verdict and the question agree.
+        let mut daemon_answers = true;
+        for resource in &state.resources {
+            if let Resource::Daemon { process, .. } = resource {
+                let problem = if !process.is_alive() {
+                    "gone"
+                } else if process.is_stopped() {
+                    "stopped"
+                } else {
+                    continue;
+                };
+                daemon_answers = false;
+                down(
+                    &mut status,
+                    format!(
+                        "the userspace WireGuard daemon (pid {}) is {problem}",
+                        process.pid
+                    ),
+                );
+            }
+        }
+        let backend = state.backend;
+        if let (Some(backend), true, true) = (backend, status.interface.present, daemon_answers) {
+            match wireguard::show_peers(namespace, backend, &fd, &state) {
+                Ok(device) => peer_status(&mut status, &state, &device),
+                Err(e) => down(&mut status, format!("{e:#}")),
+            }
+        }
+        status
     }
-    status
 }
 
 /// The forwarding process's record, checked: a record whose process is gone says nothing.
@@ -449,7 +482,7 @@ fn forwarding_status(
 }
 
 fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>> {
-    let Some(link) = nl.links()?.into_iter().find(|l| l.name == name) else {
+    let Some(link) = nl.link_named(name)? else {
         return Ok(None);
     };
     let addresses = nl
@@ -560,6 +593,10 @@ fn peer_status(status: &mut NamespaceStatus, state: &State, device: &wireguard::
             // What the running `refresh` learned, or else a lookup now.
             let unresolvable = Endpoint::parse(configured)
                 .map(|e| {
+                    if let EndpointHost::Ip(_) = e.host {
+                        // An address is its own answer: nothing to look up or to have learned.
+                        return false;
+                    }
                     let learned = learned
                         .get_or_init(|| crate::system::endpoints::Learned::load(&state.namespace));
                     match learned

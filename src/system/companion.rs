@@ -108,7 +108,7 @@ pub fn listen(namespace: &str, access: Access) -> Result<UnixListener> {
 
 /// Answers every connection with `document()`, one at a time, forever: a client that is not
 /// admitted is closed without a word; one that does not read is given up after a deadline.
-pub fn serve(listener: UnixListener, access: Access, document: impl Fn() -> Vec<u8>) -> ! {
+pub fn serve(listener: UnixListener, access: Access, mut document: impl FnMut() -> Vec<u8>) -> ! {
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,

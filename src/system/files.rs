@@ -455,8 +455,9 @@ fn read_bounded(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
     if st.st_size as u64 > limit {
         return Err(too_large());
     }
-    let mut bytes = Vec::new();
-    // `/proc` files say size 0, so the read itself is bounded too.
+    // Room for the whole file and the read that finds its end, so that it takes two reads,
+    // not a dozen growing ones. `/proc` files say size 0, so the read itself is bounded too.
+    let mut bytes = Vec::with_capacity(st.st_size as usize + 1);
     file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| FileError::from_io(path, "cannot read it", e))?;

@@ -181,6 +181,76 @@ pub struct Judgement {
 /// rule differs is `nft` run, to name it in its own words.
 pub fn judge(fd: impl AsFd, recorded: Option<&nf_tables::Table>) -> Result<Judgement> {
     let reading = nf_tables::read(fd.as_fd(), GUARD_TABLE).context("reading the ruleset")?;
+    Ok(judge_reading(fd.as_fd(), reading, recorded))
+}
+
+/// [`judge`] for a reader that asks again and again (the companion, per scrape). An intact
+/// guard stays intact until the namespace's ruleset changes, and every change to it moves the
+/// ruleset's generation id: while the generation, the namespace and the record are the ones
+/// last judged intact, that judgement stands, for one netlink request instead of a dozen. What
+/// is not intact is read and compared again every time, and so is a guard with sets whose
+/// elements expire (which changes them without a new generation).
+#[derive(Debug, Default)]
+pub struct Judge {
+    intact: Option<Intact>,
+}
+
+#[derive(Debug)]
+struct Intact {
+    netns: crate::system::netns::NetnsId,
+    generation: u32,
+    recorded: nf_tables::Table,
+    loaded: bool,
+    policy_loaded: bool,
+}
+
+impl Judge {
+    pub fn judge(
+        &mut self,
+        fd: impl AsFd,
+        netns: crate::system::netns::NetnsId,
+        recorded: Option<&nf_tables::Table>,
+    ) -> Result<Judgement> {
+        let known = self
+            .intact
+            .as_ref()
+            .filter(|i| i.netns == netns && Some(&i.recorded) == recorded)
+            .map(|i| i.generation);
+        let reading = nf_tables::read_unless(fd.as_fd(), GUARD_TABLE, known)
+            .context("reading the ruleset")?;
+        let Some(reading) = reading else {
+            let intact = self.intact.as_ref().context("no judgement to keep")?;
+            return Ok(Judgement {
+                loaded: intact.loaded,
+                policy_loaded: intact.policy_loaded,
+                differences: Vec::new(),
+            });
+        };
+        let generation = reading.generation;
+        let timed = reading
+            .table
+            .as_ref()
+            .is_some_and(|t| t.sets.iter().any(nf_tables::Set::timed));
+        let judgement = judge_reading(fd.as_fd(), reading, recorded);
+        self.intact = match recorded {
+            Some(recorded) if judgement.differences.is_empty() && !timed => Some(Intact {
+                netns,
+                generation,
+                recorded: recorded.clone(),
+                loaded: judgement.loaded,
+                policy_loaded: judgement.policy_loaded,
+            }),
+            _ => None,
+        };
+        Ok(judgement)
+    }
+}
+
+fn judge_reading(
+    fd: BorrowedFd<'_>,
+    reading: nf_tables::Reading,
+    recorded: Option<&nf_tables::Table>,
+) -> Judgement {
     let has = |name: &str| reading.tables.iter().any(|t| t == name);
     let differences = match (&reading.table, recorded) {
         (None, _) => vec![format!("the leak guard table {GUARD_TABLE} is missing")],
@@ -200,11 +270,11 @@ pub fn judge(fd: impl AsFd, recorded: Option<&nf_tables::Table>) -> Result<Judge
             guard_differences(recorded, live, &describe_live)
         }
     };
-    Ok(Judgement {
+    Judgement {
         loaded: has(GUARD_TABLE) && has(POLICY_TABLE),
         policy_loaded: has(POLICY_TABLE),
         differences,
-    })
+    }
 }
 
 /// The guard's rules as nft words them (`nft -j list table`), by handle; empty when nft cannot

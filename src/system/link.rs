@@ -54,6 +54,33 @@ pub struct Link {
     pub mtu: Option<u32>,
 }
 
+impl Link {
+    fn from_message(message: &rtnetlink::packet_route::link::LinkMessage) -> Link {
+        let name = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        });
+        let kind = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let mtu = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        });
+        Link {
+            index: message.header.index,
+            name: name.unwrap_or_default(),
+            up: message.header.flags.contains(LinkFlags::Up),
+            kind,
+            mtu,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub destination: Cidr,
@@ -124,32 +151,31 @@ impl Netlink {
             let mut stream = self.handle.link().get().execute();
             let mut links = Vec::new();
             while let Some(message) = stream.try_next().await.map_err(to_io)? {
-                let name = message.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n.clone()),
-                    _ => None,
-                });
-                let kind = message.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-                        LinkInfo::Kind(kind) => Some(kind.to_string()),
-                        _ => None,
-                    }),
-                    _ => None,
-                });
-                let mtu = message.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Mtu(mtu) => Some(*mtu),
-                    _ => None,
-                });
-                links.push(Link {
-                    index: message.header.index,
-                    name: name.unwrap_or_default(),
-                    up: message.header.flags.contains(LinkFlags::Up),
-                    kind,
-                    mtu,
-                });
+                links.push(Link::from_message(&message));
             }
             Ok::<_, io::Error>(links)
         })
         .context("listing links")
+    }
+
+    /// The link called `name`, asked for by name (one answer, not a listing); `None` when there
+    /// is none. The kernel also finds a link by an alternative name: only one whose name is
+    /// `name` counts.
+    pub fn link_named(&self, name: &str) -> Result<Option<Link>> {
+        self.block(async {
+            let mut stream = self.handle.link().get().match_name(name).execute();
+            match stream.try_next().await {
+                Ok(message) => Ok(message
+                    .as_ref()
+                    .map(Link::from_message)
+                    .filter(|l| l.name == name)),
+                Err(e) => match to_io(e) {
+                    e if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+                    e => Err(e),
+                },
+            }
+        })
+        .with_context(|| format!("looking up link {name:?}"))
     }
 
     pub fn index_of(&self, name: &str) -> Result<Option<u32>> {

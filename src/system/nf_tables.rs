@@ -64,6 +64,7 @@ const RULE_VOLATILE: &[u16] = &[1, 2, 3, 6, 8, 9, 10, 11];
 const EXPR_NAME: u16 = 1;
 const SET_TABLE: u16 = 1;
 const SET_NAME: u16 = 2;
+const SET_FLAGS: u16 = 3;
 /// table, id, pad, handle.
 const SET_VOLATILE: &[u16] = &[1, 10, 14, 16];
 const SET_ELEM_LIST_TABLE: u16 = 1;
@@ -164,6 +165,14 @@ impl Table {
     }
 }
 
+impl Set {
+    /// NFT_SET_TIMEOUT: its elements may expire, which changes the set without a new
+    /// generation of the ruleset.
+    pub fn timed(&self) -> bool {
+        self.head.u32(SET_FLAGS).is_some_and(|f| f & 0x10 != 0)
+    }
+}
+
 impl Chain {
     /// NF_DROP (0) or NF_ACCEPT (1); None for a regular chain.
     pub fn policy(&self) -> Option<u32> {
@@ -200,18 +209,31 @@ impl Rule {
 pub struct Reading {
     pub tables: Vec<String>,
     pub table: Option<Table>,
+    /// The ruleset's generation id when it was read: every change to the namespace's ruleset
+    /// moves it.
+    pub generation: u32,
 }
 
 /// Reads the inet tables of the namespace `fd`, and the contents of the one named `table`. The
 /// generation id before and after tells whether the ruleset changed meanwhile (a forwarded
 /// port's set updated, a reload): then it is read again.
 pub fn read(fd: impl AsFd, table: &str) -> Result<Reading> {
+    read_unless(fd, table, None)?.context("the ruleset was not read")
+}
+
+/// [`read`], unless the ruleset's generation is still `known`: then `None`, for one request
+/// instead of a dozen.
+pub fn read_unless(fd: impl AsFd, table: &str, known: Option<u32>) -> Result<Option<Reading>> {
     let mut socket = Socket::inside(fd)?;
     for _ in 0..ATTEMPTS {
         let before = socket.generation()?;
-        let reading = socket.reading(table)?;
+        if known == Some(before) {
+            return Ok(None);
+        }
+        let mut reading = socket.reading(table)?;
         if socket.generation()? == before {
-            return Ok(reading);
+            reading.generation = before;
+            return Ok(Some(reading));
         }
     }
     bail!("the ruleset kept changing while it was read ({ATTEMPTS} times)")
@@ -275,6 +297,7 @@ impl Socket {
             return Ok(Reading {
                 tables: names,
                 table: None,
+                generation: 0,
             });
         };
         let key = nul_terminated(name);
@@ -349,6 +372,7 @@ impl Socket {
                 chains,
                 sets,
             }),
+            generation: 0,
         })
     }
 

@@ -569,35 +569,10 @@ impl State {
     /// Reads the record of `namespace`. The file is untrusted input: it must be for that
     /// namespace, and [`State::teardown`] checks every resource again before acting.
     pub fn load(namespace: &str) -> Result<Option<State>> {
-        let path = state_path(namespace);
-        let Some(dir) = state_dir(false)? else {
-            return Ok(None);
-        };
-        let Some(text) = dir.read(&state_name(namespace), files::STATE_LIMIT)? else {
-            return Ok(None);
-        };
-        #[derive(Deserialize)]
-        struct Version {
-            version: u32,
+        match read_record(namespace)? {
+            Some(text) => parse_record(namespace, &text).map(Some),
+            None => Ok(None),
         }
-        let not_ours = || format!("{} is not a wg-namespace state file", path.display());
-        let version: Version = serde_json::from_slice(&text).with_context(not_ours)?;
-        if version.version != FORMAT_VERSION {
-            bail!(
-                "{} has format version {}, this wg-namespace reads version {FORMAT_VERSION}",
-                path.display(),
-                version.version
-            );
-        }
-        let state: State = serde_json::from_slice(&text).with_context(not_ours)?;
-        if state.namespace != namespace {
-            bail!(
-                "{} records namespace {:?}, not {namespace:?}; left alone",
-                path.display(),
-                state.namespace
-            );
-        }
-        Ok(Some(state))
     }
 
     /// Writes the file atomically (temporary file, then rename), readable by root only.
@@ -945,6 +920,76 @@ fn remove_state_dir_if_unused(dir: &Dir) {
 pub fn tidy_state_dir() {
     if let Ok(dir) = Dir::open(Path::new(STATE_DIR)) {
         remove_state_dir_if_unused(&dir);
+    }
+}
+
+/// The bytes of the state file of `namespace`; `None` when there is none.
+fn read_record(namespace: &str) -> Result<Option<Vec<u8>>> {
+    let Some(dir) = state_dir(false)? else {
+        return Ok(None);
+    };
+    Ok(dir.read(&state_name(namespace), files::STATE_LIMIT)?)
+}
+
+/// The record in `text`, checked to be a state file of this format for `namespace`.
+fn parse_record(namespace: &str, text: &[u8]) -> Result<State> {
+    let path = state_path(namespace);
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let not_ours = || format!("{} is not a wg-namespace state file", path.display());
+    let version: Version = serde_json::from_slice(text).with_context(not_ours)?;
+    if version.version != FORMAT_VERSION {
+        bail!(
+            "{} has format version {}, this wg-namespace reads version {FORMAT_VERSION}",
+            path.display(),
+            version.version
+        );
+    }
+    let state: State = serde_json::from_slice(text).with_context(not_ours)?;
+    if state.namespace != namespace {
+        bail!(
+            "{} records namespace {:?}, not {namespace:?}; left alone",
+            path.display(),
+            state.namespace
+        );
+    }
+    Ok(state)
+}
+
+/// [`State::load`] for a reader that asks again and again (the companion, per scrape): the
+/// file is read every time, and parsed again only when its bytes differ from the last ones.
+/// Parsing (with the recorded ruleset's bytes) is most of what a load costs; comparing the
+/// bytes is what keeps the answer exactly what the file says now.
+#[derive(Debug)]
+pub struct StateReader {
+    namespace: String,
+    last: Option<(Vec<u8>, std::sync::Arc<State>)>,
+}
+
+impl StateReader {
+    pub fn new(namespace: &str) -> StateReader {
+        StateReader {
+            namespace: namespace.to_string(),
+            last: None,
+        }
+    }
+
+    pub fn load(&mut self) -> Result<Option<std::sync::Arc<State>>> {
+        let Some(text) = read_record(&self.namespace)? else {
+            self.last = None;
+            return Ok(None);
+        };
+        if let Some((bytes, state)) = &self.last
+            && *bytes == text
+        {
+            return Ok(Some(state.clone()));
+        }
+        self.last = None;
+        let state = std::sync::Arc::new(parse_record(&self.namespace, &text)?);
+        self.last = Some((text, state.clone()));
+        Ok(Some(state))
     }
 }
 

@@ -597,12 +597,37 @@ impl From<Device> for DeviceInfo {
 /// Reads the device. The kernel device is asked inside the namespace it now lives in; a
 /// userspace daemon is asked over its socket, from anywhere.
 pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<DeviceInfo> {
+    show_with(interface, backend, namespace, |socket| {
+        uapi::get(socket, recorded_daemon(interface)?)
+    })
+}
+
+/// [`show`] for `status`, which holds the namespace's record already and looks at the peers
+/// only: the daemon is the one `state` names, without reading the record again, and a
+/// userspace device's own public key is left out (see [`uapi::get_peers`]).
+pub fn show_peers(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    state: &crate::system::state::State,
+) -> Result<DeviceInfo> {
+    show_with(interface, backend, namespace, |socket| {
+        uapi::get_peers(socket, daemon_in(Some(state), interface)?)
+    })
+}
+
+fn show_with(
+    interface: &str,
+    backend: Backend,
+    namespace: impl AsFd,
+    userspace: impl FnOnce(&Path) -> io::Result<DeviceInfo>,
+) -> Result<DeviceInfo> {
     let name = interface_name(interface)?;
     match backend {
         Backend::Kernel => crate::system::netns::within(namespace, || {
             with_deadline(move || Device::get(&name, WgBackend::Kernel).map(DeviceInfo::from))
         })?,
-        Backend::Userspace => uapi::get(&uapi_socket(interface), recorded_daemon(interface)?),
+        Backend::Userspace => userspace(&uapi_socket(interface)),
     }
     .context("reading the WireGuard device")
 }
@@ -611,8 +636,15 @@ pub fn show(interface: &str, backend: Backend, namespace: impl AsFd) -> Result<D
 /// process whose socket we speak to.
 fn recorded_daemon(interface: &str) -> io::Result<ProcessId> {
     let state = crate::system::state::State::load(interface).map_err(io::Error::other)?;
+    daemon_in(state.as_ref(), interface)
+}
+
+fn daemon_in(
+    state: Option<&crate::system::state::State>,
+    interface: &str,
+) -> io::Result<ProcessId> {
     state
-        .iter()
+        .into_iter()
         .flat_map(|s| s.resources.iter())
         .find_map(|r| match r {
             crate::system::state::Resource::Daemon {
