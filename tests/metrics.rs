@@ -24,6 +24,10 @@ fn main() {
             "health_follows_silent_servers_and_a_flushed_guard_and_returns_after_heal",
             health_follows,
         ),
+        trial(
+            "health_turns_503_when_a_lone_peer_falls_silent_and_200_when_it_answers_again",
+            silent_peer,
+        ),
         libtest_mimic::Trial::test(
             "the_alert_rules_pass_promtool_and_the_pictures_use_only_exported_metrics",
             || contrib_files().map_err(|e| format!("{e:#}").into()),
@@ -788,5 +792,135 @@ fn health_follows() -> Result<()> {
         &format!("/v1/namespaces/{}/forwarded-port", rig.confined),
     )?;
     ensure!(code == 200 && port.contains("\"port\": 0"), "{code} {port}");
+    Ok(())
+}
+
+/// How long a peer may go without a handshake before its namespace is degraded
+/// (`status::HANDSHAKE_STALE`, the 3 minutes of the shipped alert rule).
+const HANDSHAKE_STALE: Duration = Duration::from_secs(180);
+
+/// Asks the health endpoint once a second (the wait is minutes long) until it answers `code`;
+/// the answer and when it came.
+fn health_by(
+    rig: &Rig,
+    target: SocketAddr,
+    code: u16,
+    limit: Duration,
+) -> Result<(Value, std::time::Instant)> {
+    let path = format!("/v1/namespaces/{}/health", rig.confined);
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Ok(answer) = get(rig.host_fd(), target, &path) {
+            if answer.0 == code {
+                return Ok((serde_json::from_str(&answer.1)?, std::time::Instant::now()));
+            }
+            last = Some(answer);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "health did not answer {code} within {}s; last answer: {last:?}",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The one peer of a namespace (no alternatives, so no failover to notice it) stops answering:
+/// its namespace drops the tunnel's UDP. The only sign is the handshake's age, so health turns
+/// 503 (degraded, the reason naming the peer and the age) once the last handshake is older than
+/// three minutes, and 200 again once the peer answers.
+fn silent_peer() -> Result<()> {
+    let mut rig = Rig::new(240)?;
+    let config = rig.config()?;
+    ensure!(
+        config["peers"][0].get("alternatives").is_none(),
+        "the peer has alternatives: {config:#}"
+    );
+    let path = rig.up_with(&config)?;
+    start_refresh(&mut rig, &path)?;
+    start_serve(&mut rig, 9595)?;
+    let target: SocketAddr = "127.0.0.1:9595".parse()?;
+
+    // Traffic keeps WireGuard handshaking, as a busy tunnel does.
+    let pinger = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                BIN,
+                "exec",
+                "--namespace",
+                &rig.confined,
+                "--",
+                "ping",
+                "-n",
+                "-i",
+                "0.5",
+                &rig.peer_tunnel_ip().to_string(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    rig.track(pinger);
+    let document = format!("/v1/namespaces/{}", rig.confined);
+    let handshake_ago = |rig: &Rig| -> Option<u64> {
+        let (_, body) = get(rig.host_fd(), target, &document).ok()?;
+        let document: Value = serde_json::from_str(&body).ok()?;
+        document["peers"][0]["latestHandshakeSecondsAgo"].as_u64()
+    };
+    wait_for(Duration::from_secs(30), "a first handshake", || {
+        handshake_ago(&rig).is_some()
+    })?;
+    health_by(&rig, target, 200, Duration::from_secs(10))?;
+
+    // The peer falls silent: whatever reaches its WireGuard port is dropped.
+    let table = format!("wgt{}_silence", rig.id);
+    let rule = format!(
+        "table inet {table} {{ chain input {{ type filter hook input priority -10; \
+         udp dport {WG_PORT} drop; }}; }}"
+    );
+    let silenced = rig.command_in(rig.peer_fd(), &["nft", &rule]).output()?;
+    ensure!(silenced.status.success(), "silencing: {}", text(&silenced));
+    let since = std::time::Instant::now();
+    let age_then = handshake_ago(&rig).context("the handshake's age")?;
+    ensure!(
+        age_then < 60,
+        "the last handshake is {age_then}s old already"
+    );
+
+    // Degraded once the last handshake is over three minutes old, and not long after.
+    let stale_in = HANDSHAKE_STALE.saturating_sub(Duration::from_secs(age_then));
+    let (sick, at) = health_by(&rig, target, 503, stale_in + Duration::from_secs(45))?;
+    ensure!(
+        at - since + Duration::from_secs(age_then + 2) >= HANDSHAKE_STALE,
+        "503 after {}s of silence, with the last handshake {age_then}s old then: {sick:#}",
+        (at - since).as_secs()
+    );
+    ensure!(sick["verdict"] == "degraded", "{sick:#}");
+    let peer = rig.peer_key.get_public().to_base64();
+    let reasons = sick["reasons"].as_array().context("no reasons")?;
+    ensure!(
+        reasons.iter().any(|r| r
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("peer {peer}: no handshake for")))),
+        "no reason names the silent peer: {sick:#}"
+    );
+    no_secret(
+        "health",
+        &sick.to_string(),
+        &[rig.confined_key.to_base64(), rig.peer_key.to_base64()],
+    )?;
+
+    // It answers again: the next handshake makes the namespace healthy.
+    let heard = rig
+        .command_in(rig.peer_fd(), &["nft", "delete", "table", "inet", &table])
+        .output()?;
+    ensure!(heard.status.success(), "unsilencing: {}", text(&heard));
+    health_by(&rig, target, 200, Duration::from_secs(30))?;
+    ensure!(
+        handshake_ago(&rig).is_some_and(|ago| ago < 30),
+        "healthy without a new handshake"
+    );
     Ok(())
 }
