@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::{Endpoint, EndpointHost, Key, Protocol};
 use crate::exit::code;
 use crate::system::firewall;
-use crate::system::link::Netlink;
+use crate::system::link::Listing;
 use crate::system::relays::{self, Direction, Entry};
 use crate::system::state::{Phase, Resource, State, StateReader};
 use crate::system::wireguard;
@@ -380,7 +380,7 @@ impl Inspector {
             Err(e) => down(&mut status, format!("cannot verify the leak guard: {e:#}")),
         }
 
-        match Netlink::inside(&fd).and_then(|nl| interface_status(&nl, namespace)) {
+        match Listing::inside(&fd).and_then(|mut nl| interface_status(&mut nl, namespace)) {
             Ok(Some(interface)) => {
                 if !interface.up {
                     down(&mut status, "the WireGuard interface is down".into());
@@ -481,7 +481,7 @@ fn forwarding_status(
     status.port_forwarding = Some(report);
 }
 
-fn interface_status(nl: &Netlink, name: &str) -> Result<Option<InterfaceStatus>> {
+fn interface_status(nl: &mut Listing, name: &str) -> Result<Option<InterfaceStatus>> {
     let Some(link) = nl.link_named(name)? else {
         return Ok(None);
     };

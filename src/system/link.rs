@@ -158,26 +158,6 @@ impl Netlink {
         .context("listing links")
     }
 
-    /// The link called `name`, asked for by name (one answer, not a listing); `None` when there
-    /// is none. The kernel also finds a link by an alternative name: only one whose name is
-    /// `name` counts.
-    pub fn link_named(&self, name: &str) -> Result<Option<Link>> {
-        self.block(async {
-            let mut stream = self.handle.link().get().match_name(name).execute();
-            match stream.try_next().await {
-                Ok(message) => Ok(message
-                    .as_ref()
-                    .map(Link::from_message)
-                    .filter(|l| l.name == name)),
-                Err(e) => match to_io(e) {
-                    e if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
-                    e => Err(e),
-                },
-            }
-        })
-        .with_context(|| format!("looking up link {name:?}"))
-    }
-
     pub fn index_of(&self, name: &str) -> Result<Option<u32>> {
         Ok(self
             .links()?
@@ -412,16 +392,8 @@ impl Netlink {
             .execute();
         let mut found = Vec::new();
         while let Some(message) = stream.try_next().await.map_err(to_io)? {
-            let attribute = |want_local: bool| {
-                message.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(ip) if want_local => Some(*ip),
-                    AddressAttribute::Address(ip) if !want_local => Some(*ip),
-                    _ => None,
-                })
-            };
-            if let Some(addr) = attribute(true).or_else(|| attribute(false)) {
-                let prefix = message.header.prefix_len;
-                found.push((Cidr { addr, prefix }, message));
+            if let Some(cidr) = address_of(&message) {
+                found.push((cidr, message));
             }
         }
         Ok(found)
@@ -430,10 +402,7 @@ impl Netlink {
     /// Every route of the namespace, both families, as rtnetlink lists them.
     fn route_messages(&self) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>> {
         let mut messages = Vec::new();
-        for query in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
+        for query in route_queries() {
             messages.extend(
                 self.block(
                     self.handle
@@ -451,52 +420,224 @@ impl Netlink {
 
     /// Unicast routes of the main table, both families.
     pub fn routes(&self) -> Result<Vec<Route>> {
-        let mut routes = Vec::new();
-        for message in self.route_messages()? {
-            let table = message
-                .attributes
+        Ok(self
+            .route_messages()?
+            .iter()
+            .filter_map(main_unicast_route)
+            .collect())
+    }
+}
+
+/// The address an RTM_NEWADDR message carries. The local address is ours; IFA_ADDRESS is the
+/// peer's on a point-to-point link that has one.
+fn address_of(message: &AddressMessage) -> Option<Cidr> {
+    let attribute = |want_local: bool| {
+        message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if want_local => Some(*ip),
+            AddressAttribute::Address(ip) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    let addr = attribute(true).or_else(|| attribute(false))?;
+    Some(Cidr {
+        addr,
+        prefix: message.header.prefix_len,
+    })
+}
+
+/// The two route listings, one per family.
+fn route_queries() -> [rtnetlink::packet_route::route::RouteMessage; 2] {
+    [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ]
+}
+
+/// The route an RTM_NEWROUTE message carries, when it is a unicast route of the main table.
+fn main_unicast_route(message: &rtnetlink::packet_route::route::RouteMessage) -> Option<Route> {
+    let table = message
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(message.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || message.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut destination = None;
+    let mut interface = 0;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                destination = Some(IpAddr::V4(*a))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                destination = Some(IpAddr::V6(*a))
+            }
+            RouteAttribute::Oif(i) => interface = *i,
+            _ => {}
+        }
+    }
+    let family_v6 = message.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+    let addr = destination.unwrap_or(if family_v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    });
+    Some(Route {
+        destination: Cidr {
+            addr,
+            prefix: message.header.destination_prefix_length,
+        },
+        interface,
+        kernel: message.header.protocol == RouteProtocol::Kernel,
+    })
+}
+
+/// Listings over a plain blocking rtnetlink socket, without [`Netlink`]'s runtime: for a
+/// reader that asks for a link, its addresses and the routes, and goes (`status`, once per
+/// scrape), where starting and stopping a runtime costs more than the asking. The messages
+/// are the same the `rtnetlink` requests send, made and read with its own packet types.
+pub struct Listing {
+    socket: rtnetlink::sys::Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+impl Listing {
+    /// A socket of the namespace `fd` (a netlink socket belongs to the namespace it is made in).
+    pub fn inside(fd: impl AsFd) -> Result<Listing> {
+        let socket = netns::within(fd, || {
+            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+        })?
+        .context("opening a netlink socket")?;
+        let timeout = nix::sys::time::TimeVal::new(REQUEST_TIMEOUT.as_secs() as _, 0);
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .context("setting the netlink socket's timeout")?;
+        Ok(Listing {
+            socket,
+            sequence: 0,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// The link called `name`, asked for by name (one answer, not a listing); `None` when there
+    /// is none. The kernel also finds a link by an alternative name: only one whose name is
+    /// `name` counts.
+    pub fn link_named(&mut self, name: &str) -> Result<Option<Link>> {
+        let mut message = rtnetlink::packet_route::link::LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_string()));
+        match self.ask(RouteNetlinkMessage::GetLink(message), false) {
+            Ok(answers) => Ok(answers
                 .iter()
                 .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
+                    RouteNetlinkMessage::NewLink(link) => Some(Link::from_message(link)),
                     _ => None,
                 })
-                .unwrap_or(u32::from(message.header.table));
-            if table != u32::from(RouteHeader::RT_TABLE_MAIN)
-                || message.header.kind != RouteType::Unicast
-            {
-                continue;
-            }
-            let mut destination = None;
-            let mut interface = 0;
-            for attribute in &message.attributes {
-                match attribute {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
-                        destination = Some(IpAddr::V4(*a))
+                .filter(|l| l.name == name)),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name:?}")),
+        }
+    }
+
+    /// The addresses of link `index` (see [`Netlink::addresses`]).
+    pub fn addresses(&mut self, index: u32) -> Result<Vec<Cidr>> {
+        let message = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+        Ok(self
+            .ask(message, true)
+            .context("listing addresses")?
+            .iter()
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => address_of(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Unicast routes of the main table, both families (see [`Netlink::routes`]).
+    pub fn routes(&mut self) -> Result<Vec<Route>> {
+        let mut routes = Vec::new();
+        for query in route_queries() {
+            let answers = self
+                .ask(RouteNetlinkMessage::GetRoute(query), true)
+                .context("listing routes")?;
+            routes.extend(answers.iter().filter_map(|a| match a {
+                RouteNetlinkMessage::NewRoute(r) => main_unicast_route(r),
+                _ => None,
+            }));
+        }
+        Ok(routes)
+    }
+
+    /// Sends one request and collects its answers: the one answer, or every part of a dump
+    /// up to its end. An error answer is the kernel's errno; a kernel that does not answer
+    /// within [`REQUEST_TIMEOUT`] is an error too.
+    fn ask(
+        &mut self,
+        message: RouteNetlinkMessage,
+        dump: bool,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        use rtnetlink::packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut request = NetlinkMessage::from(message);
+        request.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        request.header.sequence_number = self.sequence;
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        let mut answers = Vec::new();
+        loop {
+            // A netlink datagram is at most 32 KiB; one that did not fit would be cut short.
+            self.buffer.clear();
+            self.buffer.reserve(64 << 10);
+            let size = self.socket.recv(&mut self.buffer, 0).map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the kernel did not answer a netlink request within {}s",
+                            REQUEST_TIMEOUT.as_secs()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+            let mut offset = 0;
+            while offset < size {
+                let answer =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buffer[offset..size])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let length = (answer.header.length as usize).next_multiple_of(4);
+                if length == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "an empty netlink message",
+                    ));
+                }
+                offset += length;
+                if answer.header.sequence_number != self.sequence {
+                    // The answer to an earlier request given up on.
+                    continue;
+                }
+                match answer.payload {
+                    NetlinkPayload::InnerMessage(inner) => {
+                        answers.push(inner);
+                        if !dump {
+                            return Ok(answers);
+                        }
                     }
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
-                        destination = Some(IpAddr::V6(*a))
-                    }
-                    RouteAttribute::Oif(i) => interface = *i,
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                     _ => {}
                 }
             }
-            let family_v6 =
-                message.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
-            let addr = destination.unwrap_or(if family_v6 {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            });
-            routes.push(Route {
-                destination: Cidr {
-                    addr,
-                    prefix: message.header.destination_prefix_length,
-                },
-                interface,
-                kernel: message.header.protocol == RouteProtocol::Kernel,
-            });
         }
-        Ok(routes)
     }
 }
 
