@@ -28,6 +28,10 @@ fn main() {
             "health_turns_503_when_a_lone_peer_falls_silent_and_200_when_it_answers_again",
             silent_peer,
         ),
+        trial(
+            "a_stopped_refresh_takes_its_own_snapshot_socket_along_and_leaves_the_namespace_as_it_was",
+            refresh_stops_cleanly,
+        ),
         libtest_mimic::Trial::test(
             "the_alert_rules_pass_promtool_and_the_pictures_use_only_exported_metrics",
             || contrib_files().map_err(|e| format!("{e:#}").into()),
@@ -43,6 +47,12 @@ const METRICS_GID: u32 = 64999;
 
 /// `refresh --metrics-group` in the rig's host namespace, its messages in refresh.log.
 fn start_refresh(rig: &mut Rig, config: &Path) -> Result<u32> {
+    let child = spawn_refresh(rig, config)?;
+    Ok(rig.track(child))
+}
+
+/// [`start_refresh`], the process left to the caller.
+fn spawn_refresh(rig: &Rig, config: &Path) -> Result<std::process::Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -62,7 +72,6 @@ fn start_refresh(rig: &mut Rig, config: &Path) -> Result<u32> {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    let pid = rig.track(child);
     let socket = Path::new("/run/wg-namespace/companion").join(format!("{}.sock", rig.confined));
     // The socket is new once refresh has put its own in place (an earlier run may have left one).
     wait_for(Duration::from_secs(10), "the companion's socket", || {
@@ -77,7 +86,119 @@ fn start_refresh(rig: &mut Rig, config: &Path) -> Result<u32> {
         meta.gid(),
         meta.mode() & 0o7777
     );
-    Ok(pid)
+    Ok(child)
+}
+
+/// The companion socket's inode, None while there is none.
+fn companion_inode(rig: &Rig) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let socket = Path::new("/run/wg-namespace/companion").join(format!("{}.sock", rig.confined));
+    std::fs::symlink_metadata(socket).ok().map(|m| m.ino())
+}
+
+/// Sends SIGTERM to `child` (as systemd stops a unit) once it has settled into its sleep, and
+/// waits for it: it must exit 0 soon.
+fn stop(child: &mut std::process::Child, what: &str) -> Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    let pid = child.id();
+    wait_for(Duration::from_secs(10), &format!("{what} to sleep"), || {
+        let before = wakeups(pid).ok();
+        std::thread::sleep(Duration::from_millis(300));
+        before.is_some() && wakeups(pid).ok() == before
+    })?;
+    kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} was still running 5 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(status.success(), "{what} ended with {status} on SIGTERM");
+    Ok(())
+}
+
+/// What `status --json` says of the namespace that refresh must leave alone.
+fn untouched_facts(rig: &Rig) -> Result<Value> {
+    let out = rig.helper(&["status", "--json", "--namespace", &rig.confined])?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    let ns = &report["namespaces"][0];
+    ensure!(
+        ns["firewall"]["loaded"] == true && ns["firewall"]["guardIntact"] == true,
+        "the leak guard is not in place: {ns:#}"
+    );
+    Ok(json!({
+        "daemonPid": ns["daemonPid"],
+        "interface": ns["interface"],
+        "firewall": ns["firewall"],
+        "upSince": ns["upSince"],
+    }))
+}
+
+/// systemd stops refresh with SIGTERM: it must end at once with status 0 and take its snapshot
+/// socket along (with no namespace going, nothing else removes it), but only its own: a socket
+/// another refresh has put in its place since stays. The namespace stays up and guarded.
+fn refresh_stops_cleanly() -> Result<()> {
+    let rig = Rig::new(237)?;
+    let config = rig.config()?;
+    let path = rig.up_with(&config)?;
+    let before = untouched_facts(&rig)?;
+
+    // With no endpoint to follow, refresh only answers its socket.
+    let mut quiet = config.clone();
+    quiet["peers"][0]
+        .as_object_mut()
+        .context("peer")?
+        .remove("endpoint");
+    let quiet = rig.write_config("no-endpoint.json", &quiet)?;
+    let mut only_socket = spawn_refresh(&rig, &quiet)?;
+    stop(&mut only_socket, "refresh with no endpoint to follow")?;
+    ensure!(
+        companion_inode(&rig).is_none(),
+        "the snapshot socket outlived its refresh"
+    );
+
+    // Two at once: the second's socket replaces the first's, so the first leaves it alone.
+    let mut first = spawn_refresh(&rig, &path)?;
+    let first_socket = companion_inode(&rig);
+    let mut second = spawn_refresh(&rig, &path)?;
+    wait_for(Duration::from_secs(10), "the second socket", || {
+        companion_inode(&rig).is_some_and(|ino| Some(ino) != first_socket)
+    })?;
+    let second_socket = companion_inode(&rig);
+    stop(&mut first, "the first refresh")?;
+    ensure!(
+        companion_inode(&rig) == second_socket,
+        "stopping the first refresh removed the second one's socket"
+    );
+    let answer = read_companion_as_nobody(&rig, &format!("--groups={METRICS_GID}"))?;
+    ensure!(
+        answer.contains(&rig.confined),
+        "the second refresh does not answer: {answer}"
+    );
+    stop(&mut second, "the second refresh")?;
+    ensure!(
+        companion_inode(&rig).is_none(),
+        "the snapshot socket outlived its refresh"
+    );
+
+    let after = untouched_facts(&rig)?;
+    ensure!(
+        after == before,
+        "stopping refresh changed the namespace:\nbefore {before:#}\nafter {after:#}"
+    );
+    let log = std::fs::read_to_string(rig.dir.join("refresh.log")).unwrap_or_default();
+    rig.down()?;
+    rig.assert_clean()
+        .with_context(|| format!("refresh said: {log}"))
 }
 
 /// `serve` on 127.0.0.1:`port` in the rig's host namespace, as nobody with the metrics group

@@ -18,7 +18,6 @@ use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -27,7 +26,7 @@ use crate::config::{Config, PortForwarding, Protocol};
 use crate::system::forwarding::{self, ForwardedPort, Phase, Record, unix_now};
 use crate::system::process::{Contained, ProcessId};
 use crate::system::state::{self, State};
-use crate::system::wireguard;
+use crate::system::{stop, wireguard};
 
 /// How often the namespace is looked for while it is not up (no event tells of it then).
 const TICK: Duration = Duration::from_secs(1);
@@ -50,44 +49,6 @@ const COMMAND_RETRY: Duration = Duration::from_secs(5);
 /// symmetric mapping, the public port the gateway picks forwarded to the same port inside.
 const INTERNAL_PORT: u16 = 0;
 const PUBLIC_PORT: u16 = 1;
-
-static STOP: AtomicBool = AtomicBool::new(false);
-/// The write end of the pipe that wakes the loop when a stop is asked for.
-static STOP_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn request_stop(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-    let fd = STOP_PIPE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        // SAFETY: write(2) is async-signal-safe; a full pipe already holds a wake-up.
-        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
-    }
-}
-
-/// Installs the handlers of SIGTERM and SIGINT; the descriptor returned becomes readable when
-/// one of them came.
-fn install_stop_handlers() -> Result<OwnedFd> {
-    use nix::fcntl::OFlag;
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let (read, write) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("making the stop pipe")?;
-    // The write end lives as long as the process.
-    STOP_PIPE.store(std::os::fd::IntoRawFd::into_raw_fd(write), Ordering::SeqCst);
-    let action = SigAction::new(
-        SigHandler::Handler(request_stop),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to atomics and writes to a pipe.
-        unsafe { sigaction(signal, &action) }.context("installing a signal handler")?;
-    }
-    Ok(read)
-}
-
-fn stopping() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
 
 /// What the tunnel is, as far as a mapping depends on it: a change means the gateway that
 /// granted the mapping may not be the one we reach now.
@@ -388,7 +349,7 @@ fn enter(namespace: &str) -> Result<OwnedFd> {
 /// Waits (reporting once) until the namespace exists, then enters it.
 fn enter_when_there(namespace: &str) -> Option<OwnedFd> {
     let mut reported = false;
-    while !stopping() {
+    while !stop::requested() {
         match enter(namespace) {
             Ok(fd) => return Some(fd),
             Err(e) if !reported => {
@@ -1027,15 +988,15 @@ pub fn run(config: &Config) -> Result<()> {
         .port_forwarding
         .as_ref()
         .context("the config has no portForwarding")?;
-    let stop = install_stop_handlers()?;
+    let stop = stop::install()?;
     let Some(fd) = enter_when_there(&config.namespace) else {
         return Ok(());
     };
     let mut forwarder = Forwarder::new(config, settings, fd);
     forwarder.handle(Event::Due);
-    while !stopping() {
+    while !stop::requested() {
         for event in wait(&forwarder, &stop) {
-            if stopping() {
+            if stop::requested() {
                 break;
             }
             forwarder.handle(event);

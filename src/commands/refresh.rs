@@ -21,18 +21,24 @@
 //! due (a name's next resolution, a handshake becoming overdue, failover's next look). While
 //! nothing is, it wakes every [`HORIZON`] only to see whether the machine slept, and looks at
 //! nothing else.
+//!
+//! SIGTERM (systemd stopping the unit) or SIGINT wakes it too: it finishes the step it is in,
+//! removes its snapshot socket (if that is still its own) and exits 0, leaving the namespace
+//! as it is.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::commands::failover::{Counters, Decision, Watch};
 use crate::config::{Config, Endpoint, EndpointHost, Key, Peer, PresharedKey};
-use crate::system::companion;
+use crate::system::files::FileIdentity;
 use crate::system::state::{self, FailoverRecord, Phase, State};
 use crate::system::wireguard::{self, Backend, PeerSettings};
+use crate::system::{companion, stop};
 
 /// WireGuard rekeys every 120 s while traffic flows; a handshake older than this (plus the
 /// retry slack the protocol allows) means the peer has stopped answering.
@@ -510,30 +516,44 @@ fn rehandshake(
 }
 
 /// Answers the namespace's snapshot socket from a thread of its own (see
-/// [`crate::system::companion`]); `None` when the socket cannot be made, which leaves the rest
-/// of refresh's work unharmed.
-fn answer_snapshots(
-    namespace: &str,
-    access: companion::Access,
-) -> Option<std::thread::JoinHandle<()>> {
-    let listener = match companion::listen(namespace, access) {
-        Ok(listener) => listener,
+/// [`crate::system::companion`]); returns the socket file's identity, to remove it when
+/// stopping. `None` when the socket cannot be made, which leaves the rest of refresh's work
+/// unharmed.
+fn answer_snapshots(namespace: &str, access: companion::Access) -> Option<FileIdentity> {
+    let (listener, identity) = match companion::listen(namespace, access) {
+        Ok(made) => made,
         Err(e) => {
             eprintln!("refresh: no snapshot socket: {e:#}");
             return None;
         }
     };
-    let namespace = namespace.to_string();
-    std::thread::Builder::new()
+    let name = namespace.to_string();
+    let serving = std::thread::Builder::new()
         .name("snapshots".into())
         .spawn(move || {
-            let mut inspector = crate::commands::status::Inspector::new(&namespace);
+            let mut inspector = crate::commands::status::Inspector::new(&name);
             companion::serve(listener, access, || {
                 serde_json::to_vec(&inspector.inspect()).unwrap_or_default()
             })
-        })
-        .inspect_err(|e| eprintln!("refresh: no snapshot thread: {e}"))
-        .ok()
+        });
+    match serving {
+        Ok(_) => Some(identity),
+        Err(e) => {
+            eprintln!("refresh: no snapshot thread: {e}");
+            // Nothing answers on it: no one should find it.
+            let _ = companion::remove(namespace, identity);
+            None
+        }
+    }
+}
+
+/// Waits, with no timeout, until a stop is asked for.
+fn wait_for_stop(stop: &OwnedFd) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    while !stop::requested() {
+        let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::NONE);
+    }
 }
 
 pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()> {
@@ -561,17 +581,35 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
         .collect();
     *LEARNED.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(crate::system::endpoints::Learned::new(&config.namespace));
+    // Before the socket is made: a stop from then on removes it.
+    let stop = stop::install()?;
     let snapshots = answer_snapshots(&config.namespace, access);
-    if tracked.is_empty() {
-        eprintln!("refresh: no peer has an endpoint; answering the snapshot socket only");
-        if let Some(snapshots) = snapshots {
-            let _ = snapshots.join();
+    let result = if tracked.is_empty() {
+        if snapshots.is_none() {
+            eprintln!("refresh: no peer has an endpoint and there is no snapshot socket");
+            return Ok(());
         }
-        return Ok(());
+        eprintln!("refresh: no peer has an endpoint; answering the snapshot socket only");
+        wait_for_stop(&stop);
+        Ok(())
+    } else {
+        follow(config, &mut tracked, &stop)
+    };
+    // Stopped (SIGTERM from systemd) or failed: the socket goes with the process that answers
+    // it. Only our own: another refresh may have put its socket in its place since.
+    if let Some(identity) = snapshots
+        && let Err(e) = companion::remove(&config.namespace, identity)
+    {
+        eprintln!("refresh: {e:#}");
     }
+    result
+}
+
+/// The loop: follows the peers until a stop is asked for.
+fn follow(config: &Config, tracked: &mut [Tracked], stop: &OwnedFd) -> Result<()> {
     // An outage on record from before a restart is cleared by the first answer, too.
     if let Ok(Some(state)) = State::load(&config.namespace) {
-        for t in &mut tracked {
+        for t in tracked.iter_mut() {
             t.recorded_all_down = state.peers.iter().any(|r| {
                 r.public_key == t.peer.public_key_text
                     && r.failover
@@ -590,13 +628,16 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
     // When the peers are looked at next: at once, then when the earliest thing is due; None
     // while nothing is (the loop still wakes every HORIZON, to notice a sleep).
     let mut planned = Some(Instant::now());
-    loop {
+    while !stop::requested() {
         let horizon = Instant::now() + HORIZON;
         let wake = [debounce.due(), planned]
             .into_iter()
             .flatten()
             .fold(horizon, Instant::min);
-        let changed = watcher.wait(wake.saturating_duration_since(Instant::now()))?;
+        let changed = watcher.wait(wake.saturating_duration_since(Instant::now()), stop.as_fd())?;
+        if stop::requested() {
+            break;
+        }
         let now = Instant::now();
         if changed {
             debounce.note(now);
@@ -635,6 +676,7 @@ pub fn run(config: &Config, once: bool, access: companion::Access) -> Result<()>
             .filter_map(|t| visit(config, &target, t, &on_device, now, network_changed))
             .min();
     }
+    Ok(())
 }
 
 /// Looks at one peer: handshakes anew after a network change, lets failover decide, resolves

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use nix::unistd::Gid;
 
-use crate::system::files::Dir;
+use crate::system::files::{Dir, FileIdentity};
 
 pub const DIR: &str = "/run/wg-namespace/companion";
 /// Largest document read from a companion.
@@ -99,11 +99,23 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
 /// Makes the listening socket of `namespace`: bound under a temporary name in root's own
 /// checked directory, given its owner and mode there, then renamed over whatever socket an
 /// earlier (dead) companion left, so that the name never points at a half-made socket.
-pub fn listen(namespace: &str, access: Access) -> Result<UnixListener> {
+/// Returns the listener and the identity of its socket file, for [`remove`].
+pub fn listen(namespace: &str, access: Access) -> Result<(UnixListener, FileIdentity)> {
     let dir = Dir::create(Path::new(DIR), 0o755)?;
     let name = socket_name(namespace);
-    let listener = dir.bind_socket(&name, access.mode(), access.group.map(Gid::as_raw))?;
-    Ok(listener)
+    Ok(dir.bind_socket(&name, access.mode(), access.group.map(Gid::as_raw))?)
+}
+
+/// Removes the socket file of `namespace` that [`listen`] made, when it is still the one there:
+/// a companion started since has put its own in its place, and that one stays.
+pub fn remove(namespace: &str, identity: FileIdentity) -> Result<()> {
+    let dir = match Dir::open(Path::new(DIR)) {
+        Ok(dir) => dir,
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    dir.remove_if_still(&socket_name(namespace), identity)?;
+    Ok(())
 }
 
 /// Answers every connection with `document()`, one at a time, forever: a client that is not
@@ -112,6 +124,8 @@ pub fn serve(listener: UnixListener, access: Access, mut document: impl FnMut() 
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
+            // A signal (the stop the main thread acts on) landed in this thread.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 eprintln!("refresh: snapshot socket: {e}");
                 // EMFILE and the like: do not spin.

@@ -467,6 +467,22 @@ fn read_bounded(file: File, path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Which file a name held: its device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(stat: &nix::sys::stat::FileStat) -> FileIdentity {
+        FileIdentity {
+            device: stat.st_dev,
+            inode: stat.st_ino,
+        }
+    }
+}
+
 /// A directory root may write in, opened and checked once; everything in it is then made,
 /// read and removed relative to this descriptor.
 #[derive(Debug)]
@@ -675,13 +691,14 @@ impl Dir {
     /// Binds a listening unix socket at `name` with `mode`, owned by root and `group`: bound
     /// under a temporary name (through this directory's descriptor, never a path someone could
     /// swap), given its owner and mode, then renamed over `name`, replacing a stale socket (or
-    /// anything else) there in one step.
+    /// anything else) there in one step. Returns the listener and the socket file's identity,
+    /// taken before it got its name, for [`Dir::remove_if_still`].
     pub fn bind_socket(
         &self,
         name: &str,
         mode: u32,
         group: Option<u32>,
-    ) -> Result<std::os::unix::net::UnixListener> {
+    ) -> Result<(std::os::unix::net::UnixListener, FileIdentity)> {
         use std::os::fd::AsRawFd;
         let name = self.check_name(name)?;
         let tmp = format!(".{name}.{}.tmp", std::process::id());
@@ -690,7 +707,7 @@ impl Dir {
         let through_fd = format!("/proc/self/fd/{}/{tmp}", self.fd.as_raw_fd());
         let listener = std::os::unix::net::UnixListener::bind(&through_fd)
             .map_err(|e| FileError::from_io(&shown, "cannot bind it", e))?;
-        let result = (|| -> nix::Result<()> {
+        let result = (|| -> nix::Result<FileIdentity> {
             nix::unistd::fchownat(
                 &self.fd,
                 tmp.as_str(),
@@ -705,13 +722,29 @@ impl Dir {
                 Mode::from_bits_truncate(mode),
                 nix::sys::stat::FchmodatFlags::FollowSymlink,
             )?;
-            renameat(&self.fd, tmp.as_str(), &self.fd, name)
+            let made = fstatat(&self.fd, tmp.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
+            Ok(FileIdentity::of(&made))
         })();
-        result.map_err(|e| {
+        let identity = result.map_err(|e| {
             let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             FileError::io(&shown, "cannot put the socket in place", e)
         })?;
-        Ok(listener)
+        Ok((listener, identity))
+    }
+
+    /// Removes `name` only while it is still the file `identity` names: what another process
+    /// has put there since stays. Returns whether it removed it. Only root writes in the
+    /// directories this is used in, and the name is looked at just before it is removed.
+    pub fn remove_if_still(&self, name: &str, identity: FileIdentity) -> Result<bool> {
+        let name = self.check_name(name)?;
+        match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(entry) if FileIdentity::of(&entry) == identity => {}
+            Ok(_) | Err(Errno::ENOENT) => return Ok(false),
+            Err(e) => return Err(FileError::io(&self.shown(name), "cannot inspect it", e)),
+        }
+        self.remove_file(name)?;
+        Ok(true)
     }
 
     /// Whether `name` is still the very file `file` has open.

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -731,8 +731,8 @@ impl ChangeWatcher {
     /// Waits up to `timeout` for a change; true when one came. Consumes every message that is
     /// already queued, so a storm of changes counts once. The wait is measured on
     /// CLOCK_BOOTTIME, which runs on while the machine sleeps: a wait that a suspend outlasted
-    /// ends at resume.
-    pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
+    /// ends at resume. It also ends, with false, as soon as `stop` is readable.
+    pub fn wait(&mut self, timeout: Duration, stop: BorrowedFd<'_>) -> Result<bool> {
         use futures::future::Either;
         use nix::sys::time::TimeSpec;
         use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -753,12 +753,24 @@ impl ChangeWatcher {
             let timer =
                 unsafe { tokio::io::unix::AsyncFd::register(std::os::fd::OwnedFd::from(timer)) }
                     .map_err(io::Error::from)?;
+            // SAFETY: `stop` is borrowed for longer than this wait, so it stays open while it
+            // is registered.
+            let stop = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    stop,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(io::Error::from)?;
             let message = messages.next();
             let expired = timer.readable();
-            futures::pin_mut!(message, expired);
-            match futures::future::select(message, expired).await {
+            let stopped = stop.readable();
+            futures::pin_mut!(message, expired, stopped);
+            let woken = futures::future::select(expired, stopped);
+            match futures::future::select(message, woken).await {
                 Either::Left((message, _)) => Ok::<_, io::Error>(Some(message)),
-                Either::Right((ready, _)) => ready.map(|_| None),
+                Either::Right((Either::Left((ready, _)), _)) => ready.map(|_| None),
+                Either::Right((Either::Right((ready, _)), _)) => ready.map(|_| None),
             }
         })?;
         let mut changed = false;

@@ -19,6 +19,7 @@ pub mod privileges;
 pub mod process;
 pub mod relays;
 pub mod state;
+pub mod stop;
 pub mod terminal;
 pub mod uapi;
 pub mod wireguard;
