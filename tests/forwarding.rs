@@ -40,6 +40,10 @@ fn main() {
             a_hanging_hook_neither_stops_renewals_nor_outlives_its_deadline,
         ),
         trial(
+            "a_hook_is_killed_at_its_deadline_even_while_the_gateway_is_silent",
+            a_hook_is_killed_at_its_deadline_even_while_the_gateway_is_silent,
+        ),
+        trial(
             "an_idle_port_forward_wakes_rarely",
             an_idle_port_forward_wakes_rarely,
         ),
@@ -928,6 +932,107 @@ if [ "$calls" -eq 1 ]; then exec sleep 600; fi
         "hook calls: {:?}",
         calls(&calls_log)
     );
+    rig.kill_tracked(forwarder);
+    drop(server);
+    rig.down()?;
+    rig.assert_clean()
+}
+
+/// A hook that hangs is killed at its deadline (60 s) even when port-forward is then in the
+/// middle of a request round to a gateway that went silent. The gateway goes silent just
+/// before the renewal 5.2 to 2.7 s before the deadline: that round gives up when the mapping
+/// lapses, 1.5 s later; the next, a second after, waits the full 3.75 s for an answer, across
+/// the deadline.
+fn a_hook_is_killed_at_its_deadline_even_while_the_gateway_is_silent() -> Result<()> {
+    let mut rig = Rig::new(238)?;
+    let server = gateway(&rig)?;
+    let hook_dir = rig.dir.join("hook");
+    std::fs::create_dir(&hook_dir)?;
+    std::os::unix::fs::chown(&hook_dir, Some(65534), Some(65534))?;
+    let pids = hook_dir.join("pids");
+    let hook = rig.dir.join("on-port-change");
+    std::fs::write(
+        &hook,
+        format!(
+            r#"#!/bin/sh
+read -r pid _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ start _ < /proc/self/stat
+echo "$pid $start" >> {pids}
+exec sleep 600
+"#,
+            pids = pids.display()
+        ),
+    )?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+    let path = rig.up_with(&forwarding_config(&rig, &hook)?)?;
+    let (forwarder, daemon_log) = start_forwarder(&mut rig, &path)?;
+    let log = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+
+    let mut hooked = Vec::new();
+    wait_for(Duration::from_secs(20), "the hook", || {
+        hooked = hook_processes(&pids);
+        !hooked.is_empty()
+    })
+    .with_context(|| format!("port-forward said: {}", log()))?;
+    // The hook's deadline is 60 s from a moment just before this one.
+    let started = Instant::now();
+    let hook = hooked[0];
+    let after = |ms: u64| started + Duration::from_millis(ms);
+    // Renewals start every 2.5 s or so (2 s after the last round, which takes two answers, each
+    // read 250 ms after its request): the one 5.2 to 2.7 s before the deadline is found from the
+    // last few.
+    std::thread::sleep(after(52_500).saturating_duration_since(Instant::now()));
+    let renewals: Vec<Instant> = server
+        .seen()
+        .iter()
+        .filter(|s| s.answered && s.opcode == 1)
+        .map(|s| s.at)
+        .collect();
+    ensure!(renewals.len() >= 5, "renewals: {renewals:?}");
+    let last = renewals[renewals.len() - 1];
+    let period = (last - renewals[renewals.len() - 5]) / 4;
+    let mut next = last;
+    while next < after(54_800) {
+        next += period;
+    }
+    std::thread::sleep(
+        (next - Duration::from_millis(600)).saturating_duration_since(Instant::now()),
+    );
+    server.set_silent(true);
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while hook.is_alive() && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed_after = started.elapsed();
+    ensure!(
+        !hook.is_alive(),
+        "the hook still runs after {killed_after:?}"
+    );
+    let silence = server
+        .seen()
+        .iter()
+        .find(|s| !s.answered)
+        .map(|s| s.at.saturating_duration_since(started));
+    ensure!(
+        silence.is_some_and(
+            |at| at >= Duration::from_millis(54_800) && at < Duration::from_millis(57_400)
+        ),
+        "the first unanswered request came {silence:?} after the hook, not 5.2 to 2.7 s before \
+         its deadline (renewals every {period:?})"
+    );
+    ensure!(
+        killed_after >= Duration::from_secs(59),
+        "the hook was killed after {killed_after:?}, before its deadline"
+    );
+    ensure!(
+        killed_after < Duration::from_millis(60_500),
+        "the hook was killed {killed_after:?} after it started, not at its deadline (60 s); the \
+         gateway fell silent {silence:?} after it; port-forward said: {}",
+        log()
+    );
+    wait_for(Duration::from_secs(10), "word of the kill", || {
+        log().contains("did not finish within 60s; killed it and all it started")
+    })
+    .with_context(|| format!("port-forward said: {}", log()))?;
     rig.kill_tracked(forwarder);
     drop(server);
     rig.down()?;

@@ -686,24 +686,12 @@ impl<'a> Forwarder<'a> {
         (self.hook.told != Some(port)).then_some(port)
     }
 
-    /// Starts the hook when the mapped port is one it was not told yet, and kills it at its
-    /// deadline. It runs beside the loop: renewals go on meanwhile.
+    /// Starts the hook when the mapped port is one it was not told yet, and deals with it once
+    /// past its deadline. It runs beside the loop: renewals go on meanwhile.
     fn drive_hook(&mut self, now: Instant) {
         if let Some(running) = &self.hook.running {
-            if now >= running.deadline
-                && let Some(running) = self.hook.running.take()
-            {
-                // Dropping it kills it, and its PID namespace with all it started, and reaps it.
-                drop(running.process);
-                self.hook_failed(
-                    running.port,
-                    &format!(
-                        "{} {} did not finish within {}s; killed it and all it started",
-                        self.hook_program(),
-                        running.port,
-                        COMMAND_DEADLINE.as_secs()
-                    ),
-                );
+            if now >= running.deadline {
+                self.expire_hook();
             }
             return;
         }
@@ -723,14 +711,38 @@ impl<'a> Forwarder<'a> {
         };
         match start_hook(self.config, self.settings, program, port, &mapping.ports) {
             Ok(process) => {
+                let deadline = now + COMMAND_DEADLINE;
+                // Killed on time even while a request round to a silent gateway holds the
+                // loop (up to 3.75 s a request); the loop notes it when it comes back.
+                if let Err(e) = process.kill_at(deadline) {
+                    eprintln!("port-forward: onPortChange: {e:#}");
+                }
                 self.hook.running = Some(RunningHook {
                     process,
                     port,
-                    deadline: now + COMMAND_DEADLINE,
+                    deadline,
                 })
             }
             Err(e) => self.hook_failed(port, &format!("{e:#}")),
         }
+    }
+
+    /// Ends the hook that outlived its deadline (killed already, or now), and says so.
+    fn expire_hook(&mut self) {
+        let Some(running) = self.hook.running.take() else {
+            return;
+        };
+        // Dropping it kills it, and its PID namespace with all it started, and reaps it.
+        drop(running.process);
+        self.hook_failed(
+            running.port,
+            &format!(
+                "{} {} did not finish within {}s; killed it and all it started",
+                self.hook_program(),
+                running.port,
+                COMMAND_DEADLINE.as_secs()
+            ),
+        );
     }
 
     fn hook_failed(&mut self, port: u16, why: &str) {
@@ -765,6 +777,10 @@ impl<'a> Forwarder<'a> {
         let Some(running) = self.hook.running.as_mut() else {
             return;
         };
+        if Instant::now() >= running.deadline {
+            // Killed at its deadline, not ended by itself.
+            return self.expire_hook();
+        }
         let status = match running.process.try_wait() {
             Ok(None) => return,
             Ok(Some(status)) => Ok(status),

@@ -550,6 +550,38 @@ impl Contained {
         self.pidfd.as_fd()
     }
 
+    /// Kills it, and everything it started, at `deadline` if it still runs then: from a thread
+    /// of its own, so that the deadline holds whatever the owner is busy with meanwhile. The
+    /// thread sleeps until the exit or the deadline, whichever comes first, and then ends.
+    pub fn kill_at(&self, deadline: Instant) -> Result<()> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let pidfd = self.pidfd.try_clone().context("duplicating a pidfd")?;
+        std::thread::Builder::new()
+            .name("deadline".into())
+            .spawn(move || {
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        // Through the pidfd: never another process that got the PID since.
+                        ProcessId::signal(&pidfd, Signal::SIGKILL);
+                        return;
+                    }
+                    // Rounded up: late by a millisecond rather than woken just before.
+                    let timeout = PollTimeout::try_from(left + Duration::from_micros(999))
+                        .unwrap_or(PollTimeout::MAX);
+                    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, timeout) {
+                        Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+                        // It exited (or the pidfd cannot be watched: then the owner's own
+                        // check of the deadline is all there is).
+                        Ok(_) | Err(_) => return,
+                    }
+                }
+            })
+            .context("starting the thread that keeps its deadline")?;
+        Ok(())
+    }
+
     /// Kills it, and with it everything it started.
     pub fn kill(&self) {
         if !self.reaped {
