@@ -782,6 +782,8 @@ fn read_small(path: &std::path::Path) -> Option<String> {
 /// A namespace that is up, locked for one `reload` or `heal`.
 pub struct Session {
     journal: Journal,
+    /// The record as it was read, so that a commit that changes nothing writes nothing.
+    loaded: State,
     _lock: Lock,
     fd: OwnedFd,
     inner: Netlink,
@@ -814,6 +816,7 @@ impl Session {
         let backend = state.backend.context("the state file names no backend")?;
         let inner = Netlink::inside(&fd)?;
         Ok(Session {
+            loaded: state.clone(),
             journal: Journal { state },
             _lock: lock,
             fd,
@@ -1058,6 +1061,12 @@ impl Session {
                 state.heals.drain(..excess);
             }
             Mode::Heal => {}
+        }
+        // `heal` with nothing to repair, every health tick: rewriting the same record would
+        // cost a sync (a journal commit with everything else pending on a disk-backed /run,
+        // which grows with the number of namespaces) and wake the companions that watch it.
+        if *state == self.loaded {
+            return Ok(());
         }
         state.save()
     }
