@@ -164,47 +164,50 @@ pub fn elements(ports: &[ForwardedPort]) -> String {
         .join(", ")
 }
 
-/// Makes the set hold exactly `ports`, in one nft transaction: there is no instant in which
-/// both the old and the new port, or an empty set while a port stays mapped, is seen.
+/// The set's key for `protocol . port`, as the kernel keeps it: each field of the concatenation
+/// padded to four bytes, the port in network byte order.
+fn key(protocol: Protocol, port: u16) -> Vec<u8> {
+    let number = match protocol {
+        Protocol::Tcp => libc::IPPROTO_TCP,
+        Protocol::Udp => libc::IPPROTO_UDP,
+    };
+    let [high, low] = port.to_be_bytes();
+    vec![number as u8, 0, 0, 0, high, low, 0, 0]
+}
+
+/// `protocol . port` of a key [`key`] makes.
+fn from_key(key: &[u8]) -> Result<(Protocol, u16)> {
+    let &[number, 0, 0, 0, high, low, 0, 0] = key else {
+        bail!("unexpected element in the nft set {SET}: {key:02x?}");
+    };
+    let protocol = match i32::from(number) {
+        libc::IPPROTO_TCP => Protocol::Tcp,
+        libc::IPPROTO_UDP => Protocol::Udp,
+        other => bail!("unexpected protocol {other} in the nft set {SET}"),
+    };
+    Ok((protocol, u16::from_be_bytes([high, low])))
+}
+
+/// Makes the set hold exactly `ports`, in one nf_tables transaction: there is no instant in
+/// which both the old and the new port, or an empty set while a port stays mapped, is seen.
 pub fn set_open_ports(fd: impl AsFd, ports: &[ForwardedPort]) -> Result<()> {
-    let table = crate::system::firewall::POLICY_TABLE;
-    let mut script = format!("flush set inet {table} {SET}\n");
-    if !ports.is_empty() {
-        script.push_str(&format!(
-            "add element inet {table} {SET} {{ {} }}\n",
-            elements(ports)
-        ));
-    }
-    crate::system::firewall::run_script(fd, &script)
-        .with_context(|| format!("updating the nft set {SET}"))
+    let keys: Vec<Vec<u8>> = ports.iter().map(|p| key(p.protocol, p.port)).collect();
+    crate::system::nf_tables::replace_elements(
+        fd,
+        crate::system::firewall::POLICY_TABLE,
+        SET,
+        &keys,
+    )
+    .with_context(|| format!("updating the nft set {SET}"))
 }
 
 /// The set's elements now, as `(protocol, port)`.
 pub fn open_ports(fd: impl AsFd) -> Result<Vec<(Protocol, u16)>> {
-    let table = crate::system::firewall::POLICY_TABLE;
-    let document = crate::system::firewall::list_json(fd, &["set", "inet", table, SET])?;
-    let mut found = Vec::new();
-    let items = document["nftables"].as_array().cloned().unwrap_or_default();
-    for set in items.iter().filter_map(|item| item.get("set")) {
-        for element in set["elem"].as_array().into_iter().flatten() {
-            let pair = element["concat"].as_array();
-            let (Some(protocol), Some(port)) = (
-                pair.and_then(|p| p.first()).and_then(|v| v.as_str()),
-                pair.and_then(|p| p.get(1))
-                    .and_then(|v| v.as_u64())
-                    .and_then(|v| u16::try_from(v).ok()),
-            ) else {
-                bail!("unexpected element in the nft set {SET}: {element}");
-            };
-            let protocol = match protocol {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                other => bail!("unexpected protocol {other:?} in the nft set {SET}"),
-            };
-            found.push((protocol, port));
-        }
-    }
-    Ok(found)
+    crate::system::nf_tables::element_keys(fd, crate::system::firewall::POLICY_TABLE, SET)
+        .with_context(|| format!("reading the nft set {SET}"))?
+        .iter()
+        .map(|k| from_key(k))
+        .collect()
 }
 
 #[cfg(test)]
@@ -230,5 +233,17 @@ mod tests {
         };
         assert_eq!(record.live_ports(150), vec![port(Protocol::Tcp, 200)]);
         assert_eq!(elements(&record.live_ports(50)), "udp . 40000, tcp . 40000");
+    }
+
+    #[test]
+    fn keys_are_the_kernels_padded_concatenation() {
+        // What `nft --debug=netlink list set` shows for `tcp . 40000`: 00000006 0000409c.
+        assert_eq!(key(Protocol::Tcp, 40000), [6, 0, 0, 0, 0x9c, 0x40, 0, 0]);
+        assert_eq!(
+            from_key(&key(Protocol::Udp, 51413)).unwrap(),
+            (Protocol::Udp, 51413)
+        );
+        assert!(from_key(&[6, 0, 0, 0, 0x9c]).is_err());
+        assert!(from_key(&[1, 0, 0, 0, 0, 80, 0, 0]).is_err());
     }
 }

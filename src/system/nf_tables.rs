@@ -11,13 +11,19 @@
 //! expressions in order, and the elements of the table's sets (the anonymous sets rules look
 //! up). Left out is what differs between two loads of the same ruleset or grows with traffic:
 //! handles, reference counts, counter values, the position attribute (a handle too).
+//!
+//! One write goes this way too: replacing a set's elements (the forwarded port), a batch of
+//! two messages, so that `port-forward` need not load libnftables (and the libraries it pulls
+//! in) into a process that lives as long as the namespace.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
-use rtnetlink::packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NlasIterator};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NlasIterator,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::system::netns;
@@ -31,13 +37,18 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFPROTO_INET: u8 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLA_F_NESTED: u16 = 0x8000;
 
 // enum nf_tables_msg_types
 const GETTABLE: u8 = 1;
 const GETCHAIN: u8 = 4;
 const GETRULE: u8 = 7;
 const GETSET: u8 = 10;
+const NEWSETELEM: u8 = 12;
 const GETSETELEM: u8 = 13;
+const DELSETELEM: u8 = 14;
 const GETGEN: u8 = 16;
 
 // Attributes (linux/netfilter/nf_tables.h).
@@ -73,6 +84,9 @@ const SET_ELEM_LIST_ELEMENTS: u16 = 3;
 /// expiration: how long a timed element has left.
 const SET_ELEM_VOLATILE: &[u16] = &[5];
 const GEN_ID: u16 = 1;
+const LIST_ELEM: u16 = 1;
+const SET_ELEM_KEY: u16 = 1;
+const DATA_VALUE: u16 = 1;
 /// libnftnl's user data: the rule's comment.
 const UDATA_RULE_COMMENT: u8 = 0;
 
@@ -239,6 +253,41 @@ pub fn read_unless(fd: impl AsFd, table: &str, known: Option<u32>) -> Result<Opt
     bail!("the ruleset kept changing while it was read ({ATTEMPTS} times)")
 }
 
+/// The keys of the elements of the set `set` in the inet table `table` of the namespace `fd`,
+/// as the kernel keeps them (a concatenation's fields each padded to four bytes).
+pub fn element_keys(fd: impl AsFd, table: &str, set: &str) -> Result<Vec<Vec<u8>>> {
+    let mut socket = Socket::inside(fd)?;
+    let mut keys = Vec::new();
+    for answer in socket.ask(
+        GETSETELEM,
+        NLM_F_DUMP,
+        &[
+            (SET_ELEM_LIST_TABLE, &nul_terminated(table)),
+            (SET_ELEM_LIST_SET, &nul_terminated(set)),
+        ],
+    )? {
+        let Some(list) = find(&answer, SET_ELEM_LIST_ELEMENTS) else {
+            continue;
+        };
+        for element in attributes(list) {
+            let (_, element) = element?;
+            let key = find(element, SET_ELEM_KEY)
+                .and_then(|key| find(key, DATA_VALUE))
+                .context("a set element without a key")?;
+            keys.push(key.to_vec());
+        }
+    }
+    Ok(keys)
+}
+
+/// Makes the set `set` of the inet table `table` in the namespace `fd` hold exactly the
+/// elements `keys` (as [`element_keys`] gives them), in one transaction: the flush and the new
+/// elements are one batch, so no one sees the set empty or half filled, and a failure leaves
+/// it as it was.
+pub fn replace_elements(fd: impl AsFd, table: &str, set: &str, keys: &[Vec<u8>]) -> Result<()> {
+    Socket::inside(fd)?.replace_elements(table, set, keys)
+}
+
 /// The names of the inet tables of the namespace `fd`.
 pub fn tables(fd: impl AsFd) -> Result<Vec<String>> {
     Socket::inside(fd)?.table_names()
@@ -376,6 +425,142 @@ impl Socket {
         })
     }
 
+    /// Appends one message to `out`: its netlink header (type, flags, the next sequence
+    /// number, which it returns), the nfgenmsg header (`family`, version 0, `resource`) and
+    /// `body`, the message's attributes.
+    fn frame(
+        &mut self,
+        out: &mut Vec<u8>,
+        kind: u16,
+        flags: u16,
+        family: u8,
+        resource: u16,
+        body: &[u8],
+    ) -> Result<u32> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let length = u32::try_from(20 + body.len()).context("request too long")?;
+        out.extend_from_slice(&length.to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        out.extend_from_slice(&self.sequence.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&[family, 0]);
+        out.extend_from_slice(&resource.to_be_bytes());
+        out.extend_from_slice(body);
+        Ok(self.sequence)
+    }
+
+    fn send(&self, request: &[u8]) -> Result<()> {
+        let kernel = socket::NetlinkAddr::new(0, 0);
+        socket::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+            request,
+            &kernel,
+            MsgFlags::empty(),
+        )
+        .context("sending an nfnetlink request")?;
+        Ok(())
+    }
+
+    /// One datagram of answers into `buffer`; its length.
+    fn receive(&self, buffer: &mut [u8]) -> Result<usize> {
+        socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+            buffer,
+            MsgFlags::empty(),
+        )
+        .map_err(|e| match e {
+            nix::errno::Errno::EAGAIN => anyhow::anyhow!(
+                "the kernel did not answer an nfnetlink request within {} s",
+                TIMEOUT.as_secs()
+            ),
+            e => anyhow::Error::new(e).context("reading an nfnetlink answer"),
+        })
+    }
+
+    /// The batch of [`replace_elements`]: flush (a DELSETELEM naming no element), then one
+    /// NEWSETELEM with every key, each acknowledged.
+    fn replace_elements(&mut self, table: &str, set: &str, keys: &[Vec<u8>]) -> Result<()> {
+        let mut names = Vec::new();
+        put(&mut names, SET_ELEM_LIST_TABLE, &nul_terminated(table));
+        put(&mut names, SET_ELEM_LIST_SET, &nul_terminated(set));
+        let subsystem = NFNL_SUBSYS_NFTABLES << 8;
+        let mut batch = Vec::new();
+        let first = self.frame(
+            &mut batch,
+            NFNL_MSG_BATCH_BEGIN,
+            0,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        )?;
+        let mut pending = vec![self.frame(
+            &mut batch,
+            subsystem | u16::from(DELSETELEM),
+            NLM_F_ACK,
+            NFPROTO_INET,
+            0,
+            &names,
+        )?];
+        if !keys.is_empty() {
+            let mut elements = Vec::new();
+            for key in keys {
+                let mut value = Vec::new();
+                put(&mut value, DATA_VALUE, key);
+                let mut element = Vec::new();
+                put(&mut element, SET_ELEM_KEY | NLA_F_NESTED, &value);
+                put(&mut elements, LIST_ELEM | NLA_F_NESTED, &element);
+            }
+            let mut body = names.clone();
+            put(&mut body, SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, &elements);
+            pending.push(self.frame(
+                &mut batch,
+                subsystem | u16::from(NEWSETELEM),
+                NLM_F_CREATE | NLM_F_ACK,
+                NFPROTO_INET,
+                0,
+                &body,
+            )?);
+        }
+        let last = self.frame(
+            &mut batch,
+            NFNL_MSG_BATCH_END,
+            0,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        )?;
+        self.send(&batch)?;
+        let mut buffer = vec![0u8; 8 << 10];
+        while !pending.is_empty() {
+            let received = self.receive(&mut buffer)?;
+            let mut data = &buffer[..received];
+            while !data.is_empty() {
+                let message =
+                    NetlinkBuffer::new_checked(data).context("reading an nfnetlink answer")?;
+                let length = message.length() as usize;
+                let sequence = message.sequence_number();
+                // Acknowledgements come for the two acked messages; an error for any of the
+                // batch's (its begin and end included) means the batch was refused.
+                if message.message_type() == NLMSG_ERROR && (first..=last).contains(&sequence) {
+                    let code = message
+                        .payload()
+                        .get(..4)
+                        .map(|b| i32::from_ne_bytes(b.try_into().expect("four bytes")))
+                        .context("a short nfnetlink error")?;
+                    if code != 0 {
+                        return Err(std::io::Error::from_raw_os_error(-code)).with_context(|| {
+                            format!("the kernel refused to change the set {set} of table {table}")
+                        });
+                    }
+                    pending.retain(|&s| s != sequence);
+                }
+                data = data.get(align(length)..).unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+
     /// Sends one request (family inet) and collects the attributes of every answer, after
     /// their nfgenmsg header. An error answer is the kernel's errno.
     fn ask(
@@ -384,43 +569,25 @@ impl Socket {
         flags: u16,
         attributes: &[(u16, &[u8])],
     ) -> Result<Vec<Vec<u8>>> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut body = vec![NFPROTO_INET, 0, 0, 0];
+        let mut body = Vec::new();
         for (kind, value) in attributes {
             put(&mut body, *kind, value);
         }
-        let mut request = Vec::with_capacity(16 + body.len());
-        let length = u32::try_from(16 + body.len()).context("request too long")?;
-        request.extend_from_slice(&length.to_ne_bytes());
-        request.extend_from_slice(&(NFNL_SUBSYS_NFTABLES << 8 | u16::from(message)).to_ne_bytes());
-        request.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        request.extend_from_slice(&self.sequence.to_ne_bytes());
-        request.extend_from_slice(&0u32.to_ne_bytes());
-        request.extend_from_slice(&body);
-        let kernel = socket::NetlinkAddr::new(0, 0);
-        socket::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-            &request,
-            &kernel,
-            MsgFlags::empty(),
-        )
-        .context("sending an nfnetlink request")?;
+        let mut request = Vec::with_capacity(20 + body.len());
+        self.frame(
+            &mut request,
+            NFNL_SUBSYS_NFTABLES << 8 | u16::from(message),
+            flags,
+            NFPROTO_INET,
+            0,
+            &body,
+        )?;
+        self.send(&request)?;
         let dump = flags & NLM_F_DUMP != 0;
         let mut answers = Vec::new();
         let mut buffer = vec![0u8; 64 << 10];
         loop {
-            let received = socket::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                &mut buffer,
-                MsgFlags::empty(),
-            )
-            .map_err(|e| match e {
-                nix::errno::Errno::EAGAIN => anyhow::anyhow!(
-                    "the kernel did not answer an nfnetlink request within {} s",
-                    TIMEOUT.as_secs()
-                ),
-                e => anyhow::Error::new(e).context("reading an nfnetlink answer"),
-            })?;
+            let received = self.receive(&mut buffer)?;
             let mut data = &buffer[..received];
             while !data.is_empty() {
                 let message =
@@ -553,8 +720,6 @@ fn string(value: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const LIST_ELEM: u16 = 1;
 
     fn counter(packets: u64) -> Vec<u8> {
         let mut data = Vec::new();
