@@ -977,6 +977,7 @@ fn wait(forwarder: &Forwarder<'_>, stop: &OwnedFd) -> Vec<Event> {
     // Rounded up: woken a little late rather than spinning just before the deadline.
     let left = left + Duration::from_micros(999);
     let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+    crate::system::process::return_freed_memory();
     match poll(&mut fds, timeout) {
         Ok(0) | Err(_) => vec![Event::Due],
         Ok(_) => {

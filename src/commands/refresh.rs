@@ -634,6 +634,7 @@ fn follow(config: &Config, tracked: &mut [Tracked], stop: &OwnedFd) -> Result<()
             .into_iter()
             .flatten()
             .fold(horizon, Instant::min);
+        crate::system::process::return_freed_memory();
         let changed = watcher.wait(wake.saturating_duration_since(Instant::now()), stop.as_fd())?;
         if stop::requested() {
             break;

@@ -139,6 +139,8 @@ pub fn serve(listener: UnixListener, access: Access, mut document: impl FnMut() 
         let mut stream = stream;
         let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
         let _ = stream.write_all(&document());
+        drop(stream);
+        crate::system::process::return_freed_memory();
     }
 }
 

@@ -477,6 +477,7 @@ fn relay_tcp(
     loop {
         let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         fds.extend(counters.map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)));
+        crate::system::process::return_freed_memory();
         wait(&mut fds, None)?;
         let ready: Vec<bool> = fds.iter().map(is_ready).collect();
         drop(fds);
@@ -725,6 +726,10 @@ fn relay_udp(
                 .iter()
                 .map(|s| PollFd::new(s.socket.as_fd(), PollFlags::POLLIN)),
         );
+        // Only with no session left: a busy relay wakes for every datagram.
+        if deadline.is_none() {
+            crate::system::process::return_freed_memory();
+        }
         wait(&mut fds, deadline)?;
         let ready: Vec<bool> = fds.iter().map(is_ready).collect();
         drop(fds);
