@@ -21,6 +21,7 @@ rustPlatform.buildRustPackage {
     fileset = lib.fileset.unions [
       ../Cargo.toml
       ../Cargo.lock
+      ../build.rs
       ../src
       (lib.fileset.maybeMissing ../templates)
       (lib.fileset.difference (lib.fileset.maybeMissing ../tests) (
