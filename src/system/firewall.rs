@@ -156,7 +156,7 @@ pub fn guard_drops(fd: impl AsFd) -> Result<HashMap<String, u64>> {
 /// The leak guard as the kernel holds it now: what `up`, `reload` and `heal` record right after
 /// loading the ruleset, for [`judge`] to compare with.
 pub fn guard_record(fd: impl AsFd) -> Result<nf_tables::Table> {
-    nf_tables::read(fd, GUARD_TABLE)
+    nf_tables::read_after_load(fd, GUARD_TABLE)
         .context("reading the leak guard back")?
         .table
         .context("the loaded ruleset holds no leak guard table")
