@@ -32,6 +32,10 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
+  # build.rs links the binary at a fixed address (README, "Linked at a fixed address"); the
+  # compiler wrapper's PIE hardening would otherwise add -pie to the same link.
+  hardeningDisable = [ "pie" ];
+
   # Tests that need root skip themselves in the build sandbox; the rest may render and check
   # rulesets with nft.
   nativeCheckInputs = [ nftables ];
