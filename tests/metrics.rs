@@ -228,6 +228,33 @@ fn start_serve(rig: &mut Rig, port: u16) -> Result<u32> {
     Ok(pid)
 }
 
+/// A `ping` of the peer's tunnel address from inside, every `interval` seconds, for as long as
+/// the rig lives: what keeps WireGuard handshaking, as a busy tunnel does.
+fn keep_pinging(rig: &mut Rig, interval: &str) -> Result<()> {
+    let peer = rig.peer_tunnel_ip().to_string();
+    let pinger = rig
+        .command_in(
+            rig.host_fd(),
+            &[
+                BIN,
+                "exec",
+                "--namespace",
+                &rig.confined,
+                "--",
+                "ping",
+                "-n",
+                "-i",
+                interval,
+                &peer,
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    rig.track(pinger);
+    Ok(())
+}
+
 /// GET `path` from `address` in the namespace `fd`: the status code and the body.
 fn get(fd: &std::os::fd::OwnedFd, address: SocketAddr, path: &str) -> Result<(u16, String)> {
     Rig::within(fd, || -> Result<(u16, String)> {
@@ -809,27 +836,7 @@ fn health_follows() -> Result<()> {
     let secrets = [rig.confined_key.to_base64(), psk.to_base64()];
 
     // Traffic keeps the tunnel busy, so that silence is noticed.
-    let peer = rig.peer_tunnel_ip().to_string();
-    let pinger = rig
-        .command_in(
-            rig.host_fd(),
-            &[
-                BIN,
-                "exec",
-                "--namespace",
-                &rig.confined,
-                "--",
-                "ping",
-                "-n",
-                "-i",
-                "0.2",
-                &peer,
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    rig.track(pinger);
+    keep_pinging(&mut rig, "0.2")?;
     health_becomes(&rig, target, 200, Duration::from_secs(30))?;
     let (_, exposition) = get(rig.host_fd(), target, "/metrics")?;
     let relay = format!(
@@ -964,26 +971,7 @@ fn silent_peer() -> Result<()> {
     let target: SocketAddr = "127.0.0.1:9595".parse()?;
 
     // Traffic keeps WireGuard handshaking, as a busy tunnel does.
-    let pinger = rig
-        .command_in(
-            rig.host_fd(),
-            &[
-                BIN,
-                "exec",
-                "--namespace",
-                &rig.confined,
-                "--",
-                "ping",
-                "-n",
-                "-i",
-                "0.5",
-                &rig.peer_tunnel_ip().to_string(),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    rig.track(pinger);
+    keep_pinging(&mut rig, "0.5")?;
     let document = format!("/v1/namespaces/{}", rig.confined);
     let handshake_ago = |rig: &Rig| -> Option<u64> {
         let (_, body) = get(rig.host_fd(), target, &document).ok()?;
