@@ -561,28 +561,17 @@ impl Socket {
         let mut buffer = vec![0u8; 8 << 10];
         while !pending.is_empty() {
             let received = self.receive(&mut buffer)?;
-            let mut data = &buffer[..received];
-            while !data.is_empty() {
-                let message =
-                    NetlinkBuffer::new_checked(data).context("reading an nfnetlink answer")?;
-                let length = message.length() as usize;
+            for message in messages(&buffer[..received]) {
+                let message = message?;
                 let sequence = message.sequence_number();
                 // Acknowledgements come for the two acked messages; an error for any of the
                 // batch's (its begin and end included) means the batch was refused.
                 if message.message_type() == NLMSG_ERROR && (first..=last).contains(&sequence) {
-                    let code = message
-                        .payload()
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes(b.try_into().expect("four bytes")))
-                        .context("a short nfnetlink error")?;
-                    if code != 0 {
-                        return Err(std::io::Error::from_raw_os_error(-code)).with_context(|| {
-                            format!("the kernel refused to change the set {set} of table {table}")
-                        });
-                    }
+                    error_code(message.payload()).with_context(|| {
+                        format!("the kernel refused to change the set {set} of table {table}")
+                    })?;
                     pending.retain(|&s| s != sequence);
                 }
-                data = data.get(align(length)..).unwrap_or_default();
             }
         }
         Ok(())
@@ -615,30 +604,17 @@ impl Socket {
         let mut buffer = vec![0u8; 64 << 10];
         loop {
             let received = self.receive(&mut buffer)?;
-            let mut data = &buffer[..received];
-            while !data.is_empty() {
-                let message =
-                    NetlinkBuffer::new_checked(data).context("reading an nfnetlink answer")?;
-                let length = message.length() as usize;
-                let payload = message.payload();
-                let sequence = message.sequence_number();
-                let kind = message.message_type();
-                data = data.get(align(length)..).unwrap_or_default();
-                if sequence != self.sequence {
+            for message in messages(&buffer[..received]) {
+                let message = message?;
+                if message.sequence_number() != self.sequence {
                     continue;
                 }
-                match kind {
+                let payload = message.payload();
+                match message.message_type() {
                     NLMSG_DONE => return Ok(answers),
                     NLMSG_ERROR => {
-                        let code = payload
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().expect("four bytes")))
-                            .context("a short nfnetlink error")?;
-                        if code == 0 {
-                            return Ok(answers);
-                        }
-                        return Err(std::io::Error::from_raw_os_error(-code))
-                            .context("the kernel refused an nfnetlink request");
+                        error_code(payload).context("the kernel refused an nfnetlink request")?;
+                        return Ok(answers);
                     }
                     _ => {
                         answers.push(payload.get(4..).unwrap_or_default().to_vec());
@@ -726,6 +702,36 @@ fn put(out: &mut Vec<u8>, raw_kind: u16, value: &[u8]) {
     out.extend_from_slice(&raw_kind.to_ne_bytes());
     out.extend_from_slice(value);
     out.resize(align(out.len()), 0);
+}
+
+/// The netlink messages one datagram holds, in order; a malformed one ends it.
+fn messages(mut data: &[u8]) -> impl Iterator<Item = Result<NetlinkBuffer<&[u8]>>> {
+    std::iter::from_fn(move || {
+        if data.is_empty() {
+            return None;
+        }
+        let message = NetlinkBuffer::new_checked(data);
+        let Ok(message) = message else {
+            data = &[];
+            return Some(message.context("reading an nfnetlink answer"));
+        };
+        data = data
+            .get(align(message.length() as usize)..)
+            .unwrap_or_default();
+        Some(Ok(message))
+    })
+}
+
+/// An NLMSG_ERROR's errno: Ok for 0 (an acknowledgement), the error otherwise.
+fn error_code(payload: &[u8]) -> Result<()> {
+    let code = payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes(b.try_into().expect("four bytes")))
+        .context("a short nfnetlink error")?;
+    if code != 0 {
+        return Err(std::io::Error::from_raw_os_error(-code).into());
+    }
+    Ok(())
 }
 
 fn align(length: usize) -> usize {
