@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::system::files::PROC_LIMIT;
 
+/// How long [`ProcessId::arguments`] waits for a process's exec to be through.
+const EXEC_LIMIT: Duration = Duration::from_secs(1);
+
 /// Gives the pages of freed heap memory back to the kernel, in every malloc arena. glibc keeps
 /// them otherwise: what start-up (arguments, the config) or a round of work freed would count
 /// against a process that then sleeps for as long as the namespace lives. Called by the
@@ -94,21 +97,31 @@ impl ProcessId {
     }
 
     /// The process's arguments (`/proc/<pid>/cmdline`), when it is still this very process.
+    /// A process in the middle of an exec (a relay or daemon just let out of its gate) has its
+    /// new program's memory but not yet its arguments, and reads as having none: those are
+    /// read again until the exec is through, for at most [`EXEC_LIMIT`].
     pub fn arguments(&self) -> Option<Vec<String>> {
         let path = PathBuf::from(format!("/proc/{}/cmdline", self.pid));
-        let bytes =
-            crate::system::files::read_regular(&path, crate::system::files::PROC_LIMIT).ok()?;
-        // Checked after reading: the arguments were this very process's.
-        if !self.is_alive() {
-            return None;
-        }
-        Some(
-            bytes
+        let deadline = Instant::now() + EXEC_LIMIT;
+        loop {
+            let bytes =
+                crate::system::files::read_regular(&path, crate::system::files::PROC_LIMIT).ok()?;
+            // Checked after reading: the arguments were this very process's.
+            if !self.is_alive() {
+                return None;
+            }
+            let arguments: Vec<String> = bytes
                 .split(|&b| b == 0)
                 .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect(),
-        )
+                .collect();
+            // Nothing signals the end of an exec; it takes microseconds unless the process is
+            // preempted in it. One that emptied its own arguments stays empty past the limit.
+            if !arguments.is_empty() || Instant::now() >= deadline {
+                return Some(arguments);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Whether this process runs one of `executables` (compared after resolving symlinks).
@@ -629,5 +642,35 @@ impl Drop for Contained {
             self.kill();
             let _ = self.wait(WaitPidFlag::WEXITED);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a process executes another program, the kernel has already given it the new
+    /// program's memory but not yet its arguments: read then, they are empty. `down` checks a
+    /// relay's arguments the moment `up` has let it out of its gate, which is such an exec;
+    /// it must see the relay's arguments (or none, once it has ended), never nothing.
+    #[test]
+    fn arguments_of_a_process_that_executes_itself_again_and_again_are_never_empty() {
+        // Each round executes the shell anew, with the same arguments but the count.
+        let script = r#"n=$1; [ "$n" -gt 0 ] && exec sh -c "$0" "$0" $((n - 1)); exit 0"#;
+        let mut child = Command::new("sh")
+            .args(["-c", script, script, "300"])
+            .spawn()
+            .expect("starting sh");
+        let process = ProcessId::of(child.id()).expect("sh runs");
+        let (mut reads, mut empty) = (0u64, 0u64);
+        while let Some(argv) = process.arguments() {
+            reads += 1;
+            if argv.is_empty() {
+                empty += 1;
+            }
+        }
+        child.wait().expect("waiting for sh");
+        assert!(reads > 1000, "only {reads} reads while sh ran");
+        assert_eq!(empty, 0, "{empty} of {reads} reads found no arguments");
     }
 }
