@@ -1184,9 +1184,22 @@ fn idle_relays_sleep() -> Result<()> {
 
     let pids: Vec<u32> = relay_pids(&rig)?.into_iter().map(|(pid, _)| pid).collect();
     ensure!(pids.len() == 2, "expected two relays, got {pids:?}");
-    let before: Vec<u64> = pids.iter().map(|&p| wakeups(p)).collect::<Result<_>>()?;
+    let count = || -> Result<Vec<u64>> { pids.iter().map(|&p| wakeups(p)).collect() };
+    // The status calls above asked each relay for its counters; on a busy machine a relay may
+    // only now get to see that asker's connection close. Start counting once they are still.
+    let mut before = count()?;
+    let settling = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = count()?;
+        if now == before || settling.elapsed() > Duration::from_secs(5) {
+            before = now;
+            break;
+        }
+        before = now;
+    }
     std::thread::sleep(watch);
-    let after: Vec<u64> = pids.iter().map(|&p| wakeups(p)).collect::<Result<_>>()?;
+    let after = count()?;
     let woke: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     eprintln!(
         "idle relays over {}s: tcp {} wakeups, udp {} wakeups",
