@@ -68,31 +68,6 @@ pub fn load(fd: impl AsFd, ruleset: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs a short nft script (one transaction) inside the namespace; nft's complaint becomes
-/// one line.
-pub fn run_script(fd: impl AsFd, script: &str) -> Result<()> {
-    let outcome = run_nft(fd.as_fd(), script)?;
-    if !outcome.success {
-        bail!("nft: {}", explain(&outcome.error, script));
-    }
-    Ok(())
-}
-
-/// `nft -j list <what>` inside the namespace, parsed.
-pub fn list_json(fd: impl AsFd, what: &[&str]) -> Result<serde_json::Value> {
-    let mut args = vec!["-j", "list"];
-    args.extend_from_slice(what);
-    let output = nft_program(fd.as_fd(), &args)?;
-    if !output.status.success() {
-        bail!(
-            "nft list {}: {}",
-            what.join(" "),
-            explain(&String::from_utf8_lossy(&output.stderr), "")
-        );
-    }
-    serde_json::from_slice(&output.stdout).context("reading nft's JSON output")
-}
-
 /// Whether the table `name` (family inet) exists in the namespace.
 pub fn has_table(fd: impl AsFd, name: &str) -> Result<bool> {
     has_tables(fd, &[name])

@@ -560,14 +560,10 @@ impl Contained {
         }
         Ok(Contained {
             pid: ret as u32,
-            // SAFETY: clone3 stored a new descriptor for the child there.
+            // SAFETY: clone (CLONE_PIDFD) stored a new descriptor for the child there.
             pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
             reaped: false,
         })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
     }
 
     /// Readable once the process has exited.
