@@ -632,11 +632,35 @@ impl Contained {
     }
 }
 
+/// How long dropping a [`Contained`] waits for it to end after SIGKILL. It is its PID
+/// namespace's init, which ends only once every process in that namespace has; one stuck in
+/// the kernel (on a hung mount) may never end, and the owner must not wait with it.
+const KILLED_EXIT_LIMIT: Duration = Duration::from_secs(5);
+
 impl Drop for Contained {
     fn drop(&mut self) {
-        if !self.reaped {
-            self.kill();
-            let _ = self.wait(WaitPidFlag::WEXITED);
+        if self.reaped {
+            return;
+        }
+        self.kill();
+        let deadline = Instant::now() + KILLED_EXIT_LIMIT;
+        loop {
+            if wait_exit(
+                &self.pidfd,
+                deadline.saturating_duration_since(Instant::now()),
+            ) {
+                // It has exited, so reaping it does not wait.
+                let _ = self.wait(WaitPidFlag::WEXITED);
+                return;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "process {} has not ended {}s after SIGKILL; it is left unreaped",
+                    self.pid,
+                    KILLED_EXIT_LIMIT.as_secs()
+                );
+                return;
+            }
         }
     }
 }
