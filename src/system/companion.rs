@@ -144,6 +144,21 @@ pub fn serve(listener: UnixListener, access: Access, mut document: impl FnMut() 
     }
 }
 
+/// A connection to the unix socket at `path`, made non-blocking before it connects: a connect
+/// to a listening unix socket then completes at once, or fails with EAGAIN when its backlog is
+/// full (a companion that stopped accepting), where a blocking one would wait for room forever.
+fn connect_without_waiting(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(socket))
+}
+
 /// Reads the documents the companions of `namespaces` answer, all at once and within
 /// `deadline`, in one thread: each connection is made without blocking and read as its answer
 /// arrives. One result per namespace, in order.
@@ -159,10 +174,7 @@ pub fn ask_all(namespaces: &[&str], deadline: Duration) -> Vec<Result<Vec<u8>>> 
     let mut pending: Vec<(usize, Pending)> = Vec::new();
     for (i, namespace) in namespaces.iter().enumerate() {
         let path = socket_path(namespace);
-        // A unix connect to a listening socket completes at once (or fails: EAGAIN when its
-        // backlog is full, which is an answer too).
-        let connected = UnixStream::connect(&path)
-            .and_then(|stream| stream.set_nonblocking(true).map(|()| stream))
+        let connected = connect_without_waiting(&path)
             .with_context(|| format!("connecting to {}", path.display()));
         match connected {
             Ok(stream) => {
@@ -256,4 +268,51 @@ pub fn ask_all(namespaces: &[&str], deadline: Duration) -> Vec<Result<Vec<u8>>> 
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A companion that no longer accepts (stopped, or stuck) fills its backlog with the
+    /// connections of askers that gave up; the next asker is told so at once instead of
+    /// waiting for room that never comes.
+    #[test]
+    fn a_connection_to_a_full_backlog_fails_at_once() {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        let dir = std::env::temp_dir().join(format!("wgns-backlog-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&listener, Backlog::new(1).unwrap()).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let asking = path.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let outcome = loop {
+                match connect_without_waiting(&asking) {
+                    Ok(stream) if held.len() < 16 => held.push(stream),
+                    Ok(_) => break Ok(held.len()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = sender.send(outcome);
+        });
+        let outcome = receiver
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a connect to a full backlog returned within 5 s");
+        let error = outcome.expect_err("a backlog of one held 16 connections");
+        assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
