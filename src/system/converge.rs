@@ -678,19 +678,15 @@ pub fn create_interface(
 /// The daemon's command with its program as a path, and that path: the file the same command
 /// started last time (so that `heal` from a unit whose PATH lacks it starts the same daemon),
 /// else what PATH finds now. The state file is untrusted input: the recorded file is run only
-/// when it has the program's name and only root can change it.
+/// when it has the program's name and only root can change it or the directories above it
+/// (the path is the daemon's `/proc/<pid>/exe`: absolute, without links).
 fn daemon_command(command: &[String], state: &State) -> Result<(Vec<String>, PathBuf)> {
-    use std::os::unix::fs::MetadataExt;
     let (program, args) = command.split_first().context("userspaceCommand is empty")?;
-    let root_only = |path: &std::path::Path| {
-        path.metadata()
-            .is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
-    };
     let recorded = state.userspace_program.as_ref().filter(|path| {
         state.userspace_command.as_deref() == Some(command)
             && path.file_name() == std::path::Path::new(program).file_name()
             && crate::system::process::runnable(path)
-            && root_only(path)
+            && crate::system::process::only_root_can_change(path)
     });
     let path = match recorded {
         Some(path) => path.clone(),
@@ -1208,6 +1204,20 @@ mod tests {
         let mut renamed = state.clone();
         renamed.userspace_program = Some(dir.join("sh"));
         assert_eq!(run(&renamed, &command), None, "another name");
+        // Reached through a link, or in a directory others can write to: someone else could
+        // put another file there.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let mut linked = state.clone();
+        linked.userspace_program = Some(link.join("wgns-no-such-daemon"));
+        assert_eq!(run(&linked, &command), None, "through a symbolic link");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            run(&state, &command),
+            None,
+            "in a directory writable by everyone"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert_eq!(run(&state, &command), None, "writable by everyone");
         std::fs::remove_dir_all(&dir).unwrap();

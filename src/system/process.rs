@@ -399,6 +399,25 @@ pub fn runnable(path: &std::path::Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Whether only root can change the file at `path`, or make the path name another file: the
+/// path is absolute, without `..` and without symbolic links; the file and every directory
+/// above it are root's; none is writable by group or others, except a sticky directory (where
+/// no one else can rename or remove root's entries).
+pub fn only_root_can_change(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Component;
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return false;
+    }
+    path.ancestors().enumerate().all(|(depth, place)| {
+        place.symlink_metadata().is_ok_and(|m| {
+            let others_write = m.mode() & 0o022 != 0;
+            let sticky_directory = depth > 0 && m.mode() & 0o1000 != 0;
+            m.uid() == 0 && !m.file_type().is_symlink() && (!others_write || sticky_directory)
+        })
+    })
+}
+
 /// The hidden `gate` command: waits for the go-ahead on `fd`, then becomes `command`.
 /// Returns only on failure.
 pub fn gate(fd: RawFd, command: &[String]) -> Result<()> {
