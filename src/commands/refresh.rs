@@ -430,14 +430,7 @@ impl Debounce {
 
     /// Whether to act now; if so, the changes noted so far count as handled.
     fn take(&mut self, now: Instant) -> bool {
-        let (Some(first), Some(last)) = (self.first, self.last) else {
-            return false;
-        };
-        let settled = now.duration_since(last) >= SETTLE || now.duration_since(first) >= SETTLE_MAX;
-        let spaced = self
-            .fired
-            .is_none_or(|fired| now.duration_since(fired) >= MIN_GAP);
-        if !(settled && spaced) {
+        if self.due().is_none_or(|due| now < due) {
             return false;
         }
         *self = Debounce {
