@@ -117,7 +117,11 @@ impl Learned {
             .map_err(anyhow::Error::from)
             .and_then(|text| {
                 let dir = Dir::create(&learned_dir_path(), 0o755)?;
-                Ok(dir.write_atomically(&format!("{}.json", self.namespace), &text, 0o644)?)
+                Ok(dir.write_atomically_unsynced(
+                    &format!("{}.json", self.namespace),
+                    &text,
+                    0o644,
+                )?)
             });
         if let Err(e) = saved {
             eprintln!("refresh: cannot record whether {endpoint} resolves: {e:#}");
