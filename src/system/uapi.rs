@@ -173,9 +173,7 @@ pub fn set(socket_path: &Path, daemon: ProcessId, body: &str) -> io::Result<()> 
 
 /// Reads the device.
 pub fn get(socket_path: &Path, daemon: ProcessId) -> io::Result<DeviceInfo> {
-    let answer = exchange(socket_path, daemon, b"get=1\n\n")?;
-    check_errno(&answer)?;
-    parse_device(&answer, PublicKey::Derive)
+    read_device(socket_path, daemon, PublicKey::Derive)
 }
 
 /// Reads the device without its own public key (`public_key` stays `None`): the daemon
@@ -183,9 +181,13 @@ pub fn get(socket_path: &Path, daemon: ProcessId) -> io::Result<DeviceInfo> {
 /// the largest part of reading a device with a peer or two. For readers that look at the
 /// peers only (`status`, per scrape).
 pub fn get_peers(socket_path: &Path, daemon: ProcessId) -> io::Result<DeviceInfo> {
+    read_device(socket_path, daemon, PublicKey::Skip)
+}
+
+fn read_device(socket_path: &Path, daemon: ProcessId, key: PublicKey) -> io::Result<DeviceInfo> {
     let answer = exchange(socket_path, daemon, b"get=1\n\n")?;
     check_errno(&answer)?;
-    parse_device(&answer, PublicKey::Skip)
+    parse_device(&answer, key)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
